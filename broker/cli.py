@@ -1,0 +1,201 @@
+"""``cancel-broker``: run the broker, publish an event, inspect or cancel a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import ExitStack
+from typing import Any, TypeVar
+
+import anyio
+import msgspec
+import structlog
+
+import sdk
+from broker.embedded import EmbeddedRedis, EmbeddedRedisError
+from broker.http import HttpBindError, create_app, serve_http
+from broker.logs import configure_logging
+from broker.metrics import BrokerMetrics
+from broker.service import Broker
+from sdk import Client
+from sdk.connection import REDIS_URL_ENV
+from sdk.errors import CancelBrokerError
+from sdk.keys import DEFAULT_NAMESPACE
+
+DEFAULT_HTTP_PORT = 8750
+T = TypeVar("T")
+
+log = structlog.get_logger("broker")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cancel-broker", description="Event-driven cancellation over Redis Streams."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {sdk.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV),
+        help=f"Redis URL (env {REDIS_URL_ENV}). `run` without one starts an embedded Redis.",
+    )
+    common.add_argument(
+        "--namespace",
+        default=_env("CANCEL_BROKER_NAMESPACE", DEFAULT_NAMESPACE),
+        help="prefix of every key (env CANCEL_BROKER_NAMESPACE; default %(default)s)",
+    )
+
+    run = commands.add_parser("run", parents=[common], help="run the broker")
+    run.add_argument(
+        "--http-host",
+        default=_env("CANCEL_BROKER_HTTP_HOST", "127.0.0.1"),
+        help="address of /healthz and /metrics (env CANCEL_BROKER_HTTP_HOST; default %(default)s)",
+    )
+    run.add_argument(
+        "--http-port",
+        type=int,
+        default=int(_env("CANCEL_BROKER_HTTP_PORT", str(DEFAULT_HTTP_PORT))),
+        help="port of /healthz and /metrics, 0 for any free port"
+        " (env CANCEL_BROKER_HTTP_PORT; default %(default)s)",
+    )
+    run.add_argument(
+        "--consumer",
+        default=os.environ.get("CANCEL_BROKER_CONSUMER"),
+        help="consumer name in the broker group (env CANCEL_BROKER_CONSUMER; default host-pid)",
+    )
+    run.add_argument(
+        "--log-level",
+        default=_env("CANCEL_BROKER_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="env CANCEL_BROKER_LOG_LEVEL; default %(default)s",
+    )
+    run.add_argument(
+        "--log-format",
+        default=_env("CANCEL_BROKER_LOG_FORMAT", "auto"),
+        choices=["auto", "json", "console"],
+        help="auto = console on a terminal, JSON otherwise (env CANCEL_BROKER_LOG_FORMAT)",
+    )
+    run.set_defaults(handler=_run)
+
+    send = commands.add_parser("send", parents=[common], help="publish an event")
+    send.add_argument("name", help="event name, e.g. report/cancel.requested")
+    send.add_argument(
+        "data", nargs="?", default="{}", help='a JSON object, e.g. {"reportId": "r1"}'
+    )
+    send.set_defaults(handler=_send)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="cancel one run by id")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default=None)
+    cancel.set_defaults(handler=_cancel)
+
+    get_run = commands.add_parser("get-run", parents=[common], help="show one run")
+    get_run.add_argument("run_id")
+    get_run.set_defaults(handler=_get_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (CancelBrokerError, EmbeddedRedisError, HttpBindError, ValueError) as exc:
+        print(f"cancel-broker: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- run -----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    with ExitStack() as stack:
+        url: str | None = args.redis_url
+        if not url:
+            server = stack.enter_context(EmbeddedRedis())
+            url = server.url
+            print(
+                f"cancel-broker: started an embedded Redis at {url}\n"
+                f"  point workers and clients at it:  export {REDIS_URL_ENV}={url}",
+                flush=True,
+            )
+        anyio.run(_serve, url, args)
+    return 0
+
+
+async def _serve(url: str, args: argparse.Namespace) -> None:
+    metrics = BrokerMetrics()
+    broker = Broker(url, namespace=args.namespace, consumer=args.consumer, metrics=metrics)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, tg.cancel_scope)
+        port = await tg.start(
+            serve_http, create_app(metrics.registry), args.http_host, args.http_port
+        )
+        await tg.start(broker.run)
+        log.info(
+            "broker.ready",
+            redis_url=url,
+            namespace=args.namespace,
+            http=f"http://{args.http_host}:{port}",
+            version=sdk.__version__,
+        )
+
+
+async def _stop_on_signals(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("broker.stopping", signal=signum.name)
+            scope.cancel()
+            return
+
+
+# -- client commands -------------------------------------------------------------------
+
+
+def _with_client(args: argparse.Namespace, action: Callable[[Client], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with Client(args.redis_url, namespace=args.namespace) as client:
+            return await action(client)
+
+    return anyio.run(go)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(msgspec.to_builtins(value), indent=2))
+
+
+def _send(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"data is not JSON: {exc}") from None
+    print(_with_client(args, lambda client: client.send(args.name, data)))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    result = _with_client(args, lambda client: client.cancel(args.run_id, args.reason))
+    _print_json(result)
+    return 0 if result.outcome != "not_found" else 1
+
+
+def _get_run(args: argparse.Namespace) -> int:
+    run = _with_client(args, lambda client: client.get_run(args.run_id))
+    if run is None:
+        print(f"cancel-broker: no run {args.run_id}", file=sys.stderr)
+        return 1
+    _print_json(run)
+    return 0

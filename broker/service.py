@@ -1,0 +1,169 @@
+"""The broker: reads cancel events, finds the runs they target, signals their workers.
+
+For each event: validate it (malformed entries go to the dead-letter stream with the
+reason), look up which match paths rules listen on for its name, turn those paths into
+index keys with the event's values, and let one Lua script move every running run under
+those keys to ``cancelling`` and signal its worker. Then acknowledge. Handling an event
+twice (after a crash) changes nothing: a run already cancelling is not signalled again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Final
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from redis.asyncio import Redis
+
+from broker.metrics import BrokerMetrics
+from sdk.connection import command_client
+from sdk.errors import InvalidEventError
+from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
+from sdk.rules import lookup_keys
+from sdk.store import RunStore
+from sdk.streams import CONNECTION_ERRORS, Entry, GroupConsumer, create_group
+from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json
+
+BLOCK_MS: Final = 5_000
+BATCH: Final = 200
+#: Entries a broker read and left unacknowledged this long are taken over by another.
+CLAIM_IDLE_MS: Final = 30_000
+#: Approximate cap on the dead-letter stream.
+DEAD_LETTER_MAXLEN: Final = 100_000
+
+log = structlog.get_logger("broker")
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Broker:
+    """One broker process; several share the work through the ``broker`` consumer group."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        consumer: str | None = None,
+        metrics: BrokerMetrics | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        claim_idle_ms: int = CLAIM_IDLE_MS,
+    ) -> None:
+        self.redis_url = redis_url
+        self.keys = Keys(namespace)
+        self.consumer = consumer or default_consumer_name()
+        self.metrics = metrics or BrokerMetrics()
+        self.max_event_bytes = max_event_bytes
+        self.claim_idle_ms = claim_idle_ms
+        self._log = log.bind(consumer=self.consumer, namespace=self.keys.namespace)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume cancel events until cancelled. Signals ``task_status`` once listening."""
+        redis = command_client(self.redis_url)
+        try:
+            await create_group(redis, self.keys.events, BROKER_GROUP)
+            store = RunStore(redis, self.keys)
+            events = GroupConsumer(
+                self.redis_url,
+                redis,
+                stream=self.keys.events,
+                group=BROKER_GROUP,
+                consumer=self.consumer,
+                block_ms=BLOCK_MS,
+                batch=BATCH,
+                claim_idle_ms=self.claim_idle_ms,
+                log=self._log,
+            )
+            self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
+            task_status.started()
+
+            async def handle_batch(entries: Sequence[Entry]) -> None:
+                for entry_id, fields in entries:
+                    await self._handle(store, entry_id, fields)
+                await events.ack(*(entry_id for entry_id, _ in entries))
+
+            await events.run(handle_batch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await redis.aclose()
+
+    async def _handle(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> None:
+        started = time.perf_counter()
+        try:
+            result = await self._decide(store, entry_id, fields)
+        except CONNECTION_ERRORS:
+            self.metrics.redis_errors.inc()
+            raise  # not acknowledged: read again once Redis is back
+        except Exception as exc:
+            # A bug must not stop the broker or lose the entry: park it with the reason.
+            self._log.exception("event.handling_failed", entry_id=entry_id)
+            await self._dead_letter(store.redis, entry_id, fields, "broker_error", repr(exc))
+            result = "dead_lettered"
+        self.metrics.events.labels(result=result).inc()
+        if result in ("matched", "unmatched"):
+            self.metrics.handling_seconds.observe(time.perf_counter() - started)
+
+    async def _decide(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> str:
+        try:
+            event = decode_event(entry_id, fields, max_bytes=self.max_event_bytes)
+        except InvalidEventError as exc:
+            self._log.warning(
+                "event.dead_lettered", entry_id=entry_id, reason=exc.reason, detail=exc.detail
+            )
+            await self._dead_letter(store.redis, entry_id, fields, exc.reason, exc.detail)
+            return "dead_lettered"
+        paths = await store.listened_paths(event.name)
+        if not paths:
+            return "ignored"
+        started = time.perf_counter()
+        index_keys = lookup_keys(event, paths, self.keys)
+        results = (
+            await store.request_cancel(
+                index_keys=index_keys,
+                event_id=event.id,
+                reason=f"cancel event {event.name}",
+                cancelled_by=event.id,
+            )
+            if index_keys
+            else []
+        )
+        outcomes = Counter(result.outcome for result in results)
+        matched = len(results) - outcomes["not_found"] - outcomes["own_trigger"]
+        signalled = outcomes["signalled"]
+        self.metrics.runs_matched.inc(matched)
+        self.metrics.signals_sent.inc(signalled)
+        self._log.info(
+            "cancel.decided",
+            event_id=event.id,
+            event_name=event.name,
+            runs_matched=matched,
+            signals_sent=signalled,
+            outcomes=dict(outcomes),
+            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return "matched" if matched else "unmatched"
+
+    async def _dead_letter(
+        self, redis: Redis, entry_id: str, fields: dict[str, str] | None, reason: str, detail: str
+    ) -> None:
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        await redis.xadd(
+            self.keys.dead_letters,
+            {
+                "reason": reason,
+                "detail": detail[:2000],
+                "entry_id": entry_id,
+                "fields": encode_json(fields or {}),
+                "consumer": self.consumer,
+            },
+            maxlen=DEAD_LETTER_MAXLEN,
+            approximate=True,
+        )

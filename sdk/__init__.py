@@ -1,0 +1,42 @@
+"""cancel-broker SDK: run functions that stop the moment a matching cancel event arrives.
+
+from sdk import Worker, Client, CancelOn, RunContext
+"""
+
+from sdk.client import Client
+from sdk.context import RunContext
+from sdk.errors import (
+    CancelBrokerError,
+    ConfigurationError,
+    DuplicateRunError,
+    InvalidEventError,
+    RunCancelled,
+    UnknownFunctionError,
+    WorkerNotStartedError,
+)
+from sdk.function import Function
+from sdk.rules import CancelOn
+from sdk.wire import CancelResult, Event, RunInfo, RunStatus
+from sdk.worker import Worker
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CancelBrokerError",
+    "CancelOn",
+    "CancelResult",
+    "Client",
+    "ConfigurationError",
+    "DuplicateRunError",
+    "Event",
+    "Function",
+    "InvalidEventError",
+    "RunCancelled",
+    "RunContext",
+    "RunInfo",
+    "RunStatus",
+    "UnknownFunctionError",
+    "Worker",
+    "WorkerNotStartedError",
+    "__version__",
+]

@@ -1,0 +1,103 @@
+"""What a function body sees: its run's identity, trigger, steps and cancel state."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar, cast
+
+import anyio
+import anyio.lowlevel
+import structlog
+
+from sdk.wire import Event
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+log = structlog.get_logger("sdk.run")
+
+
+class CancelState:
+    """The cancel scope a run executes in, and why it was cancelled.
+
+    anyio cancel scopes are level-triggered: once cancelled, every later await in the
+    scope raises again, so a body that catches the cancellation cannot carry on.
+    """
+
+    def __init__(self) -> None:
+        self.scope = anyio.CancelScope()
+        self.reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.scope.cancel_called
+
+
+class Step:
+    """Named units of work inside a run: ``await ctx.step.run("outline", fn, *args)``."""
+
+    def __init__(self, run_id: str, state: CancelState) -> None:
+        self._run_id = run_id
+        self._state = state
+        #: Name of the step in progress, if any.
+        self.current: str | None = None
+
+    async def run(
+        self,
+        name: str,
+        fn: Callable[P, Awaitable[T]] | Callable[P, T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` as step ``name`` and return its result.
+
+        Coroutine functions are awaited and are interrupted at their current await when
+        the run is cancelled. Plain functions run in a worker thread; a cancel stops the
+        run at once while the thread's result is discarded (Python cannot stop a thread).
+        """
+        await anyio.lowlevel.checkpoint()  # a cancel that already landed stops us here
+        self.current = name
+        log.debug("step.started", run_id=self._run_id, step=name)
+        try:
+            if inspect.iscoroutinefunction(fn):
+                return await cast(Callable[P, Awaitable[T]], fn)(*args, **kwargs)
+            call = functools.partial(cast(Callable[P, T], fn), *args, **kwargs)
+            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        finally:
+            self.current = None
+
+
+class RunContext:
+    """Passed to every function body, and yielded by ``worker.run``."""
+
+    def __init__(
+        self, *, run_id: str, app_id: str, function_id: str, event: Event, state: CancelState
+    ) -> None:
+        self.run_id = run_id
+        self.app_id = app_id
+        self.function_id = function_id
+        self.event = event
+        self.step = Step(run_id, state)
+        self._state = state
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel for this run has been received."""
+        return self._state.cancelled
+
+    @property
+    def cancel_reason(self) -> str | None:
+        return self._state.reason
+
+    def __repr__(self) -> str:
+        return f"RunContext(run_id={self.run_id!r}, function_id={self.function_id!r})"
+
+
+Handler = Callable[[RunContext], Awaitable[Any]]

@@ -1,0 +1,59 @@
+"""Exceptions raised by the SDK. Catch :class:`CancelBrokerError` for all of them."""
+
+from __future__ import annotations
+
+
+class CancelBrokerError(Exception):
+    """Base class of every error this package raises."""
+
+
+class ConfigurationError(CancelBrokerError, ValueError):
+    """A function, rule or worker was declared wrongly; raised at definition time."""
+
+
+class InvalidEventError(CancelBrokerError, ValueError):
+    """An event cannot be published or consumed as it is.
+
+    ``reason`` is a short machine-readable code (it is also the dead-letter reason),
+    ``detail`` says what exactly is wrong.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class UnknownFunctionError(CancelBrokerError, LookupError):
+    """``worker.run`` named a function the worker does not declare."""
+
+
+class WorkerNotStartedError(CancelBrokerError, RuntimeError):
+    """A run was started outside ``async with worker`` / ``worker.serve()``.
+
+    Someone has to listen for cancel signals while the run executes; that listener
+    lives for as long as the worker is entered.
+    """
+
+
+class DuplicateRunError(CancelBrokerError):
+    """A run with this id is already registered (the same trigger delivered twice)."""
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id} is already registered with status {status!r}")
+        self.run_id = run_id
+        self.status = status
+
+
+class RunCancelled(CancelBrokerError):
+    """Raised after a ``worker.run`` block was stopped by a cancellation.
+
+    The body itself is interrupted with the event loop's cancellation exception
+    (``asyncio.CancelledError``), which ``except Exception`` does not catch. This
+    exception tells the code after the block that the block did not finish.
+    """
+
+    def __init__(self, run_id: str, reason: str | None) -> None:
+        super().__init__(f"run {run_id} was cancelled" + (f": {reason}" if reason else ""))
+        self.run_id = run_id
+        self.reason = reason

@@ -1,0 +1,89 @@
+"""The Redis key layout, defined once.
+
+Every process (SDK, client, broker) and every Lua script gets its key names from
+here; the Lua scripts receive prefixes built by this module instead of spelling
+them out. ``docs/protocol.md`` describes each key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "cancel"
+
+#: Consumer group through which brokers share the cancel events.
+BROKER_GROUP = "broker"
+
+#: Stream entry field that carries the event's JSON body.
+EVENT_FIELD = "event"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    """Validate an id that becomes part of a key (namespace, app id, function id)."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.' or '-',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names under one namespace (``cancel`` unless configured)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        check_name("namespace", self.namespace)
+
+    @property
+    def events(self) -> str:
+        """Stream of all published events: triggers and cancel events alike."""
+        return f"{self.namespace}:events"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of malformed events, each with the reason it was refused."""
+        return f"{self.namespace}:events:dead"
+
+    @property
+    def run_prefix(self) -> str:
+        return f"{self.namespace}:run:"
+
+    def run(self, run_id: str) -> str:
+        """Hash holding one run's state."""
+        return self.run_prefix + run_id
+
+    @property
+    def active_runs(self) -> str:
+        """Sorted set of runs not yet finished, scored by start time (ms)."""
+        return f"{self.namespace}:runs:active"
+
+    def event_runs(self, event_id: str) -> str:
+        """Set of run ids one trigger event started."""
+        return f"{self.namespace}:event-runs:{event_id}"
+
+    def listeners(self, event_name: str) -> str:
+        """Hash of match path -> number of active runs whose rule listens to this event."""
+        return f"{self.namespace}:listen:{event_name}"
+
+    def index(self, event_name: str, path: str, token: str) -> str:
+        """Set of run ids whose rule (event_name, path) has this value token."""
+        return f"{self.namespace}:idx:{event_name}:{path}:{token}"
+
+    @property
+    def signal_prefix(self) -> str:
+        return f"{self.namespace}:signals:"
+
+    def signals(self, worker_id: str) -> str:
+        """Stream of cancel signals for one worker process."""
+        return self.signal_prefix + worker_id
+
+    @staticmethod
+    def app_group(app_id: str) -> str:
+        """Consumer group through which the workers of one app share its triggers."""
+        return f"app:{app_id}"

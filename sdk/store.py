@@ -1,0 +1,171 @@
+"""Run state in Redis: registration, cancel requests and outcomes.
+
+Every change of a run's status happens in one of three Lua scripts (``sdk/lua``), so
+each transition is atomic and terminal states are final whoever races whom.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from importlib import resources
+from typing import Final, Literal, cast
+
+from redis.asyncio import Redis
+
+from sdk.keys import Keys
+from sdk.rules import IndexEntry
+from sdk.wire import (
+    CancelOutcome,
+    CancelResult,
+    Event,
+    RunInfo,
+    RunStatus,
+    decode_run,
+    encode_stored_event,
+)
+
+#: How long a finished run's record stays readable (``Client.get_run``).
+DEFAULT_RETENTION: Final = timedelta(days=1)
+#: Approximate cap on a worker's signal stream; signals are read within milliseconds.
+SIGNAL_STREAM_MAXLEN: Final = 10_000
+
+Outcome = Literal["completed", "cancelled", "failed"]
+
+
+def _script(name: str) -> str:
+    return (resources.files("sdk") / "lua" / name).read_text()
+
+
+ScriptArg = str | int
+
+
+def _pairs(fields: Mapping[str, str | None]) -> list[ScriptArg]:
+    return [item for key, value in fields.items() if value is not None for item in (key, value)]
+
+
+class RunStore:
+    """Reads and writes run records under one namespace."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, retention: timedelta = DEFAULT_RETENTION):
+        self.redis = redis
+        self.keys = keys
+        self.retention_s = max(1, int(retention.total_seconds()))
+        self._register = redis.register_script(_script("register_run.lua"))
+        self._finish = redis.register_script(_script("finish_run.lua"))
+        self._request_cancel = redis.register_script(_script("request_cancel.lua"))
+
+    async def register(
+        self,
+        *,
+        run_id: str,
+        app_id: str,
+        function_id: str,
+        worker_id: str,
+        event: Event,
+        entries: Sequence[IndexEntry],
+    ) -> str:
+        """Register a running run. Returns ``registered`` or the status of the existing run."""
+        fields = {
+            "run_id": run_id,
+            "app_id": app_id,
+            "function_id": function_id,
+            "worker_id": worker_id,
+            "event_id": event.id,
+            "event": encode_stored_event(event).decode(),
+        }
+        keys = [
+            self.keys.run(run_id),
+            self.keys.active_runs,
+            self.keys.event_runs(event.id),
+            *(e.key for e in entries),
+            *(e.listeners_key for e in entries),
+        ]
+        args: list[ScriptArg] = [
+            run_id,
+            len(entries),
+            *(e.path for e in entries),
+            self.retention_s,
+            *_pairs(fields),
+        ]
+        return str(await self._register(keys=keys, args=args))
+
+    async def finish(
+        self,
+        run_id: str,
+        outcome: Outcome,
+        entries: Sequence[IndexEntry],
+        *,
+        error: str | None = None,
+        cancel_reason: str | None = None,
+    ) -> str | None:
+        """Record the run's outcome; returns its previous status (None if unknown).
+
+        A run already in a terminal state keeps it: the returned status tells.
+        """
+        keys = [
+            self.keys.run(run_id),
+            self.keys.active_runs,
+            *(e.key for e in entries),
+            *(e.listeners_key for e in entries),
+        ]
+        extra = _pairs({"error": error, "cancel_reason": cancel_reason})
+        args: list[ScriptArg] = [
+            run_id,
+            outcome,
+            self.retention_s,
+            len(entries),
+            *(e.path for e in entries),
+            *extra,
+        ]
+        previous = await self._finish(keys=keys, args=args)
+        return None if previous is None else str(previous)
+
+    async def request_cancel(
+        self,
+        *,
+        index_keys: Iterable[str] = (),
+        run_ids: Iterable[str] = (),
+        event_id: str = "",
+        reason: str = "",
+        cancelled_by: str,
+    ) -> list[CancelResult]:
+        """Move matching running runs to ``cancelling`` and signal their workers."""
+        args: list[ScriptArg] = [
+            self.keys.run_prefix,
+            self.keys.signal_prefix,
+            event_id,
+            reason,
+            cancelled_by,
+            SIGNAL_STREAM_MAXLEN,
+            *run_ids,
+        ]
+        flat = await self._request_cancel(keys=list(index_keys), args=args)
+        return [
+            CancelResult(
+                run_id=flat[i],
+                outcome=cast(CancelOutcome, flat[i + 1]),
+                status=cast(RunStatus, flat[i + 2]) or None,
+            )
+            for i in range(0, len(flat), 3)
+        ]
+
+    async def listened_paths(self, event_name: str) -> list[str]:
+        """Match paths that rules of active runs listen on for this event name."""
+        # The clients decode responses, so every reply string is a str.
+        return cast(list[str], await self.redis.hkeys(self.keys.listeners(event_name)))
+
+    async def get(self, run_id: str) -> RunInfo | None:
+        fields = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        return decode_run(fields) if fields else None
+
+    async def runs_for_event(self, event_id: str) -> list[RunInfo]:
+        members = cast(set[str], await self.redis.smembers(self.keys.event_runs(event_id)))
+        run_ids = sorted(members)
+        if not run_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hgetall(self.keys.run(run_id))
+            records = cast(list[dict[str, str]], await pipe.execute())
+        return [decode_run(fields) for fields in records if fields]

@@ -1,0 +1,155 @@
+"""Reading a stream through a consumer group without losing entries.
+
+The one read loop used by the worker (triggers) and the broker (cancel events):
+
+1. read this consumer's own pending entries (delivered, never acknowledged) from the
+   start, so a restart with the same name or a dropped connection loses nothing;
+2. then block for new entries (``>``);
+3. every so often claim entries another consumer has left idle too long (it died);
+4. on a connection error, back off and go back to step 1.
+
+The handler acknowledges what it has handled; what it has not stays pending.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, cast
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sdk.connection import RECONNECT_BACKOFF, blocking_client
+
+Entry = tuple[str, dict[str, str] | None]
+Handler = Callable[[Sequence[Entry]], Awaitable[None]]
+
+#: Errors after which the connection is re-established and pending entries re-read.
+CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+async def create_group(redis: Redis, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream) unless it exists.
+
+    A new group starts at the stream's end: it sees events published from now on.
+    """
+    try:
+        await redis.xgroup_create(stream, group, id="$", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """XREADGROUP's reply, ``[[stream, [(id, fields), ...]]]``, responses decoded to str."""
+    return cast(list[Entry], reply[0][1]) if reply else []
+
+
+class GroupConsumer:
+    """One consumer of one group on one stream."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        commands: Redis,
+        *,
+        stream: str,
+        group: str,
+        consumer: str,
+        block_ms: int = 5_000,
+        batch: int = 100,
+        claim_idle_ms: int = 30_000,
+        log: Any = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.commands = commands
+        self.stream = stream
+        self.group = group
+        self.consumer = consumer
+        self.block_ms = block_ms
+        self.batch = batch
+        self.claim_idle_ms = claim_idle_ms
+        self._log = log or structlog.get_logger("sdk.streams")
+        self._reread_pending = False
+        self._next_claim = 0.0
+
+    def reread_pending(self) -> None:
+        """Read this consumer's pending entries again (a handler left some unacknowledged)."""
+        self._reread_pending = True
+
+    async def ack(self, *entry_ids: str) -> None:
+        if entry_ids:
+            await self.commands.xack(self.stream, self.group, *entry_ids)
+
+    async def run(
+        self, handle: Handler, *, capacity: Callable[[], Awaitable[int]] | None = None
+    ) -> None:
+        """Feed entries to ``handle`` forever. ``capacity`` waits for room and says how much."""
+        reader = blocking_client(self.redis_url, self.block_ms)
+        try:
+            await self._loop(reader, handle, capacity)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reader.aclose()
+
+    async def _loop(
+        self, reader: Redis, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
+    ) -> None:
+        pending_from: str | None = "0"
+        failures = 0
+        while True:
+            count = self.batch if capacity is None else max(1, min(self.batch, await capacity()))
+            if self._reread_pending and pending_from is None:
+                self._reread_pending, pending_from = False, "0"
+            try:
+                if pending_from is None and time.monotonic() >= self._next_claim:
+                    await self._claim_idle(handle)
+                reply = await reader.xreadgroup(
+                    self.group,
+                    self.consumer,
+                    {self.stream: pending_from or ">"},
+                    count=count,
+                    block=None if pending_from else self.block_ms,
+                )
+                entries = _entries(reply)
+                if pending_from is not None:
+                    pending_from = entries[-1][0] if entries else None
+                if entries:
+                    await handle(entries)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._log.warning("stream.group_missing", stream=self.stream, group=self.group)
+                await create_group(self.commands, self.stream, self.group)
+                continue
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                self._log.warning(
+                    "stream.reconnecting", stream=self.stream, error=str(exc), attempt=failures
+                )
+                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                pending_from = "0"
+                continue
+            if failures:
+                self._log.info("stream.reconnected", stream=self.stream, attempts=failures)
+                failures = 0
+
+    async def _claim_idle(self, handle: Handler) -> None:
+        """Take over entries a vanished consumer read but never acknowledged."""
+        self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
+        start = "0-0"
+        while True:
+            reply = await self.commands.xautoclaim(
+                self.stream, self.group, self.consumer, self.claim_idle_ms, start, count=self.batch
+            )
+            start, claimed = reply[0], reply[1]
+            if claimed:
+                self._log.info("stream.claimed", stream=self.stream, entries=len(claimed))
+                await handle(claimed)
+            if start == "0-0":
+                return

@@ -1,0 +1,220 @@
+"""Wire types: everything that crosses Redis, as msgspec Structs, validated at the edge.
+
+An event travels as one stream entry whose ``event`` field holds JSON::
+
+    XADD cancel:events * event '{"name": "report/cancel.requested", "data": {"reportId": "r1"}}'
+
+The stream entry id is the event id; ``ts`` defaults to the entry's timestamp.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+import msgspec
+
+from sdk.errors import InvalidEventError
+from sdk.keys import EVENT_FIELD
+
+#: The only event format version this release reads.
+EVENT_VERSION: Final = 1
+#: Largest accepted ``event`` field, in bytes (UTF-8 JSON).
+MAX_EVENT_BYTES: Final = 64 * 1024
+#: Deepest accepted nesting of ``data`` (objects and arrays).
+MAX_DATA_DEPTH: Final = 32
+
+RunStatus = Literal["running", "cancelling", "cancelled", "completed", "failed", "lost"]
+TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"cancelled", "completed", "failed", "lost"})
+
+CancelOutcome = Literal[
+    "signalled",  # the run was running; its worker has been told to stop it
+    "already_cancelling",  # an earlier request is still being carried out
+    "already_finished",  # terminal state; nothing changes
+    "not_found",  # no such run (never registered, or its record expired)
+    "own_trigger",  # the cancel event is the run's own trigger, which never cancels it
+]
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """One published event. ``id`` is its stream entry id, ``ts`` milliseconds since epoch."""
+
+    name: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    id: str = ""
+    ts: int = 0
+
+
+class _EventBody(msgspec.Struct, kw_only=True):
+    """The JSON body publishers write; unknown fields are ignored for forward compatibility."""
+
+    name: str
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+    ts: int | None = None
+    v: int = EVENT_VERSION
+
+
+class Signal(msgspec.Struct, frozen=True, kw_only=True):
+    """A request, sent to the worker holding ``run_id``, to stop that run."""
+
+    run_id: str
+    reason: str = ""
+    event_id: str = ""
+    sent_at: int = 0
+
+
+class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A run as recorded in Redis."""
+
+    run_id: str
+    app_id: str
+    function_id: str
+    worker_id: str
+    status: RunStatus
+    event: Event
+    started_at: datetime
+    finished_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    cancel_reason: str | None = None
+    #: Id of the cancel event that matched, or ``api`` for a cancel by run id.
+    cancelled_by: str | None = None
+    error: str | None = None
+
+
+class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What a cancel request did to one run."""
+
+    run_id: str
+    outcome: CancelOutcome
+    #: The run's status after the request, None when the run does not exist.
+    status: RunStatus | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome == "signalled"
+
+
+_body_decoder = msgspec.json.Decoder(_EventBody)
+_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def encode_json(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, so equal values always encode alike."""
+    return _encoder.encode(value)
+
+
+def check_event_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidEventError("invalid_name", "event name must be a non-empty string")
+    if len(name) > 256:
+        raise InvalidEventError("invalid_name", f"event name is {len(name)} chars, at most 256")
+    if any(ch.isspace() or ord(ch) < 32 for ch in name):
+        raise InvalidEventError("invalid_name", f"event name {name!r} contains whitespace")
+    return name
+
+
+def _check_depth(data: Any) -> None:
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DATA_DEPTH:
+            raise InvalidEventError("too_deep", f"data nests deeper than {MAX_DATA_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+
+
+def encode_event(
+    name: str, data: dict[str, Any] | None = None, *, max_bytes: int = MAX_EVENT_BYTES
+) -> bytes:
+    """The ``event`` field for a new event, validated as the broker will validate it."""
+    check_event_name(name)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidEventError(
+            "invalid_shape", f"data must be a mapping, not {type(data).__name__}"
+        )
+    _check_depth(data)
+    try:
+        body = encode_json({"name": name, "data": data, "v": EVENT_VERSION})
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise InvalidEventError("invalid_shape", f"data is not JSON-serializable: {exc}") from exc
+    if len(body) > max_bytes:
+        raise InvalidEventError("too_large", f"event is {len(body)} bytes, at most {max_bytes}")
+    return body
+
+
+def entry_timestamp(entry_id: str) -> int:
+    """Milliseconds part of a stream entry id (``1700000000000-0``)."""
+    return int(entry_id.partition("-")[0])
+
+
+def decode_event(
+    entry_id: str, fields: dict[str, str] | None, *, max_bytes: int = MAX_EVENT_BYTES
+) -> Event:
+    """Validate one stream entry into an :class:`Event`, or raise :class:`InvalidEventError`."""
+    if not fields or EVENT_FIELD not in fields:
+        raise InvalidEventError(
+            "missing_field",
+            f"stream entry has no {EVENT_FIELD!r} field (fields: {sorted(fields or {})})",
+        )
+    raw = fields[EVENT_FIELD]
+    size = len(raw.encode())
+    if size > max_bytes:
+        raise InvalidEventError("too_large", f"event is {size} bytes, at most {max_bytes}")
+    try:
+        body = _body_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEventError("invalid_shape", str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidEventError("invalid_json", str(exc)) from exc
+    except RecursionError as exc:
+        raise InvalidEventError("too_deep", "JSON nests too deeply") from exc
+    if body.v != EVENT_VERSION:
+        raise InvalidEventError(
+            "unsupported_version",
+            f"event version {body.v}; this broker reads version {EVENT_VERSION}",
+        )
+    check_event_name(body.name)
+    _check_depth(body.data)
+    ts = body.ts if body.ts is not None else entry_timestamp(entry_id)
+    return Event(name=body.name, data=body.data, id=entry_id, ts=ts)
+
+
+def encode_stored_event(event: Event) -> bytes:
+    """How a run's trigger is kept in its run hash."""
+    return encode_json(event)
+
+
+_stored_event_decoder = msgspec.json.Decoder(Event)
+
+
+def _ms_to_datetime(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromtimestamp(int(value) / 1000, tz=UTC)
+
+
+def decode_run(fields: dict[str, str]) -> RunInfo:
+    """A run hash (HGETALL) as a :class:`RunInfo`."""
+    started = _ms_to_datetime(fields.get("started_at"))
+    return RunInfo(
+        run_id=fields["run_id"],
+        app_id=fields["app_id"],
+        function_id=fields["function_id"],
+        worker_id=fields["worker_id"],
+        status=msgspec.convert(fields["status"], RunStatus),
+        event=_stored_event_decoder.decode(fields["event"]),
+        started_at=started if started is not None else datetime.fromtimestamp(0, tz=UTC),
+        finished_at=_ms_to_datetime(fields.get("finished_at")),
+        cancel_requested_at=_ms_to_datetime(fields.get("cancel_requested_at")),
+        cancel_reason=fields.get("cancel_reason") or None,
+        cancelled_by=fields.get("cancelled_by") or None,
+        error=fields.get("error") or None,
+    )
+
+
+def decode_signal(fields: dict[str, str]) -> Signal:
+    return msgspec.convert(fields, Signal, strict=False)

@@ -1,0 +1,511 @@
+"""The worker: consumes an app's triggers, runs its functions, and stops a run the
+moment its cancel signal arrives.
+
+Three loops, all owned by the worker's task group:
+
+- the *trigger loop* reads the events stream through the app's consumer group,
+  registers a run for every trigger it serves, acknowledges the entry, and starts
+  the run;
+- the *signal loop* reads this worker's signal stream and cancels the scope of the
+  run each signal names;
+- every *run* executes inside its own cancel scope and records its outcome when it
+  ends, and only then leaves the worker's registry.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Final, Self, cast
+
+import anyio
+import msgspec
+import structlog
+from anyio.abc import TaskGroup
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sdk.connection import RECONNECT_BACKOFF, blocking_client, command_client, resolve_url
+from sdk.context import CancelState, Handler, RunContext
+from sdk.errors import (
+    ConfigurationError,
+    DuplicateRunError,
+    InvalidEventError,
+    RunCancelled,
+    UnknownFunctionError,
+    WorkerNotStartedError,
+)
+from sdk.function import Function
+from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
+from sdk.rules import CancelOn, IndexEntry, index_entries
+from sdk.store import DEFAULT_RETENTION, Outcome, RunStore
+from sdk.streams import CONNECTION_ERRORS, Entry, GroupConsumer, create_group
+from sdk.wire import Event, Signal, decode_event, decode_signal
+
+DEFAULT_CONCURRENCY: Final = 100
+#: How long the blocking reads wait before looping (they return at once on new entries).
+TRIGGER_BLOCK_MS: Final = 5_000
+SIGNAL_BLOCK_MS: Final = 5_000
+#: Most trigger entries read at once.
+TRIGGER_BATCH: Final = 100
+#: A trigger another worker read and left unacknowledged this long is taken over.
+TRIGGER_CLAIM_IDLE_MS: Final = 60_000
+#: Registering a run is one short script; longer means Redis is unreachable.
+REGISTER_TIMEOUT_S: Final = 10.0
+#: How long a run's outcome is retried while Redis is unreachable.
+FINISH_TIMEOUT_S: Final = 30.0
+SHUTDOWN_REASON: Final = "worker shutdown"
+
+#: Runs started by a trigger get an id derived from (namespace, app, function, event):
+#: a trigger delivered twice maps to the same run, which registers only once.
+_RUN_ID_NAMESPACE: Final = uuid.UUID("6f1c3f0e-6b8e-4c55-9d43-3a1f0f8f6a21")
+
+log = structlog.get_logger("sdk.worker")
+
+
+@dataclass(eq=False, slots=True)
+class _Run:
+    run_id: str
+    function: Function
+    event: Event
+    entries: list[IndexEntry]
+    state: CancelState = field(default_factory=CancelState)
+
+
+def _default_worker_id() -> str:
+    host = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in socket.gethostname())
+    return f"{host[:80] or 'worker'}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """Runs an app's functions and stops them when a matching cancel event arrives.
+
+    ``async with worker:`` starts the signal listener (enough for ``worker.run``);
+    ``await worker.serve()`` also consumes the triggers, until SIGTERM/SIGINT or until
+    the task awaiting it is cancelled.
+    """
+
+    def __init__(
+        self,
+        app_id: str,
+        redis_url: str | None = None,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        shutdown_timeout: float = 30.0,
+        retention: timedelta = DEFAULT_RETENTION,
+        worker_id: str | None = None,
+    ) -> None:
+        try:
+            self.app_id = check_name("app id", app_id)
+            self.worker_id = check_name("worker id", worker_id or _default_worker_id())
+            self.keys = Keys(namespace)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
+        self.redis_url = resolve_url(redis_url)
+        self.concurrency = concurrency
+        self.shutdown_timeout = shutdown_timeout
+        self.retention = retention
+        self._functions: dict[str, Function] = {}
+        self._by_trigger: dict[str, list[Function]] = {}
+        # A run stays here until its outcome is recorded, so a cancel can always find it.
+        self._runs: dict[str, _Run] = {}
+        self._inflight_entries: set[str] = set()
+        self._run_ended = anyio.Event()
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._triggers: GroupConsumer | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._store: RunStore | None = None
+        self._log = log.bind(app_id=self.app_id, worker_id=self.worker_id)
+
+    # -- declaring functions -------------------------------------------------------
+
+    def function(
+        self, *, id: str, trigger: str, cancel_on: Iterable[CancelOn] = ()
+    ) -> Callable[[Handler], Function]:
+        """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``."""
+
+        def register(handler: Handler) -> Function:
+            fn = Function.declare(id=id, trigger=trigger, cancel_on=cancel_on, handler=handler)
+            if fn.id in self._functions:
+                raise ConfigurationError(f"function {fn.id!r} is declared twice")
+            self._functions[fn.id] = fn
+            self._by_trigger.setdefault(fn.trigger, []).append(fn)
+            return fn
+
+        return register
+
+    @property
+    def functions(self) -> Mapping[str, Function]:
+        return dict(self._functions)
+
+    @property
+    def active_runs(self) -> int:
+        """Runs this worker holds right now."""
+        return len(self._runs)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("this worker is already started")
+        stack = AsyncExitStack()
+        try:
+            redis = command_client(self.redis_url)
+            stack.push_async_callback(redis.aclose)
+            signal_reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS)
+            stack.push_async_callback(signal_reader.aclose)
+            self._store = RunStore(redis, self.keys, retention=self.retention)
+            await self._create_groups(redis)
+            stack.push_async_callback(self._delete_signal_stream, redis)
+            self._tg = await stack.enter_async_context(anyio.create_task_group())
+            self._tg.start_soon(self._listen_for_signals, signal_reader)
+        except BaseException:
+            self._store = self._tg = None
+            await stack.aclose()
+            raise
+        self._stack = stack
+        self._log.info("worker.started", functions=sorted(self._functions))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._stack is not None
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            await self._stack.aclose()
+        finally:
+            self._stack = self._tg = self._store = None
+            self._log.info("worker.stopped")
+
+    async def serve(self) -> None:
+        """Consume triggers and run functions until SIGTERM/SIGINT or cancellation.
+
+        On the first signal the worker stops taking triggers and gives running runs
+        ``shutdown_timeout`` seconds to finish; then (or on a second signal) it cancels
+        them. Every run's outcome is recorded before ``serve`` returns.
+        """
+        async with self:
+            consuming = anyio.CancelScope()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._handle_os_signals, consuming)
+                with consuming:
+                    await self._consume_triggers()
+                await self._drain()
+                tg.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def run(
+        self, function_id: str, event: Event, *, run_id: str | None = None
+    ) -> AsyncIterator[RunContext]:
+        """Run a body that something else started under ``function_id``'s cancel rules.
+
+        ``async with worker.run("generate-report", event) as ctx: ...``. A cancel
+        interrupts the body at its current await; after the block,
+        :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
+        mistake a cancelled block for a finished one.
+        """
+        fn = self._functions.get(function_id)
+        if fn is None:
+            raise UnknownFunctionError(
+                f"function {function_id!r} is not declared on app {self.app_id!r}"
+            )
+        if not event.id:
+            event = msgspec.structs.replace(
+                event, id=f"local-{uuid.uuid4().hex}", ts=event.ts or int(time.time() * 1000)
+            )
+        run = await self._register(fn, event, run_id or uuid.uuid4().hex)
+        async with self._running(run) as ctx:
+            yield ctx
+        if run.state.cancelled:
+            raise RunCancelled(run.run_id, run.state.reason)
+
+    # -- runs ----------------------------------------------------------------------
+
+    def _require_store(self) -> RunStore:
+        if self._store is None:
+            raise WorkerNotStartedError(
+                "start the worker first: `async with worker:` or `await worker.serve()`"
+            )
+        return self._store
+
+    async def _register(self, fn: Function, event: Event, run_id: str) -> _Run:
+        store = self._require_store()
+        if run_id in self._runs:
+            raise DuplicateRunError(run_id, "running")
+        run = _Run(run_id, fn, event, index_entries(fn.cancel_on, event, self.keys))
+        # In the registry before the script runs: a signal can arrive the moment it returns.
+        self._runs[run_id] = run
+        try:
+            # Shielded: a run must not be half registered because its starter was cancelled.
+            with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
+                status = await store.register(
+                    run_id=run_id,
+                    app_id=self.app_id,
+                    function_id=fn.id,
+                    worker_id=self.worker_id,
+                    event=event,
+                    entries=run.entries,
+                )
+        except BaseException:
+            self._forget(run)
+            raise
+        if status != "registered":
+            self._forget(run)
+            raise DuplicateRunError(run_id, status)
+        return run
+
+    def _forget(self, run: _Run) -> None:
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+        self._notify_run_ended()
+
+    def _notify_run_ended(self) -> None:
+        self._run_ended.set()
+        self._run_ended = anyio.Event()
+
+    @asynccontextmanager
+    async def _running(self, run: _Run) -> AsyncIterator[RunContext]:
+        """Execute a registered run's body in its cancel scope and record the outcome."""
+        state = run.state
+        ctx = RunContext(
+            run_id=run.run_id,
+            app_id=self.app_id,
+            function_id=run.function.id,
+            event=run.event,
+            state=state,
+        )
+        outcome: Outcome = "completed"
+        error: str | None = None
+        started = time.monotonic()
+        run_log = self._log.bind(run_id=run.run_id, function_id=run.function.id)
+        run_log.info("run.started", event_id=run.event.id, event_name=run.event.name)
+        try:
+            with state.scope:
+                yield ctx
+        except Exception as exc:
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        except BaseException:
+            # Cancelled from outside the run: the worker is going away.
+            if state.reason is None:
+                state.reason = SHUTDOWN_REASON
+            outcome = "cancelled"
+            raise
+        finally:
+            if state.cancelled:
+                outcome = "cancelled"
+            try:
+                await self._finish(run, outcome, error)
+            finally:
+                self._forget(run)
+                run_log.info(
+                    "run.finished",
+                    outcome=outcome,
+                    reason=state.reason,
+                    error=error,
+                    duration_ms=round((time.monotonic() - started) * 1000, 3),
+                )
+
+    async def _finish(self, run: _Run, outcome: Outcome, error: str | None) -> None:
+        store = self._require_store()
+        reason = run.state.reason if outcome == "cancelled" else None
+        failures = 0
+        with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
+            while True:
+                try:
+                    previous = await store.finish(
+                        run.run_id, outcome, run.entries, error=error, cancel_reason=reason
+                    )
+                    break
+                except CONNECTION_ERRORS as exc:
+                    failures += 1
+                    self._log.warning("run.finish_retry", run_id=run.run_id, error=str(exc))
+                    await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+        if scope.cancelled_caught:
+            self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)
+        elif previous in ("cancelled", "completed", "failed", "lost"):
+            self._log.warning(
+                "run.outcome_ignored", run_id=run.run_id, outcome=outcome, recorded=previous
+            )
+
+    async def _execute(self, run: _Run) -> None:
+        try:
+            async with self._limiter:
+                try:
+                    async with self._running(run) as ctx:
+                        await run.function.handler(ctx)
+                except Exception:
+                    self._log.exception("run.body_failed", run_id=run.run_id)
+        finally:
+            self._notify_run_ended()  # a slot is free again
+
+    def _cancel_all(self, reason: str) -> None:
+        for run in list(self._runs.values()):
+            run.state.cancel(reason)
+
+    async def _wait_for_runs(self, below: int) -> None:
+        while len(self._runs) >= below:
+            await self._run_ended.wait()
+
+    async def _drain(self) -> None:
+        if self._runs:
+            self._log.info("worker.draining", runs=len(self._runs), timeout=self.shutdown_timeout)
+            with anyio.move_on_after(self.shutdown_timeout):
+                await self._wait_for_runs(1)
+        self._cancel_all(SHUTDOWN_REASON)
+        await self._wait_for_runs(1)
+
+    async def _handle_os_signals(self, consuming: anyio.CancelScope) -> None:
+        try:
+            receiver = anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
+            with receiver as signals:
+                async for signum in signals:
+                    if not consuming.cancel_called:
+                        self._log.info("worker.stopping", signal=signum.name)
+                        consuming.cancel()
+                    else:
+                        self._log.info("worker.cancelling_runs", signal=signum.name)
+                        self._cancel_all(SHUTDOWN_REASON)
+        except (NotImplementedError, ValueError, RuntimeError):
+            return  # not the main thread: the host application handles signals
+
+    # -- the signal loop -----------------------------------------------------------
+
+    async def _listen_for_signals(self, reader: Redis) -> None:
+        stream = self.keys.signals(self.worker_id)
+        # This stream is new with this worker id; reading from its start loses nothing,
+        # and the last id carried across reconnects makes every signal arrive once.
+        last_id = "0-0"
+        failures = 0
+        while True:
+            try:
+                reply = await reader.xread({stream: last_id}, count=100, block=SIGNAL_BLOCK_MS)
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                self._log.warning("signals.reconnecting", error=str(exc), attempt=failures)
+                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                continue
+            if failures:
+                self._log.info("signals.reconnected", attempts=failures)
+                failures = 0
+            for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    self._apply_signal(entry_id, fields)
+
+    def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> None:
+        try:
+            sig: Signal = decode_signal(fields)
+        except msgspec.ValidationError as exc:
+            self._log.error("signal.malformed", entry_id=entry_id, error=str(exc))
+            return
+        run = self._runs.get(sig.run_id)
+        if run is None:
+            self._log.debug("signal.run_gone", run_id=sig.run_id)
+            return
+        run.state.cancel(sig.reason or "cancelled")
+        lag_ms = int(time.time() * 1000) - sig.sent_at if sig.sent_at else None
+        self._log.info(
+            "run.cancel_received", run_id=sig.run_id, event_id=sig.event_id, signal_lag_ms=lag_ms
+        )
+
+    async def _delete_signal_stream(self, redis: Redis) -> None:
+        with anyio.move_on_after(5, shield=True):
+            try:
+                await redis.delete(self.keys.signals(self.worker_id))
+            except RedisError as exc:
+                self._log.warning("signals.cleanup_failed", error=str(exc))
+
+    # -- the trigger loop ----------------------------------------------------------
+
+    async def _create_groups(self, redis: Redis) -> None:
+        # The broker's group too: from the moment a run can exist, cancel events are kept
+        # for the broker even if no broker has started yet.
+        await create_group(redis, self.keys.events, BROKER_GROUP)
+        await create_group(redis, self.keys.events, self.keys.app_group(self.app_id))
+
+    async def _consume_triggers(self) -> None:
+        store = self._require_store()
+        self._triggers = GroupConsumer(
+            self.redis_url,
+            store.redis,
+            stream=self.keys.events,
+            group=self.keys.app_group(self.app_id),
+            consumer=self.worker_id,
+            block_ms=TRIGGER_BLOCK_MS,
+            batch=TRIGGER_BATCH,
+            claim_idle_ms=TRIGGER_CLAIM_IDLE_MS,
+            log=self._log,
+        )
+        await self._triggers.run(self._dispatch, capacity=self._wait_for_capacity)
+
+    async def _wait_for_capacity(self) -> int:
+        while self._limiter.available_tokens < 1:
+            await self._run_ended.wait()
+        return int(self._limiter.available_tokens)
+
+    async def _dispatch(self, entries: Sequence[Entry]) -> None:
+        assert self._tg is not None
+        assert self._triggers is not None
+        not_ours: list[str] = []
+        for entry_id, fields in entries:
+            if entry_id in self._inflight_entries:
+                continue
+            try:
+                event = decode_event(entry_id, fields)
+            except InvalidEventError:
+                not_ours.append(entry_id)  # the broker dead-letters malformed entries
+                continue
+            functions = self._by_trigger.get(event.name)
+            if not functions:
+                not_ours.append(entry_id)
+                continue
+            self._inflight_entries.add(entry_id)
+            self._tg.start_soon(self._start_triggered, entry_id, event, functions)
+        await self._triggers.ack(*not_ours)
+
+    async def _start_triggered(
+        self, entry_id: str, event: Event, functions: list[Function]
+    ) -> None:
+        """Register one run per function the event triggers, acknowledge it, run them."""
+        assert self._triggers is not None
+        runs: list[_Run] = []
+        try:
+            for fn in functions:
+                run_id = uuid.uuid5(
+                    _RUN_ID_NAMESPACE, f"{self.keys.namespace}/{self.app_id}/{fn.id}/{entry_id}"
+                ).hex
+                try:
+                    runs.append(await self._register(fn, event, run_id))
+                except DuplicateRunError as exc:
+                    self._log.info("run.duplicate_trigger", run_id=run_id, status=exc.status)
+            await self._triggers.ack(entry_id)
+        except (*CONNECTION_ERRORS, TimeoutError) as exc:
+            # Not acknowledged: the entry stays pending and is read again; runs already
+            # registered are started now and deduplicated by their id then.
+            self._log.warning("triggers.register_failed", entry_id=entry_id, error=str(exc))
+            self._triggers.reread_pending()
+        finally:
+            self._inflight_entries.discard(entry_id)
+        assert self._tg is not None
+        for run in runs[1:]:
+            self._tg.start_soon(self._execute, run)
+        if runs:
+            await self._execute(runs[0])

@@ -1,0 +1,91 @@
+"""A report worker used by the end-to-end tests, the benchmark and the demo.
+
+Each run writes what its body observed to the list ``{namespace}:test:observed:{reportId}``
+(``started``, ``cancelled`` with the CLOCK_MONOTONIC time it saw the cancellation,
+``swallowed``, ``completed``) so that another process can check what really happened.
+
+The trigger's data selects the body: ``seconds`` (how long the work takes, default 60),
+``mode``: ``sleep`` (one long awaited call), ``steps`` (a loop of 10 ms steps),
+``catch-exception`` (the long call wrapped in ``except Exception``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import anyio
+import structlog
+from redis.asyncio import Redis
+
+from broker.logs import configure_logging
+from sdk import CancelOn, RunContext, Worker
+
+REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
+
+worker = Worker(
+    "reports",
+    REDIS_URL,
+    namespace=NAMESPACE,
+    shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "30")),
+)
+recorder = Redis.from_url(REDIS_URL, decode_responses=True)
+log = structlog.get_logger("reports")
+
+
+async def record(ctx: RunContext, what: str, **extra: Any) -> None:
+    entry = {"what": what, "run_id": ctx.run_id, "monotonic": time.monotonic(), **extra}
+    with anyio.CancelScope(shield=True):
+        key = f"{NAMESPACE}:test:observed:{ctx.event.data['reportId']}"
+        await recorder.rpush(key, json.dumps(entry))
+
+
+async def call_llm(seconds: float) -> str:
+    await anyio.sleep(seconds)
+    return "text"
+
+
+@worker.function(
+    id="generate-report",
+    trigger="report/generate.requested",
+    cancel_on=[CancelOn(event="report/cancel.requested", match="data.reportId")],
+)
+async def generate_report(ctx: RunContext) -> str:
+    seconds = float(ctx.event.data.get("seconds", 60))
+    mode = ctx.event.data.get("mode", "sleep")
+    await record(ctx, "started")
+    try:
+        if mode == "steps":
+            deadline = time.monotonic() + seconds
+            step = 0
+            while time.monotonic() < deadline:
+                await ctx.step.run(f"chunk-{step}", call_llm, 0.01)
+                step += 1
+        elif mode == "catch-exception":
+            try:
+                await ctx.step.run("llm", call_llm, seconds)
+            except Exception as exc:  # the trap from the seeds: must not swallow a cancel
+                await record(ctx, "swallowed", error=repr(exc))
+        else:
+            await ctx.step.run("llm", call_llm, seconds)
+    except anyio.get_cancelled_exc_class():
+        await record(ctx, "cancelled", reason=ctx.cancel_reason)
+        raise
+    await record(ctx, "completed")
+    return "report"
+
+
+async def main() -> None:
+    configure_logging("info", "json")
+    try:
+        await worker.serve()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await recorder.aclose()
+
+
+if __name__ == "__main__":
+    anyio.run(main)

@@ -1,0 +1,70 @@
+"""Fixtures: a private redis-server per session (never the machine's own Redis), and a
+fresh key namespace per test so tests cannot see each other's keys."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from broker import Broker, BrokerMetrics, EmbeddedRedis
+from sdk import Client
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def client(redis_url: str, namespace: str) -> AsyncIterator[Client]:
+    async with Client(redis_url, namespace=namespace) as client:
+        yield client
+
+
+@pytest.fixture
+async def broker(redis_url: str, namespace: str) -> AsyncIterator[Broker]:
+    """A broker running in this test's event loop."""
+    broker = Broker(redis_url, namespace=namespace, metrics=BrokerMetrics())
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.run)
+        yield broker
+        tg.cancel_scope.cancel()
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.005
+) -> None:
+    with anyio.fail_after(timeout):
+        while not await predicate():
+            await anyio.sleep(interval)
+
+
+async def count_keys(redis: Redis, pattern: str) -> int:
+    return len([key async for key in redis.scan_iter(match=pattern, count=1000)])

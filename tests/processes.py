@@ -1,0 +1,108 @@
+"""Run the broker and workers as separate processes, the way users run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProcessHandle:
+    """A child process whose stderr JSON log lines are collected as they arrive."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def logs(self, event: str) -> list[dict[str, Any]]:
+        found = []
+        for line in list(self.lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == event:
+                found.append(record)
+        return found
+
+    def wait_for_log(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = self.logs(event)
+                if found:
+                    return found[-1]
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError(
+                        f"{self.args} exited ({self.process.returncode}):\n{self.output}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no {event!r} log from {self.args}:\n{self.output}")
+                self._changed.wait(remaining)
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def start_broker(redis_url: str, namespace: str) -> tuple[ProcessHandle, str]:
+    """`cancel-broker run` on a free HTTP port; returns the handle and its base URL."""
+    args = [sys.executable, "-m", "broker", "run", "--redis-url", redis_url]
+    args += ["--namespace", namespace, "--http-port", "0", "--log-format", "json"]
+    handle = ProcessHandle(args)
+    ready = handle.wait_for_log("broker.ready")
+    return handle, str(ready["http"])
+
+
+def start_worker(redis_url: str, namespace: str, **env: str) -> ProcessHandle:
+    """The report worker of ``tests/apps/reports.py``."""
+    handle = ProcessHandle(
+        [sys.executable, "-m", "tests.apps.reports", redis_url, namespace],
+        env={key.upper(): value for key, value in env.items()},
+    )
+    handle.wait_for_log("worker.started")
+    return handle

@@ -1,0 +1,222 @@
+"""The worker in this process against a real Redis: how a run stops, what it records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from sdk import (
+    CancelOn,
+    Client,
+    DuplicateRunError,
+    Event,
+    RunCancelled,
+    RunContext,
+    UnknownFunctionError,
+    Worker,
+    WorkerNotStartedError,
+)
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.anyio
+
+CANCEL_RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
+
+
+def make_worker(redis_url: str, namespace: str) -> Worker:
+    worker = Worker("reports", redis_url, namespace=namespace)
+
+    @worker.function(
+        id="generate-report", trigger="report/generate.requested", cancel_on=[CANCEL_RULE]
+    )
+    async def generate_report(ctx: RunContext) -> None:
+        await anyio.sleep(60)
+
+    return worker
+
+
+@pytest.fixture
+async def worker(redis_url: str, namespace: str) -> AsyncIterator[Worker]:
+    async with make_worker(redis_url, namespace) as worker:
+        yield worker
+
+
+def report_event(report_id: str) -> Event:
+    return Event(name="report/generate.requested", data={"reportId": report_id})
+
+
+async def test_cancel_by_id_interrupts_the_awaited_call(worker: Worker, client: Client) -> None:
+    seen: dict[str, object] = {}
+
+    async def cancel_soon(run_id: str) -> None:
+        await anyio.sleep(0.05)
+        result = await client.cancel(run_id, reason="user clicked cancel")
+        seen["result"] = result
+
+    started = time.monotonic()
+    with pytest.raises(RunCancelled) as caught:
+        async with (
+            worker.run("generate-report", report_event("r1")) as ctx,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(cancel_soon, ctx.run_id)
+            try:
+                await ctx.step.run("llm", anyio.sleep, 60)
+            except Exception:  # pragma: no cover - the trap: must not catch a cancel
+                pytest.fail("a cancellation was caught by `except Exception`")
+    assert time.monotonic() - started < 5
+    assert caught.value.reason == "user clicked cancel"
+    result = seen["result"]
+    assert result.outcome == "signalled"  # type: ignore[attr-defined]
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "cancelled"
+    assert info.cancel_reason == "user clicked cancel"
+    assert info.cancelled_by == "api"
+    assert info.finished_at is not None
+
+
+async def test_a_body_that_swallows_the_cancel_is_cancelled_again(
+    worker: Worker, client: Client
+) -> None:
+    swallowed = 0
+    with pytest.raises(RunCancelled):
+        async with worker.run("generate-report", report_event("r1")) as ctx:
+            await client.cancel(ctx.run_id)
+            for _ in range(3):
+                try:
+                    await anyio.sleep(60)
+                except BaseException:
+                    swallowed += 1
+            await anyio.sleep(60)  # level-triggered: this raises again
+            pytest.fail("the run carried on after a cancel")
+    assert swallowed == 3
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "cancelled"
+
+
+async def test_a_body_that_returns_after_a_cancel_is_recorded_cancelled(
+    worker: Worker, client: Client
+) -> None:
+    with pytest.raises(RunCancelled):
+        async with worker.run("generate-report", report_event("r1")) as ctx:
+            await client.cancel(ctx.run_id)
+            try:
+                await anyio.sleep(60)
+            except BaseException:
+                pass  # returns without awaiting again: still not "completed"
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "cancelled"
+
+
+async def test_completed_run_is_final(worker: Worker, client: Client) -> None:
+    async with worker.run("generate-report", report_event("r1")) as ctx:
+        pass
+    result = await client.cancel(ctx.run_id)
+    assert result.outcome == "already_finished"
+    assert result.status == "completed"
+    assert not result.accepted
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "completed"
+
+
+async def test_failed_body_records_the_error(worker: Worker, client: Client) -> None:
+    with pytest.raises(ZeroDivisionError):
+        async with worker.run("generate-report", report_event("r1")) as ctx:
+            _ = 1 / 0
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "failed"
+    assert info.error == "ZeroDivisionError: division by zero"
+
+
+async def test_cancel_of_unknown_run(client: Client) -> None:
+    result = await client.cancel("no-such-run")
+    assert result.outcome == "not_found"
+    assert result.status is None
+    assert await client.get_run("no-such-run") is None
+
+
+async def test_sync_step_is_abandoned_on_cancel(worker: Worker, client: Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        async with (
+            worker.run("generate-report", report_event("r1")) as ctx,
+            anyio.create_task_group() as tg,
+        ):
+
+            async def cancel_soon() -> None:
+                await anyio.sleep(0.05)
+                await client.cancel(ctx.run_id)
+
+            tg.start_soon(cancel_soon)
+            await ctx.step.run("blocking", time.sleep, 2)
+    assert time.monotonic() - started < 1.5
+
+
+async def test_run_needs_a_started_worker(redis_url: str, namespace: str) -> None:
+    worker = make_worker(redis_url, namespace)
+    with pytest.raises(WorkerNotStartedError):
+        async with worker.run("generate-report", report_event("r1")):
+            pass
+
+
+async def test_run_of_unknown_function(worker: Worker) -> None:
+    with pytest.raises(UnknownFunctionError):
+        async with worker.run("nope", report_event("r1")):
+            pass
+
+
+async def test_same_run_id_twice_is_refused(worker: Worker) -> None:
+    async with worker.run("generate-report", report_event("r1"), run_id="fixed-id"):
+        with pytest.raises(DuplicateRunError):
+            async with worker.run("generate-report", report_event("r1"), run_id="fixed-id"):
+                pass
+    with pytest.raises(DuplicateRunError) as caught:
+        async with worker.run("generate-report", report_event("r1"), run_id="fixed-id"):
+            pass
+    assert caught.value.status == "completed"
+
+
+async def test_serve_runs_triggers_and_cancel_events_stop_them(
+    redis_url: str, namespace: str, client: Client, broker: object
+) -> None:
+    worker = make_worker(redis_url, namespace)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.serve)
+        await wait_until(lambda: _started(worker))
+        e1 = await client.send("report/generate.requested", {"reportId": "r1"})
+        e2 = await client.send("report/generate.requested", {"reportId": "r2"})
+
+        async def both_running() -> bool:
+            runs = [*await client.runs_for_event(e1), *await client.runs_for_event(e2)]
+            return len(runs) == 2 and all(r.status == "running" for r in runs)
+
+        await wait_until(both_running)
+        cancel_id = await client.send("report/cancel.requested", {"reportId": "r1"})
+        (r1,) = await client.runs_for_event(e1)
+
+        async def r1_cancelled() -> bool:
+            info = await client.get_run(r1.run_id)
+            return info is not None and info.status == "cancelled"
+
+        await wait_until(r1_cancelled, timeout=5)
+        info = await client.get_run(r1.run_id)
+        assert info is not None
+        assert info.cancelled_by == cancel_id
+        (r2,) = await client.runs_for_event(e2)
+        assert r2.status == "running"
+        tg.cancel_scope.cancel()
+    (r2,) = await client.runs_for_event(e2)
+    assert r2.status == "cancelled"
+    assert r2.cancel_reason == "worker shutdown"
+
+
+async def _started(worker: Worker) -> bool:
+    return worker._store is not None
