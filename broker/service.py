@@ -37,8 +37,6 @@ CLAIM_IDLE_MS: Final = 30_000
 #: Approximate cap on the dead-letter stream.
 DEAD_LETTER_MAXLEN: Final = 100_000
 
-log = structlog.get_logger("broker")
-
 
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -63,7 +61,9 @@ class Broker:
         self.metrics = metrics or BrokerMetrics()
         self.max_event_bytes = max_event_bytes
         self.claim_idle_ms = claim_idle_ms
-        self._log = log.bind(consumer=self.consumer, namespace=self.keys.namespace)
+        self._log = structlog.get_logger(
+            "broker", consumer=self.consumer, namespace=self.keys.namespace
+        )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume cancel events until cancelled. Signals ``task_status`` once listening."""

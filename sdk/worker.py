@@ -68,8 +68,6 @@ SHUTDOWN_REASON: Final = "worker shutdown"
 #: a trigger delivered twice maps to the same run, which registers only once.
 _RUN_ID_NAMESPACE: Final = uuid.UUID("6f1c3f0e-6b8e-4c55-9d43-3a1f0f8f6a21")
 
-log = structlog.get_logger("sdk.worker")
-
 
 @dataclass(eq=False, slots=True)
 class _Run:
@@ -127,7 +125,8 @@ class Worker:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._store: RunStore | None = None
-        self._log = log.bind(app_id=self.app_id, worker_id=self.worker_id)
+        # A lazy logger: workers are declared at import time, before the app configures logging.
+        self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
 
     # -- declaring functions -------------------------------------------------------
 

@@ -1,0 +1,167 @@
+"""The broker in this process: matching through the index, dead letters, idempotence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from redis.asyncio import Redis
+
+from broker import Broker
+from sdk import CancelOn, Client, Event
+from sdk.keys import Keys
+from sdk.rules import index_entries
+from sdk.store import RunStore
+from tests.conftest import wait_until
+
+pytestmark = pytest.mark.anyio
+
+RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
+
+
+async def register(
+    store: RunStore, run_id: str, report_id: str, *, event_id: str = "", worker: str = "w1"
+) -> None:
+    event = Event(
+        name="report/generate.requested",
+        data={"reportId": report_id},
+        id=event_id or f"1-{run_id}",
+    )
+    status = await store.register(
+        run_id=run_id,
+        app_id="reports",
+        function_id="generate-report",
+        worker_id=worker,
+        event=event,
+        entries=index_entries(RULES, event, store.keys),
+    )
+    assert status == "registered"
+
+
+@pytest.fixture
+def store(redis: Redis, namespace: str) -> RunStore:
+    return RunStore(redis, Keys(namespace))
+
+
+async def signals(redis: Redis, namespace: str, worker: str = "w1") -> list[dict[str, str]]:
+    return [fields for _, fields in await redis.xrange(f"{namespace}:signals:{worker}")]
+
+
+async def drained(redis: Redis, namespace: str) -> bool:
+    for group in await redis.xinfo_groups(f"{namespace}:events"):
+        if group["name"] == "broker":
+            return group["pending"] == 0 and group["lag"] == 0
+    return False
+
+
+@pytest.mark.usefixtures("broker")
+async def test_cancel_event_signals_the_matching_run(
+    store: RunStore, client: Client, redis: Redis, namespace: str
+) -> None:
+    await register(store, "run-a", "r1")
+    await register(store, "run-b", "r2")
+    event_id = await client.send("report/cancel.requested", {"reportId": "r1"})
+    await wait_until(lambda: drained(redis, namespace))
+    assert await signals(redis, namespace) == [
+        {
+            "run_id": "run-a",
+            "reason": "cancel event report/cancel.requested",
+            "event_id": event_id,
+            "sent_at": (await signals(redis, namespace))[0]["sent_at"],
+        }
+    ]
+    a, b = await client.get_run("run-a"), await client.get_run("run-b")
+    assert a is not None
+    assert b is not None
+    assert (a.status, a.cancelled_by) == ("cancelling", event_id)
+    assert b.status == "running"
+
+
+@pytest.mark.usefixtures("broker")
+async def test_values_match_by_json_equality(
+    store: RunStore, client: Client, redis: Redis, namespace: str
+) -> None:
+    await register(store, "run-int", 7)  # type: ignore[arg-type]
+    await register(store, "run-str", "7")
+    await client.send("report/cancel.requested", {"reportId": 7.0})
+    await wait_until(lambda: drained(redis, namespace))
+    assert [s["run_id"] for s in await signals(redis, namespace)] == ["run-int"]
+
+
+async def test_the_same_event_handled_twice_signals_once(
+    store: RunStore, redis: Redis, namespace: str
+) -> None:
+    await register(store, "run-a", "r1")
+    keys = [Keys(namespace).index("report/cancel.requested", "data.reportId", '"r1"')]
+    first = await store.request_cancel(index_keys=keys, event_id="5-0", cancelled_by="5-0")
+    again = await store.request_cancel(index_keys=keys, event_id="5-0", cancelled_by="5-0")
+    assert [r.outcome for r in first] == ["signalled"]
+    assert [r.outcome for r in again] == ["already_cancelling"]
+    assert len(await signals(redis, namespace)) == 1
+
+
+async def test_the_triggering_event_never_cancels_its_own_run(
+    store: RunStore, redis: Redis, namespace: str
+) -> None:
+    # A function cancelled by the same event name that starts it (a "restart" pattern).
+    await register(store, "old", "r1", event_id="1-0")
+    await register(store, "new", "r1", event_id="2-0")
+    keys = [Keys(namespace).index("report/cancel.requested", "data.reportId", '"r1"')]
+    results = await store.request_cancel(index_keys=keys, event_id="2-0", cancelled_by="2-0")
+    assert {r.run_id: r.outcome for r in results} == {"old": "signalled", "new": "own_trigger"}
+
+
+@pytest.mark.usefixtures("broker")
+async def test_matching_cost_does_not_grow_with_running_runs(
+    store: RunStore, client: Client, redis: Redis, namespace: str
+) -> None:
+    async def commands_for_one_cancel(report_id: str) -> dict[str, int]:
+        before = await redis.info("commandstats")
+        await client.send("report/cancel.requested", {"reportId": report_id})
+        await wait_until(lambda: drained(redis, namespace))
+        after = await redis.info("commandstats")
+        return {
+            name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
+            for name in ("cmdstat_smembers", "cmdstat_hmget", "cmdstat_scan", "cmdstat_keys")
+            if name in after
+        }
+
+    await register(store, "first", "x0")
+    small = await commands_for_one_cancel("x0")
+    for i in range(1, 2000):
+        await register(store, f"run-{i}", f"x{i}")
+    large = await commands_for_one_cancel("x1999")
+    assert small == large
+    assert small["cmdstat_hmget"] == 1  # one run looked at, whatever the number running
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"event": "{not json"}, "invalid_json"),
+        ({"payload": "{}"}, "missing_field"),
+        ({"event": json.dumps({"name": 5})}, "invalid_shape"),
+        ({"event": json.dumps({"name": "a/b", "data": [1, 2]})}, "invalid_shape"),
+        ({"event": json.dumps({"name": " "})}, "invalid_name"),
+        ({"event": json.dumps({"name": "a/b", "v": 2})}, "unsupported_version"),
+        ({"event": json.dumps({"name": "a/b", "data": {"x": "y" * 70_000}})}, "too_large"),
+        ({"event": '{"name": "a/b", "data": {"x": ' + "[" * 40 + "]" * 40 + "}}"}, "too_deep"),
+        ({"event": '{"name": "a/b", "data": {"x": ' + "[" * 5000 + "]" * 5000 + "}}"}, "too_deep"),
+    ],
+)
+@pytest.mark.usefixtures("broker")
+async def test_malformed_entries_are_dead_lettered_with_the_reason(
+    redis: Redis, namespace: str, broker: Broker, fields: dict[str, str], reason: str
+) -> None:
+    entry_id = await redis.xadd(f"{namespace}:events", fields)  # type: ignore[arg-type]
+    await redis.xadd(f"{namespace}:events", {"event": '{"name": "still/alive"}'})
+    await wait_until(lambda: drained(redis, namespace))
+    (dead,) = await redis.xrange(f"{namespace}:events:dead")
+    _, letter = dead
+    assert letter["reason"] == reason
+    assert letter["entry_id"] == entry_id
+    assert json.loads(letter["fields"]) == fields  # the original entry, nothing lost
+    assert letter["detail"]
+    metrics = broker.metrics
+    assert metrics.dead_letters.labels(reason=reason)._value.get() == 1
+    assert metrics.events.labels(result="ignored")._value.get() == 1
