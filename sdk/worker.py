@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Final, Self, cast
@@ -29,12 +28,12 @@ from typing import Final, Self, cast
 import anyio
 import msgspec
 import structlog
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdk.connection import RECONNECT_BACKOFF, blocking_client, command_client, resolve_url
-from sdk.context import CancelState, Handler, RunContext
+from sdk.context import Handler, RunContext
 from sdk.errors import (
     ConfigurationError,
     DuplicateRunError,
@@ -45,8 +44,9 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
-from sdk.rules import CancelOn, IndexEntry, index_entries
-from sdk.store import DEFAULT_RETENTION, Outcome, RunStore
+from sdk.rules import CancelOn
+from sdk.runner import SHUTDOWN_REASON, Run, Runner
+from sdk.store import DEFAULT_RETENTION, RunStore
 from sdk.streams import CONNECTION_ERRORS, Entry, GroupConsumer, create_group
 from sdk.wire import Event, Signal, decode_event, decode_signal
 
@@ -58,24 +58,10 @@ SIGNAL_BLOCK_MS: Final = 5_000
 TRIGGER_BATCH: Final = 100
 #: A trigger another worker read and left unacknowledged this long is taken over.
 TRIGGER_CLAIM_IDLE_MS: Final = 60_000
-#: Registering a run is one short script; longer means Redis is unreachable.
-REGISTER_TIMEOUT_S: Final = 10.0
-#: How long a run's outcome is retried while Redis is unreachable.
-FINISH_TIMEOUT_S: Final = 30.0
-SHUTDOWN_REASON: Final = "worker shutdown"
 
 #: Runs started by a trigger get an id derived from (namespace, app, function, event):
 #: a trigger delivered twice maps to the same run, which registers only once.
 _RUN_ID_NAMESPACE: Final = uuid.UUID("6f1c3f0e-6b8e-4c55-9d43-3a1f0f8f6a21")
-
-
-@dataclass(eq=False, slots=True)
-class _Run:
-    run_id: str
-    function: Function
-    event: Event
-    entries: list[IndexEntry]
-    state: CancelState = field(default_factory=CancelState)
 
 
 def _default_worker_id() -> str:
@@ -116,15 +102,12 @@ class Worker:
         self.retention = retention
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
-        # A run stays here until its outcome is recorded, so a cancel can always find it.
-        self._runs: dict[str, _Run] = {}
         self._inflight_entries: set[str] = set()
-        self._run_ended = anyio.Event()
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._triggers: GroupConsumer | None = None
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
-        self._store: RunStore | None = None
+        self._runner: Runner | None = None
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
 
@@ -152,7 +135,7 @@ class Worker:
     @property
     def active_runs(self) -> int:
         """Runs this worker holds right now."""
-        return len(self._runs)
+        return len(self._runner) if self._runner is not None else 0
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -165,13 +148,18 @@ class Worker:
             stack.push_async_callback(redis.aclose)
             signal_reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS)
             stack.push_async_callback(signal_reader.aclose)
-            self._store = RunStore(redis, self.keys, retention=self.retention)
+            self._runner = Runner(
+                RunStore(redis, self.keys, retention=self.retention),
+                app_id=self.app_id,
+                worker_id=self.worker_id,
+                log=self._log,
+            )
             await self._create_groups(redis)
             stack.push_async_callback(self._delete_signal_stream, redis)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._tg.start_soon(self._listen_for_signals, signal_reader)
         except BaseException:
-            self._store = self._tg = None
+            self._runner = self._tg = None
             await stack.aclose()
             raise
         self._stack = stack
@@ -190,20 +178,22 @@ class Worker:
         try:
             await self._stack.aclose()
         finally:
-            self._stack = self._tg = self._store = None
+            self._stack = self._tg = self._runner = None
             self._log.info("worker.stopped")
 
-    async def serve(self) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume triggers and run functions until SIGTERM/SIGINT or cancellation.
 
         On the first signal the worker stops taking triggers and gives running runs
         ``shutdown_timeout`` seconds to finish; then (or on a second signal) it cancels
         them. Every run's outcome is recorded before ``serve`` returns.
+        ``await task_group.start(worker.serve)`` returns once the worker is listening.
         """
         async with self:
             consuming = anyio.CancelScope()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._handle_os_signals, consuming)
+                task_status.started()
                 with consuming:
                     await self._consume_triggers()
                 await self._drain()
@@ -229,147 +219,42 @@ class Worker:
             event = msgspec.structs.replace(
                 event, id=f"local-{uuid.uuid4().hex}", ts=event.ts or int(time.time() * 1000)
             )
-        run = await self._register(fn, event, run_id or uuid.uuid4().hex)
-        async with self._running(run) as ctx:
+        runner = self._require_runner()
+        run = await runner.register(fn, event, run_id or uuid.uuid4().hex)
+        async with runner.running(run) as ctx:
             yield ctx
         if run.state.cancelled:
             raise RunCancelled(run.run_id, run.state.reason)
 
     # -- runs ----------------------------------------------------------------------
 
-    def _require_store(self) -> RunStore:
-        if self._store is None:
+    def _require_runner(self) -> Runner:
+        if self._runner is None:
             raise WorkerNotStartedError(
                 "start the worker first: `async with worker:` or `await worker.serve()`"
             )
-        return self._store
+        return self._runner
 
-    async def _register(self, fn: Function, event: Event, run_id: str) -> _Run:
-        store = self._require_store()
-        if run_id in self._runs:
-            raise DuplicateRunError(run_id, "running")
-        run = _Run(run_id, fn, event, index_entries(fn.cancel_on, event, self.keys))
-        # In the registry before the script runs: a signal can arrive the moment it returns.
-        self._runs[run_id] = run
-        try:
-            # Shielded: a run must not be half registered because its starter was cancelled.
-            with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                status = await store.register(
-                    run_id=run_id,
-                    app_id=self.app_id,
-                    function_id=fn.id,
-                    worker_id=self.worker_id,
-                    event=event,
-                    entries=run.entries,
-                )
-        except BaseException:
-            self._forget(run)
-            raise
-        if status != "registered":
-            self._forget(run)
-            raise DuplicateRunError(run_id, status)
-        return run
-
-    def _forget(self, run: _Run) -> None:
-        if self._runs.get(run.run_id) is run:
-            del self._runs[run.run_id]
-        self._notify_run_ended()
-
-    def _notify_run_ended(self) -> None:
-        self._run_ended.set()
-        self._run_ended = anyio.Event()
-
-    @asynccontextmanager
-    async def _running(self, run: _Run) -> AsyncIterator[RunContext]:
-        """Execute a registered run's body in its cancel scope and record the outcome."""
-        state = run.state
-        ctx = RunContext(
-            run_id=run.run_id,
-            app_id=self.app_id,
-            function_id=run.function.id,
-            event=run.event,
-            state=state,
-        )
-        outcome: Outcome = "completed"
-        error: str | None = None
-        started = time.monotonic()
-        run_log = self._log.bind(run_id=run.run_id, function_id=run.function.id)
-        run_log.info("run.started", event_id=run.event.id, event_name=run.event.name)
-        try:
-            with state.scope:
-                yield ctx
-        except Exception as exc:
-            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            raise
-        except BaseException:
-            # Cancelled from outside the run: the worker is going away.
-            if state.reason is None:
-                state.reason = SHUTDOWN_REASON
-            outcome = "cancelled"
-            raise
-        finally:
-            if state.cancelled:
-                outcome = "cancelled"
-            try:
-                await self._finish(run, outcome, error)
-            finally:
-                self._forget(run)
-                run_log.info(
-                    "run.finished",
-                    outcome=outcome,
-                    reason=state.reason,
-                    error=error,
-                    duration_ms=round((time.monotonic() - started) * 1000, 3),
-                )
-
-    async def _finish(self, run: _Run, outcome: Outcome, error: str | None) -> None:
-        store = self._require_store()
-        reason = run.state.reason if outcome == "cancelled" else None
-        failures = 0
-        with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
-            while True:
-                try:
-                    previous = await store.finish(
-                        run.run_id, outcome, run.entries, error=error, cancel_reason=reason
-                    )
-                    break
-                except CONNECTION_ERRORS as exc:
-                    failures += 1
-                    self._log.warning("run.finish_retry", run_id=run.run_id, error=str(exc))
-                    await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
-        if scope.cancelled_caught:
-            self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)
-        elif previous in ("cancelled", "completed", "failed", "lost"):
-            self._log.warning(
-                "run.outcome_ignored", run_id=run.run_id, outcome=outcome, recorded=previous
-            )
-
-    async def _execute(self, run: _Run) -> None:
+    async def _execute(self, run: Run) -> None:
+        runner = self._require_runner()
         try:
             async with self._limiter:
                 try:
-                    async with self._running(run) as ctx:
+                    async with runner.running(run) as ctx:
                         await run.function.handler(ctx)
                 except Exception:
                     self._log.exception("run.body_failed", run_id=run.run_id)
         finally:
-            self._notify_run_ended()  # a slot is free again
-
-    def _cancel_all(self, reason: str) -> None:
-        for run in list(self._runs.values()):
-            run.state.cancel(reason)
-
-    async def _wait_for_runs(self, below: int) -> None:
-        while len(self._runs) >= below:
-            await self._run_ended.wait()
+            runner.notify()  # a slot is free again
 
     async def _drain(self) -> None:
-        if self._runs:
-            self._log.info("worker.draining", runs=len(self._runs), timeout=self.shutdown_timeout)
+        runner = self._require_runner()
+        if len(runner):
+            self._log.info("worker.draining", runs=len(runner), timeout=self.shutdown_timeout)
             with anyio.move_on_after(self.shutdown_timeout):
-                await self._wait_for_runs(1)
-        self._cancel_all(SHUTDOWN_REASON)
-        await self._wait_for_runs(1)
+                await runner.wait_empty()
+        runner.cancel_all(SHUTDOWN_REASON)
+        await runner.wait_empty()
 
     async def _handle_os_signals(self, consuming: anyio.CancelScope) -> None:
         try:
@@ -381,7 +266,7 @@ class Worker:
                         consuming.cancel()
                     else:
                         self._log.info("worker.cancelling_runs", signal=signum.name)
-                        self._cancel_all(SHUTDOWN_REASON)
+                        self._require_runner().cancel_all(SHUTDOWN_REASON)
         except (NotImplementedError, ValueError, RuntimeError):
             return  # not the main thread: the host application handles signals
 
@@ -415,11 +300,9 @@ class Worker:
         except msgspec.ValidationError as exc:
             self._log.error("signal.malformed", entry_id=entry_id, error=str(exc))
             return
-        run = self._runs.get(sig.run_id)
-        if run is None:
+        if not self._require_runner().cancel(sig.run_id, sig.reason or "cancelled"):
             self._log.debug("signal.run_gone", run_id=sig.run_id)
             return
-        run.state.cancel(sig.reason or "cancelled")
         lag_ms = int(time.time() * 1000) - sig.sent_at if sig.sent_at else None
         self._log.info(
             "run.cancel_received", run_id=sig.run_id, event_id=sig.event_id, signal_lag_ms=lag_ms
@@ -441,10 +324,9 @@ class Worker:
         await create_group(redis, self.keys.events, self.keys.app_group(self.app_id))
 
     async def _consume_triggers(self) -> None:
-        store = self._require_store()
         self._triggers = GroupConsumer(
             self.redis_url,
-            store.redis,
+            self._require_runner().store.redis,
             stream=self.keys.events,
             group=self.keys.app_group(self.app_id),
             consumer=self.worker_id,
@@ -457,7 +339,7 @@ class Worker:
 
     async def _wait_for_capacity(self) -> int:
         while self._limiter.available_tokens < 1:
-            await self._run_ended.wait()
+            await self._require_runner().changed()
         return int(self._limiter.available_tokens)
 
     async def _dispatch(self, entries: Sequence[Entry]) -> None:
@@ -485,14 +367,15 @@ class Worker:
     ) -> None:
         """Register one run per function the event triggers, acknowledge it, run them."""
         assert self._triggers is not None
-        runs: list[_Run] = []
+        runner = self._require_runner()
+        runs: list[Run] = []
         try:
             for fn in functions:
                 run_id = uuid.uuid5(
                     _RUN_ID_NAMESPACE, f"{self.keys.namespace}/{self.app_id}/{fn.id}/{entry_id}"
                 ).hex
                 try:
-                    runs.append(await self._register(fn, event, run_id))
+                    runs.append(await runner.register(fn, event, run_id))
                 except DuplicateRunError as exc:
                     self._log.info("run.duplicate_trigger", run_id=run_id, status=exc.status)
             await self._triggers.ack(entry_id)

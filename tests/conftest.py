@@ -68,3 +68,16 @@ async def wait_until(
 
 async def count_keys(redis: Redis, pattern: str) -> int:
     return len([key async for key in redis.scan_iter(match=pattern, count=1000)])
+
+
+async def broker_drained(redis: Redis, namespace: str) -> bool:
+    """The broker group has read every entry of the events stream and acknowledged them all.
+
+    (Compares ids rather than XINFO's ``lag``, which Redis 6.2 does not report.)
+    """
+    stream = f"{namespace}:events"
+    last_id = (await redis.xinfo_stream(stream))["last-generated-id"]
+    for group in await redis.xinfo_groups(stream):
+        if group["name"] == "broker":
+            return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
+    return False

@@ -12,7 +12,7 @@ from sdk import CancelOn, Client, Event
 from sdk.keys import Keys
 from sdk.rules import index_entries
 from sdk.store import RunStore
-from tests.conftest import wait_until
+from tests.conftest import broker_drained, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -47,13 +47,6 @@ async def signals(redis: Redis, namespace: str, worker: str = "w1") -> list[dict
     return [fields for _, fields in await redis.xrange(f"{namespace}:signals:{worker}")]
 
 
-async def drained(redis: Redis, namespace: str) -> bool:
-    for group in await redis.xinfo_groups(f"{namespace}:events"):
-        if group["name"] == "broker":
-            return group["pending"] == 0 and group["lag"] == 0
-    return False
-
-
 @pytest.mark.usefixtures("broker")
 async def test_cancel_event_signals_the_matching_run(
     store: RunStore, client: Client, redis: Redis, namespace: str
@@ -61,7 +54,7 @@ async def test_cancel_event_signals_the_matching_run(
     await register(store, "run-a", "r1")
     await register(store, "run-b", "r2")
     event_id = await client.send("report/cancel.requested", {"reportId": "r1"})
-    await wait_until(lambda: drained(redis, namespace))
+    await wait_until(lambda: broker_drained(redis, namespace))
     assert await signals(redis, namespace) == [
         {
             "run_id": "run-a",
@@ -84,7 +77,7 @@ async def test_values_match_by_json_equality(
     await register(store, "run-int", 7)  # type: ignore[arg-type]
     await register(store, "run-str", "7")
     await client.send("report/cancel.requested", {"reportId": 7.0})
-    await wait_until(lambda: drained(redis, namespace))
+    await wait_until(lambda: broker_drained(redis, namespace))
     assert [s["run_id"] for s in await signals(redis, namespace)] == ["run-int"]
 
 
@@ -118,7 +111,7 @@ async def test_matching_cost_does_not_grow_with_running_runs(
     async def commands_for_one_cancel(report_id: str) -> dict[str, int]:
         before = await redis.info("commandstats")
         await client.send("report/cancel.requested", {"reportId": report_id})
-        await wait_until(lambda: drained(redis, namespace))
+        await wait_until(lambda: broker_drained(redis, namespace))
         after = await redis.info("commandstats")
         return {
             name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"]
@@ -155,7 +148,7 @@ async def test_malformed_entries_are_dead_lettered_with_the_reason(
 ) -> None:
     entry_id = await redis.xadd(f"{namespace}:events", fields)  # type: ignore[arg-type]
     await redis.xadd(f"{namespace}:events", {"event": '{"name": "still/alive"}'})
-    await wait_until(lambda: drained(redis, namespace))
+    await wait_until(lambda: broker_drained(redis, namespace))
     (dead,) = await redis.xrange(f"{namespace}:events:dead")
     _, letter = dead
     assert letter["reason"] == reason

@@ -189,8 +189,7 @@ async def test_serve_runs_triggers_and_cancel_events_stop_them(
 ) -> None:
     worker = make_worker(redis_url, namespace)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.serve)
-        await wait_until(lambda: _started(worker))
+        await tg.start(worker.serve)
         e1 = await client.send("report/generate.requested", {"reportId": "r1"})
         e2 = await client.send("report/generate.requested", {"reportId": "r2"})
 
@@ -216,7 +215,3 @@ async def test_serve_runs_triggers_and_cancel_events_stop_them(
     (r2,) = await client.runs_for_event(e2)
     assert r2.status == "cancelled"
     assert r2.cancel_reason == "worker shutdown"
-
-
-async def _started(worker: Worker) -> bool:
-    return worker._store is not None

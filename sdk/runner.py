@@ -1,0 +1,175 @@
+"""The runs one worker process holds.
+
+Each run is registered in Redis (with its index entries), executes inside its own cancel
+scope, records its outcome, and only then leaves this registry: a cancel signal can
+always find a run that has not finished (the registry is never dropped early).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import anyio
+
+from sdk.connection import RECONNECT_BACKOFF
+from sdk.context import CancelState, RunContext
+from sdk.errors import DuplicateRunError
+from sdk.function import Function
+from sdk.rules import IndexEntry, index_entries
+from sdk.store import Outcome, RunStore
+from sdk.streams import CONNECTION_ERRORS
+from sdk.wire import TERMINAL_STATUSES, Event
+
+#: Registering a run is one short script; longer means Redis is unreachable.
+REGISTER_TIMEOUT_S: Final = 10.0
+#: How long a run's outcome is retried while Redis is unreachable.
+FINISH_TIMEOUT_S: Final = 30.0
+SHUTDOWN_REASON: Final = "worker shutdown"
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    run_id: str
+    function: Function
+    event: Event
+    entries: list[IndexEntry]
+    state: CancelState = field(default_factory=CancelState)
+
+
+class Runner:
+    """Registers, executes and records the runs of one worker process."""
+
+    def __init__(self, store: RunStore, *, app_id: str, worker_id: str, log: Any) -> None:
+        self.store = store
+        self.app_id = app_id
+        self.worker_id = worker_id
+        self._log = log
+        self._runs: dict[str, Run] = {}
+        self._changed = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    async def register(self, fn: Function, event: Event, run_id: str) -> Run:
+        """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken."""
+        if run_id in self._runs:
+            raise DuplicateRunError(run_id, "running")
+        run = Run(run_id, fn, event, index_entries(fn.cancel_on, event, self.store.keys))
+        # In the registry before the script runs: a signal can arrive the moment it returns.
+        self._runs[run_id] = run
+        try:
+            # Shielded: a run must not be half registered because its starter was cancelled.
+            with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
+                status = await self.store.register(
+                    run_id=run_id,
+                    app_id=self.app_id,
+                    function_id=fn.id,
+                    worker_id=self.worker_id,
+                    event=event,
+                    entries=run.entries,
+                )
+        except BaseException:
+            self._forget(run)
+            raise
+        if status != "registered":
+            self._forget(run)
+            raise DuplicateRunError(run_id, status)
+        return run
+
+    @asynccontextmanager
+    async def running(self, run: Run) -> AsyncIterator[RunContext]:
+        """Execute a registered run's body in its cancel scope and record the outcome."""
+        state = run.state
+        ctx = RunContext(
+            run_id=run.run_id,
+            app_id=self.app_id,
+            function_id=run.function.id,
+            event=run.event,
+            state=state,
+        )
+        outcome: Outcome = "completed"
+        error: str | None = None
+        started = time.monotonic()
+        log = self._log.bind(run_id=run.run_id, function_id=run.function.id)
+        log.info("run.started", event_id=run.event.id, event_name=run.event.name)
+        try:
+            with state.scope:
+                yield ctx
+        except Exception as exc:
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+        except BaseException:
+            # Cancelled from outside the run: the worker is going away.
+            if state.reason is None:
+                state.reason = SHUTDOWN_REASON
+            outcome = "cancelled"
+            raise
+        finally:
+            if state.cancelled:
+                outcome = "cancelled"
+            try:
+                await self._record(run, outcome, error)
+            finally:
+                self._forget(run)
+                log.info(
+                    "run.finished",
+                    outcome=outcome,
+                    reason=state.reason,
+                    error=error,
+                    duration_ms=round((time.monotonic() - started) * 1000, 3),
+                )
+
+    def cancel(self, run_id: str, reason: str) -> bool:
+        """Cancel a run this process holds; False if it holds no such run (any more)."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return False
+        run.state.cancel(reason)
+        return True
+
+    def cancel_all(self, reason: str) -> None:
+        for run in list(self._runs.values()):
+            run.state.cancel(reason)
+
+    async def changed(self) -> None:
+        """Wait until a run ends or a slot is released."""
+        await self._changed.wait()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_empty(self) -> None:
+        while self._runs:
+            await self.changed()
+
+    def _forget(self, run: Run) -> None:
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+        self.notify()
+
+    async def _record(self, run: Run, outcome: Outcome, error: str | None) -> None:
+        reason = run.state.reason if outcome == "cancelled" else None
+        previous: str | None = None
+        failures = 0
+        with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
+            while True:
+                try:
+                    previous = await self.store.finish(
+                        run.run_id, outcome, run.entries, error=error, cancel_reason=reason
+                    )
+                    break
+                except CONNECTION_ERRORS as exc:
+                    failures += 1
+                    self._log.warning("run.finish_retry", run_id=run.run_id, error=str(exc))
+                    await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+        if scope.cancelled_caught:
+            self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)
+        elif previous in TERMINAL_STATUSES:
+            self._log.warning(
+                "run.outcome_ignored", run_id=run.run_id, outcome=outcome, recorded=previous
+            )
