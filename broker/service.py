@@ -22,12 +22,18 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from broker.metrics import BrokerMetrics
-from sdk.connection import command_client
+from sdk.connection import RECONNECT_BACKOFF, command_client
 from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
 from sdk.store import RunStore
-from sdk.streams import CONNECTION_ERRORS, Entry, GroupConsumer, create_group
+from sdk.streams import (
+    CONNECTION_ERRORS,
+    Entry,
+    GroupConsumer,
+    create_group,
+    trim_acknowledged,
+)
 from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json
 
 BLOCK_MS: Final = 5_000
@@ -36,6 +42,8 @@ BATCH: Final = 200
 CLAIM_IDLE_MS: Final = 30_000
 #: Approximate cap on the dead-letter stream.
 DEAD_LETTER_MAXLEN: Final = 100_000
+#: How often acknowledged events are trimmed from the events stream.
+TRIM_INTERVAL_S: Final = 60.0
 
 
 def default_consumer_name() -> str:
@@ -69,7 +77,7 @@ class Broker:
         """Consume cancel events until cancelled. Signals ``task_status`` once listening."""
         redis = command_client(self.redis_url)
         try:
-            await create_group(redis, self.keys.events, BROKER_GROUP)
+            await self._wait_for_redis(redis)
             store = RunStore(redis, self.keys)
             events = GroupConsumer(
                 self.redis_url,
@@ -90,10 +98,37 @@ class Broker:
                     await self._handle(store, entry_id, fields)
                 await events.ack(*(entry_id for entry_id, _ in entries))
 
-            await events.run(handle_batch)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._trim_periodically, redis)
+                await events.run(handle_batch)
         finally:
             with anyio.CancelScope(shield=True):
                 await redis.aclose()
+
+    async def _wait_for_redis(self, redis: Redis) -> None:
+        """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
+        failures = 0
+        while True:
+            try:
+                await create_group(redis, self.keys.events, BROKER_GROUP)
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                self._log.warning("broker.waiting_for_redis", error=str(exc), attempt=failures)
+                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                continue
+            if failures:
+                self._log.info("broker.redis_reachable", attempts=failures)
+            return
+
+    async def _trim_periodically(self, redis: Redis) -> None:
+        while True:
+            await anyio.sleep(TRIM_INTERVAL_S)
+            try:
+                trimmed = await trim_acknowledged(redis, self.keys.events)
+            except CONNECTION_ERRORS:
+                continue  # the read loop reports the outage
+            if trimmed:
+                self._log.debug("events.trimmed", entries=trimmed)
 
     async def _handle(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> None:
         started = time.perf_counter()

@@ -50,6 +50,33 @@ def _entries(reply: Any) -> list[Entry]:
     return cast(list[Entry], reply[0][1]) if reply else []
 
 
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def trim_acknowledged(redis: Redis, stream: str, *, approximate: bool = True) -> int:
+    """Delete the entries every consumer group has read and acknowledged.
+
+    Keeps everything from the oldest entry still needed by any group: its oldest pending
+    entry, or its last delivered one. Approximate trimming (the default) drops whole
+    internal nodes only, which is cheaper and never deletes more. Returns how many went.
+    """
+    groups = await redis.xinfo_groups(stream)
+    if not groups:
+        return 0
+    keep_from: tuple[int, int] | None = None
+    for group in groups:
+        needed = _id(str(group["last-delivered-id"]))
+        if group["pending"]:
+            summary = await redis.xpending(stream, group["name"])
+            needed = min(needed, _id(str(summary["min"])))
+        keep_from = needed if keep_from is None else min(keep_from, needed)
+    assert keep_from is not None
+    minid = f"{keep_from[0]}-{keep_from[1]}"
+    return int(await redis.xtrim(stream, minid=minid, approximate=approximate))
+
+
 class GroupConsumer:
     """One consumer of one group on one stream."""
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
-from broker import Broker
+from broker import Broker, EmbeddedRedis
+from broker.embedded import free_port
 from sdk import CancelOn, Client, Event
 from sdk.keys import Keys
 from sdk.rules import index_entries
 from sdk.store import RunStore
+from sdk.streams import trim_acknowledged
 from tests.conftest import broker_drained, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -158,3 +161,45 @@ async def test_malformed_entries_are_dead_lettered_with_the_reason(
     metrics = broker.metrics
     assert metrics.dead_letters.labels(reason=reason)._value.get() == 1
     assert metrics.events.labels(result="ignored")._value.get() == 1
+
+
+async def test_trim_keeps_what_any_group_still_needs(redis: Redis, namespace: str) -> None:
+    stream = f"{namespace}:events"
+    ids = [await redis.xadd(stream, {"event": "{}"}) for _ in range(3)]
+    await redis.xgroup_create(stream, "fast", id="0")
+    await redis.xgroup_create(stream, "slow", id="0")
+    await redis.xreadgroup("fast", "c", {stream: ">"})
+    await redis.xack(stream, "fast", *ids)
+    await redis.xreadgroup("slow", "c", {stream: ">"}, count=2)
+    await redis.xack(stream, "slow", ids[0])
+    # "slow" still has ids[1] pending and has not read ids[2]: only ids[0] may go.
+    assert await trim_acknowledged(redis, stream, approximate=False) == 1
+    assert [entry_id for entry_id, _ in await redis.xrange(stream)] == ids[1:]
+    await redis.xack(stream, "slow", ids[1])
+    await redis.xreadgroup("slow", "c", {stream: ">"})
+    await redis.xack(stream, "slow", ids[2])
+    assert await trim_acknowledged(redis, stream, approximate=False) == 1
+    assert await redis.xlen(stream) == 1  # the last entry stays: the stream keeps its id
+
+
+async def test_broker_waits_for_redis_instead_of_dying(namespace: str) -> None:
+    server = EmbeddedRedis()
+    server.port = free_port()  # nothing listens there yet
+    broker = Broker(server.url, namespace=namespace)
+    listening = anyio.Event()
+    try:
+        async with anyio.create_task_group() as tg:
+
+            async def run_broker() -> None:
+                await tg.start(broker.run)
+                listening.set()
+
+            tg.start_soon(run_broker)
+            await anyio.sleep(0.3)
+            assert not listening.is_set()
+            await anyio.to_thread.run_sync(server.start)
+            with anyio.fail_after(15):
+                await listening.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        server.close()
