@@ -17,14 +17,17 @@ import structlog
 
 import sdk
 from broker.embedded import EmbeddedRedis, EmbeddedRedisError
+from broker.findings import SyncState, Windows, collect_state
 from broker.http import HttpBindError, create_app, serve_http
 from broker.logs import configure_logging
 from broker.metrics import BrokerMetrics
+from broker.report import format_status
 from broker.service import Broker
 from sdk import Client
-from sdk.connection import REDIS_URL_ENV
+from sdk.connection import REDIS_URL_ENV, command_client, resolve_url
+from sdk.durations import parse_duration
 from sdk.errors import CancelBrokerError
-from sdk.keys import DEFAULT_NAMESPACE
+from sdk.keys import DEFAULT_NAMESPACE, Keys
 
 DEFAULT_HTTP_PORT = 8750
 T = TypeVar("T")
@@ -85,7 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "json", "console"],
         help="auto = console on a terminal, JSON otherwise (env CANCEL_BROKER_LOG_FORMAT)",
     )
+    _add_windows(run)
+    run.add_argument(
+        "--cancel-event",
+        action="append",
+        default=_csv_env("CANCEL_BROKER_CANCEL_EVENTS"),
+        metavar="NAME",
+        help="an event name that means 'cancel' although it does not end in .cancelled or"
+        " .cancel.requested; repeatable (env CANCEL_BROKER_CANCEL_EVENTS, comma-separated)",
+    )
     run.set_defaults(handler=_run)
+
+    sync = commands.add_parser("sync", help="registration state and stale configurations")
+    sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
+    status = sync_commands.add_parser(
+        "status",
+        parents=[common],
+        help="live workers, functions and stale findings; exits 1 when something is stale",
+    )
+    status.add_argument("--json", action="store_true", help="print the state as JSON")
+    _add_windows(status)
+    status.set_defaults(handler=_sync_status)
 
     send = commands.add_parser("send", parents=[common], help="publish an event")
     send.add_argument("name", help="event name, e.g. report/cancel.requested")
@@ -103,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
     get_run.add_argument("run_id")
     get_run.set_defaults(handler=_get_run)
     return parser
+
+
+def _csv_env(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_windows(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dead-rule-window",
+        type=_duration,
+        default=_duration(_env("CANCEL_BROKER_DEAD_RULE_WINDOW", "24h")),
+        help="a rule whose event has not been published for this long is reported dead"
+        " (env CANCEL_BROKER_DEAD_RULE_WINDOW; default 24h)",
+    )
+    parser.add_argument(
+        "--orphan-window",
+        type=_duration,
+        default=_duration(_env("CANCEL_BROKER_ORPHAN_WINDOW", "1h")),
+        help="cancel events nobody listened to are reported for this long after the last one"
+        " (env CANCEL_BROKER_ORPHAN_WINDOW; default 1h)",
+    )
+
+
+def _windows(args: argparse.Namespace) -> Windows:
+    return Windows(dead_rule_after_s=args.dead_rule_window, orphan_window_s=args.orphan_window)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,11 +193,21 @@ def _run(args: argparse.Namespace) -> int:
 
 async def _serve(url: str, args: argparse.Namespace) -> None:
     metrics = BrokerMetrics()
-    broker = Broker(url, namespace=args.namespace, consumer=args.consumer, metrics=metrics)
+    broker = Broker(
+        url,
+        namespace=args.namespace,
+        consumer=args.consumer,
+        metrics=metrics,
+        windows=_windows(args),
+        cancel_event_names=frozenset(args.cancel_event),
+    )
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, tg.cancel_scope)
         port = await tg.start(
-            serve_http, create_app(metrics.registry), args.http_host, args.http_port
+            serve_http,
+            create_app(metrics.registry, broker.sync_state),
+            args.http_host,
+            args.http_port,
         )
         await tg.start(broker.run)
         log.info(
@@ -190,6 +255,22 @@ def _cancel(args: argparse.Namespace) -> int:
     result = _with_client(args, lambda client: client.cancel(args.run_id, args.reason))
     _print_json(result)
     return 0 if result.outcome != "not_found" else 1
+
+
+def _sync_status(args: argparse.Namespace) -> int:
+    async def collect() -> SyncState:
+        redis = command_client(resolve_url(args.redis_url))
+        try:
+            return await collect_state(redis, Keys(args.namespace), windows=_windows(args))
+        finally:
+            await redis.aclose()
+
+    state = anyio.run(collect)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(state)).decode())
+    else:
+        print(format_status(state, args.namespace))
+    return 1 if state.stale else 0
 
 
 def _get_run(args: argparse.Namespace) -> int:

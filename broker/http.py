@@ -1,12 +1,13 @@
-"""The broker's one small HTTP server: /healthz and /metrics."""
+"""The broker's one small HTTP server: /healthz, /metrics and /v1/sync."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
+import msgspec
 import uvicorn
 from anyio.abc import TaskStatus
 from prometheus_client import CollectorRegistry
@@ -16,12 +17,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from broker.findings import SyncState
+from sdk.streams import CONNECTION_ERRORS
+
 
 class HttpBindError(OSError):
     """The HTTP port could not be bound."""
 
 
-def create_app(registry: CollectorRegistry) -> Starlette:
+def create_app(
+    registry: CollectorRegistry, sync_state: Callable[[], Awaitable[SyncState]] | None = None
+) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -29,7 +35,23 @@ def create_app(registry: CollectorRegistry) -> Starlette:
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(registry), media_type=content_type)
 
-    return Starlette(routes=[Route("/healthz", healthz), Route("/metrics", metrics)])
+    async def sync(request: Request) -> Response:
+        if sync_state is None:
+            return JSONResponse({"error": "sync state is not available"}, status_code=404)
+        try:
+            state = await sync_state()
+        except (RuntimeError, *CONNECTION_ERRORS) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        body = msgspec.json.encode(state)
+        return Response(body, media_type="application/json")
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            Route("/v1/sync", sync),
+        ]
+    )
 
 
 class _Server(uvicorn.Server):

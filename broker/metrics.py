@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import sdk
 
@@ -51,6 +51,17 @@ class BrokerMetrics:
             "cancel_broker_event_handling_seconds",
             "Time from reading a cancel event to having signalled its runs.",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.stale_findings = Gauge(
+            "cancel_broker_stale_findings",
+            "Stale-configuration findings present now, by kind (see docs/operations.md).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.live_workers = Gauge(
+            "cancel_broker_live_workers",
+            "Workers whose last heartbeat is younger than three heartbeat intervals.",
             registry=self.registry,
         )
         self.build = Info(

@@ -21,7 +21,9 @@ import structlog
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
+from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.metrics import BrokerMetrics
+from broker.sync import EventWatch, SyncMonitor, SyncRecorder
 from sdk.connection import RECONNECT_BACKOFF, command_client
 from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
@@ -62,6 +64,8 @@ class Broker:
         metrics: BrokerMetrics | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
         claim_idle_ms: int = CLAIM_IDLE_MS,
+        windows: Windows = DEFAULT_WINDOWS,
+        cancel_event_names: frozenset[str] = frozenset(),
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(namespace)
@@ -69,9 +73,12 @@ class Broker:
         self.metrics = metrics or BrokerMetrics()
         self.max_event_bytes = max_event_bytes
         self.claim_idle_ms = claim_idle_ms
+        self.windows = windows
         self._log = structlog.get_logger(
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
+        self._watch = EventWatch(self.keys, cancel_event_names, self._log)
+        self._redis: Redis | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume cancel events until cancelled. Signals ``task_status`` once listening."""
@@ -79,31 +86,54 @@ class Broker:
         try:
             await self._wait_for_redis(redis)
             store = RunStore(redis, self.keys)
-            events = GroupConsumer(
-                self.redis_url,
-                redis,
-                stream=self.keys.events,
-                group=BROKER_GROUP,
-                consumer=self.consumer,
-                block_ms=BLOCK_MS,
-                batch=BATCH,
-                claim_idle_ms=self.claim_idle_ms,
-                log=self._log,
+            events, syncs = (
+                GroupConsumer(
+                    self.redis_url,
+                    redis,
+                    stream=stream,
+                    group=BROKER_GROUP,
+                    consumer=self.consumer,
+                    block_ms=BLOCK_MS,
+                    batch=BATCH,
+                    claim_idle_ms=self.claim_idle_ms,
+                    log=self._log,
+                )
+                for stream in (self.keys.events, self.keys.syncs)
             )
-            self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
-            task_status.started()
+            recorder = SyncRecorder(redis, self.keys, self._log)
+            monitor = SyncMonitor(
+                redis, self.keys, self._watch, self.metrics, self.windows, self._log
+            )
 
-            async def handle_batch(entries: Sequence[Entry]) -> None:
+            async def handle_events(entries: Sequence[Entry]) -> None:
                 for entry_id, fields in entries:
                     await self._handle(store, entry_id, fields)
+                await self._watch.flush(redis)
                 await events.ack(*(entry_id for entry_id, _ in entries))
 
+            async def handle_syncs(entries: Sequence[Entry]) -> None:
+                await recorder.record(entries)
+                await syncs.ack(*(entry_id for entry_id, _ in entries))
+                monitor.wake()
+
+            self._redis = redis
+            self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
+            task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._trim_periodically, redis)
-                await events.run(handle_batch)
+                tg.start_soon(monitor.run)
+                tg.start_soon(syncs.run, handle_syncs)
+                await events.run(handle_events)
         finally:
+            self._redis = None
             with anyio.CancelScope(shield=True):
                 await redis.aclose()
+
+    async def sync_state(self) -> SyncState:
+        """Registrations and stale-configuration findings, computed now."""
+        if self._redis is None:
+            raise RuntimeError("the broker is not running")
+        return await collect_state(self._redis, self.keys, windows=self.windows)
 
     async def _wait_for_redis(self, redis: Redis) -> None:
         """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
@@ -111,6 +141,7 @@ class Broker:
         while True:
             try:
                 await create_group(redis, self.keys.events, BROKER_GROUP)
+                await create_group(redis, self.keys.syncs, BROKER_GROUP)
             except CONNECTION_ERRORS as exc:
                 failures += 1
                 self._log.warning("broker.waiting_for_redis", error=str(exc), attempt=failures)
@@ -156,6 +187,7 @@ class Broker:
             await self._dead_letter(store.redis, entry_id, fields, exc.reason, exc.detail)
             return "dead_lettered"
         paths = await store.listened_paths(event.name)
+        self._watch.observe(event, listened=bool(paths))
         if not paths:
             return "ignored"
         started = time.perf_counter()

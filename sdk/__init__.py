@@ -16,10 +16,9 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.rules import CancelOn
+from sdk.version import __version__
 from sdk.wire import CancelResult, Event, RunInfo, RunStatus
 from sdk.worker import Worker
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CancelBrokerError",

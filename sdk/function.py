@@ -8,10 +8,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdk.context import Handler, RunContext
+from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
 from sdk.rules import CancelOn, check_rules
-from sdk.wire import check_event_name
+from sdk.wire import FunctionConfig, RuleConfig, check_event_name, config_hash, encode_json
+
+
+def canonical_config(id: str, trigger: str, rules: tuple[CancelOn, ...]) -> FunctionConfig:
+    """The configuration as data; rule order does not change what a function does."""
+    configs = (
+        RuleConfig(
+            event=rule.event,
+            match=rule.match,
+            if_=rule.if_,
+            timeout_s=None if rule.timeout is None else parse_duration(rule.timeout),
+            all_runs=rule.all_runs,
+        )
+        for rule in rules
+    )
+    return FunctionConfig(id=id, trigger=trigger, cancel_on=tuple(sorted(configs, key=encode_json)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +38,9 @@ class Function:
     trigger: str
     cancel_on: tuple[CancelOn, ...]
     handler: Handler
+    #: The canonical configuration, and its SHA-256: what syncs and every run carry.
+    config: FunctionConfig
+    config_hash: str
 
     @classmethod
     def declare(
@@ -37,7 +56,16 @@ class Function:
             raise ConfigurationError(f"function {id!r}: trigger {exc.detail}") from None
         if not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f"function {id!r}: the body must be an `async def`")
-        return cls(id=id, trigger=trigger, cancel_on=check_rules(tuple(cancel_on)), handler=handler)
+        rules = check_rules(tuple(cancel_on))
+        config = canonical_config(id, trigger, rules)
+        return cls(
+            id=id,
+            trigger=trigger,
+            cancel_on=rules,
+            handler=handler,
+            config=config,
+            config_hash=config_hash(config),
+        )
 
     async def __call__(self, ctx: RunContext) -> Any:
         return await self.handler(ctx)

@@ -83,6 +83,58 @@ class Keys:
         """Stream of cancel signals for one worker process."""
         return self.signal_prefix + worker_id
 
+    # -- sync and registration state ------------------------------------------------
+
+    @property
+    def workers(self) -> str:
+        """Sorted set of worker ids, scored by their last heartbeat (ms, Redis time)."""
+        return f"{self.namespace}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        """Hash: one worker's registration (what it serves, its versions, its heartbeat)."""
+        return f"{self.namespace}:worker:{worker_id}"
+
+    def config(self, config_hash: str) -> str:
+        """A function configuration's canonical JSON, addressed by its SHA-256."""
+        return f"{self.namespace}:config:{config_hash}"
+
+    @property
+    def syncs(self) -> str:
+        """Stream of sync notices: a worker started and declared its functions."""
+        return f"{self.namespace}:syncs"
+
+    @property
+    def apps(self) -> str:
+        """Set of app ids that ever synced."""
+        return f"{self.namespace}:apps"
+
+    def app_functions(self, app_id: str) -> str:
+        """Hash function id -> config hash, as of the app's latest sync."""
+        return f"{self.namespace}:app:{app_id}:functions"
+
+    def app_history(self, app_id: str) -> str:
+        """Stream of an app's syncs that changed something, with what they changed."""
+        return f"{self.namespace}:app:{app_id}:history"
+
+    def run_configs(self, app_id: str) -> str:
+        """Hash ``function_id:config_hash`` -> number of active runs with that config."""
+        return f"{self.namespace}:app:{app_id}:run-configs"
+
+    @property
+    def rule_events(self) -> str:
+        """Hash event name -> when a rule first listened to it (ms)."""
+        return f"{self.namespace}:rule-events"
+
+    @property
+    def event_last_seen(self) -> str:
+        """Hash event name -> when the broker last consumed it (ms), for watched names."""
+        return f"{self.namespace}:event-last-seen"
+
+    @property
+    def orphan_events(self) -> str:
+        """Hash cancel-like event name -> how many arrived while no live rule listened."""
+        return f"{self.namespace}:orphan-events"
+
     @staticmethod
     def app_group(app_id: str) -> str:
         """Consumer group through which the workers of one app share its triggers."""

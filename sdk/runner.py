@@ -68,6 +68,7 @@ class Runner:
                     run_id=run_id,
                     app_id=self.app_id,
                     function_id=fn.id,
+                    config_hash=fn.config_hash,
                     worker_id=self.worker_id,
                     event=event,
                     entries=run.entries,
@@ -160,7 +161,12 @@ class Runner:
             while True:
                 try:
                     previous = await self.store.finish(
-                        run.run_id, outcome, run.entries, error=error, cancel_reason=reason
+                        run.run_id,
+                        outcome,
+                        run.entries,
+                        app_id=self.app_id,
+                        error=error,
+                        cancel_reason=reason,
                     )
                     break
                 except CONNECTION_ERRORS as exc:

@@ -61,6 +61,7 @@ class RunStore:
         run_id: str,
         app_id: str,
         function_id: str,
+        config_hash: str,
         worker_id: str,
         event: Event,
         entries: Sequence[IndexEntry],
@@ -70,6 +71,7 @@ class RunStore:
             "run_id": run_id,
             "app_id": app_id,
             "function_id": function_id,
+            "config_hash": config_hash,
             "worker_id": worker_id,
             "event_id": event.id,
             "event": encode_stored_event(event).decode(),
@@ -78,11 +80,13 @@ class RunStore:
             self.keys.run(run_id),
             self.keys.active_runs,
             self.keys.event_runs(event.id),
+            self.keys.run_configs(app_id),
             *(e.key for e in entries),
             *(e.listeners_key for e in entries),
         ]
         args: list[ScriptArg] = [
             run_id,
+            f"{function_id}:{config_hash}",
             len(entries),
             *(e.path for e in entries),
             self.retention_s,
@@ -96,6 +100,7 @@ class RunStore:
         outcome: Outcome,
         entries: Sequence[IndexEntry],
         *,
+        app_id: str,
         error: str | None = None,
         cancel_reason: str | None = None,
     ) -> str | None:
@@ -106,6 +111,7 @@ class RunStore:
         keys = [
             self.keys.run(run_id),
             self.keys.active_runs,
+            self.keys.run_configs(app_id),
             *(e.key for e in entries),
             *(e.listeners_key for e in entries),
         ]

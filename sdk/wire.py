@@ -9,6 +9,7 @@ The stream entry id is the event id; ``ts`` defaults to the entry's timestamp.
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
@@ -79,6 +80,8 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     #: Id of the cancel event that matched, or ``api`` for a cancel by run id.
     cancelled_by: str | None = None
     error: str | None = None
+    #: The configuration the run's code declared; its rules are the ones that apply.
+    config_hash: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +95,40 @@ class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def accepted(self) -> bool:
         return self.outcome == "signalled"
+
+
+class RuleConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
+    """One cancel rule, as part of a function's canonical configuration."""
+
+    event: str
+    match: str | None = None
+    if_: str | None = msgspec.field(default=None, name="if")
+    timeout_s: float | None = None
+    all_runs: bool = False
+
+
+class FunctionConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What a function declares: the configuration runs are matched against."""
+
+    id: str
+    trigger: str
+    cancel_on: tuple[RuleConfig, ...] = ()
+    cancel_mode: str = "immediate"
+    owner: str | None = None
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's registration: who it is and what it serves (function id -> config hash)."""
+
+    app_id: str
+    worker_id: str
+    sdk_version: str
+    app_version: str | None = None
+    host: str
+    pid: int
+    started_at: int
+    heartbeat_interval_s: float
+    functions: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 _body_decoder = msgspec.json.Decoder(_EventBody)
@@ -213,7 +250,25 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         cancel_reason=fields.get("cancel_reason") or None,
         cancelled_by=fields.get("cancelled_by") or None,
         error=fields.get("error") or None,
+        config_hash=fields.get("config_hash") or None,
     )
+
+
+def config_hash(config: FunctionConfig) -> str:
+    """SHA-256 of the canonical encoding: equal configurations, equal hash."""
+    return hashlib.sha256(encode_json(config)).hexdigest()
+
+
+_config_decoder = msgspec.json.Decoder(FunctionConfig)
+_worker_decoder = msgspec.json.Decoder(WorkerInfo)
+
+
+def decode_config(raw: str | bytes) -> FunctionConfig:
+    return _config_decoder.decode(raw)
+
+
+def decode_worker(raw: str | bytes) -> WorkerInfo:
+    return _worker_decoder.decode(raw)
 
 
 def decode_signal(fields: dict[str, str]) -> Signal:

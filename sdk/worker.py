@@ -44,6 +44,7 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
+from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import SHUTDOWN_REASON, Run, Runner
 from sdk.store import DEFAULT_RETENTION, RunStore
@@ -87,6 +88,8 @@ class Worker:
         shutdown_timeout: float = 30.0,
         retention: timedelta = DEFAULT_RETENTION,
         worker_id: str | None = None,
+        app_version: str | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -100,6 +103,8 @@ class Worker:
         self.concurrency = concurrency
         self.shutdown_timeout = shutdown_timeout
         self.retention = retention
+        self.app_version = app_version
+        self.heartbeat_interval = heartbeat_interval
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
         self._inflight_entries: set[str] = set()
@@ -155,9 +160,21 @@ class Worker:
                 log=self._log,
             )
             await self._create_groups(redis)
+            registration = Registration(
+                redis,
+                self.keys,
+                app_id=self.app_id,
+                worker_id=self.worker_id,
+                app_version=self.app_version,
+                heartbeat_interval=self.heartbeat_interval,
+                log=self._log,
+            )
+            await registration.sync(self._functions.values())
+            stack.push_async_callback(registration.leave)
             stack.push_async_callback(self._delete_signal_stream, redis)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             self._tg.start_soon(self._listen_for_signals, signal_reader)
+            self._tg.start_soon(registration.heartbeat_forever)
         except BaseException:
             self._runner = self._tg = None
             await stack.aclose()

@@ -23,7 +23,13 @@ RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
 
 
 async def register(
-    store: RunStore, run_id: str, report_id: str, *, event_id: str = "", worker: str = "w1"
+    store: RunStore,
+    run_id: str,
+    report_id: str,
+    *,
+    event_id: str = "",
+    worker: str = "w1",
+    config_hash: str = "c0",
 ) -> None:
     event = Event(
         name="report/generate.requested",
@@ -34,6 +40,7 @@ async def register(
         run_id=run_id,
         app_id="reports",
         function_id="generate-report",
+        config_hash=config_hash,
         worker_id=worker,
         event=event,
         entries=index_entries(RULES, event, store.keys),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from broker.findings import is_cancel_like
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError, Worker
 from sdk.keys import Keys
 from sdk.rules import Path, index_entries, lookup_keys, value_token
@@ -143,3 +144,22 @@ def test_send_refuses_what_the_broker_would_dead_letter(
     with pytest.raises(InvalidEventError) as caught:
         encode_event(name, data)  # type: ignore[arg-type]
     assert caught.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("name", "cancel_like"),
+    [
+        ("report/cancel.requested", True),  # the first seed's event
+        ("report.cancel.requested", True),
+        ("order.cancelled", True),
+        ("order/canceled", True),
+        ("job_cancelled", True),
+        ("cancelled", True),
+        ("report/generate.requested", False),
+        ("notcancelled", False),
+        ("report/cancellation.requested", False),
+    ],
+)
+def test_cancel_like_event_names(name: str, cancel_like: bool) -> None:
+    assert is_cancel_like(name) is cancel_like
+    assert is_cancel_like("render/stop", frozenset({"render/stop"}))

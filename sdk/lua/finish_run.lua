@@ -1,8 +1,9 @@
 -- Record a run's end and remove it from the index, atomically. Terminal states are final.
 -- KEYS[1]  run hash
 -- KEYS[2]  active runs (zset)
--- KEYS[3 .. 2+n]      index sets the run was registered under
--- KEYS[3+n .. 2+2n]   listener hashes of those index entries
+-- KEYS[3]  the app's active runs per function configuration (hash)
+-- KEYS[4 .. 3+n]      index sets the run was registered under
+-- KEYS[4+n .. 3+2n]   listener hashes of those index entries
 -- ARGV[1]  run id
 -- ARGV[2]  outcome: completed | cancelled | failed
 -- ARGV[3]  record retention in seconds
@@ -29,10 +30,17 @@ end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[2], run_id)
+local run = redis.call('HMGET', KEYS[1], 'function_id', 'config_hash')
+if run[1] and run[2] then
+  local config = run[1] .. ':' .. run[2]
+  if redis.call('HINCRBY', KEYS[3], config, -1) <= 0 then
+    redis.call('HDEL', KEYS[3], config)
+  end
+end
 for i = 1, n do
-  redis.call('SREM', KEYS[2 + i], run_id)
-  if redis.call('HINCRBY', KEYS[2 + n + i], ARGV[4 + i], -1) <= 0 then
-    redis.call('HDEL', KEYS[2 + n + i], ARGV[4 + i])
+  redis.call('SREM', KEYS[3 + i], run_id)
+  if redis.call('HINCRBY', KEYS[3 + n + i], ARGV[4 + i], -1) <= 0 then
+    redis.call('HDEL', KEYS[3 + n + i], ARGV[4 + i])
   end
 end
 return previous

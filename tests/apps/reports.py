@@ -7,6 +7,9 @@ Each run writes what its body observed to the list ``{namespace}:test:observed:{
 The trigger's data selects the body: ``seconds`` (how long the work takes, default 60),
 ``mode``: ``sleep`` (one long awaited call), ``steps`` (a loop of 10 ms steps),
 ``catch-exception`` (the long call wrapped in ``except Exception``).
+
+``REPORTS_VERSION=v1`` runs the old deploy, whose function declares no ``cancel_on``
+(the stale configuration of the first seed); ``CANCEL_APP_VERSION`` names the version.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ worker = Worker(
     REDIS_URL,
     namespace=NAMESPACE,
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "30")),
+    heartbeat_interval=float(os.environ.get("HEARTBEAT_INTERVAL", "5")),
+)
+CANCEL_RULES = (
+    []
+    if os.environ.get("REPORTS_VERSION") == "v1"
+    else [CancelOn(event="report/cancel.requested", match="data.reportId")]
 )
 recorder = Redis.from_url(REDIS_URL, decode_responses=True)
 log = structlog.get_logger("reports")
@@ -51,7 +60,7 @@ async def call_llm(seconds: float) -> str:
 @worker.function(
     id="generate-report",
     trigger="report/generate.requested",
-    cancel_on=[CancelOn(event="report/cancel.requested", match="data.reportId")],
+    cancel_on=CANCEL_RULES,
 )
 async def generate_report(ctx: RunContext) -> str:
     seconds = float(ctx.event.data.get("seconds", 60))

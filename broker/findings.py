@@ -1,0 +1,413 @@
+"""Sync state and stale-configuration findings, computed from what workers registered.
+
+One function, :func:`collect_state`, reads the registrations, the configurations, the
+active runs per configuration and the broker's event observations, and says what is
+stale. ``cancel-broker sync status``, ``GET /v1/sync``, the gauges and the warning logs
+all use it, so they never disagree.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Final, Literal, cast
+
+import msgspec
+from redis.asyncio import Redis
+
+from sdk.keys import Keys
+from sdk.registration import LIVE_INTERVALS, redis_now_ms
+from sdk.wire import FunctionConfig, RuleConfig, decode_config, decode_worker
+
+FindingKind = Literal["drift", "unsynced_run", "gone_function", "orphan_cancel_event", "dead_rule"]
+FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
+    "drift",
+    "unsynced_run",
+    "gone_function",
+    "orphan_cancel_event",
+    "dead_rule",
+)
+#: Event names that look like cancellations even when no rule mentions them: the last
+#: segment of the name, after any separator ("report/cancel.requested", "order.cancelled").
+CANCEL_SUFFIXES: Final = ("cancelled", "canceled", "cancel.requested")
+_SEPARATORS: Final = "./-_:"
+HISTORY_SHOWN: Final = 10
+
+
+def is_cancel_like(name: str, extra_names: frozenset[str] = frozenset()) -> bool:
+    if name in extra_names:
+        return True
+    for suffix in CANCEL_SUFFIXES:
+        if name.endswith(suffix):
+            head = name[: -len(suffix)]
+            return not head or head[-1] in _SEPARATORS
+    return False
+
+
+class Finding(msgspec.Struct, frozen=True, kw_only=True):
+    kind: FindingKind
+    message: str
+    app_id: str | None = None
+    function_id: str | None = None
+    event_name: str | None = None
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str | None, str | None, str | None]:
+        """What makes two findings the same finding (for logging each one once)."""
+        return (self.kind, self.app_id, self.function_id, self.event_name)
+
+
+class WorkerView(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    app_id: str
+    app_version: str | None
+    sdk_version: str
+    host: str
+    pid: int
+    started_at: int
+    heartbeat_at: int
+    functions: dict[str, str]
+
+
+class FunctionView(msgspec.Struct, frozen=True, kw_only=True):
+    app_id: str
+    function_id: str
+    #: config hash -> ids of the live workers serving it
+    served: dict[str, list[str]]
+    #: config hash -> number of active runs registered with it
+    active_runs: dict[str, int]
+    #: config hash as of the app's latest sync (None: the latest sync does not declare it)
+    synced: str | None
+
+
+class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    at: int
+    worker_id: str
+    app_version: str | None
+    sdk_version: str
+    added: list[str]
+    removed: list[str]
+    changed: dict[str, dict[str, Any]]
+
+
+class SyncState(msgspec.Struct, frozen=True, kw_only=True):
+    generated_at: int
+    workers: list[WorkerView]
+    functions: list[FunctionView]
+    configs: dict[str, FunctionConfig]
+    findings: list[Finding]
+    history: dict[str, list[HistoryEntry]]
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.findings)
+
+
+@dataclass(frozen=True, slots=True)
+class Windows:
+    """How long before silence becomes a finding."""
+
+    #: A rule whose event has not been published for this long is dead.
+    dead_rule_after_s: float = 86_400.0
+    #: Orphan cancel events older than this are no longer reported.
+    orphan_window_s: float = 3_600.0
+
+
+DEFAULT_WINDOWS: Final = Windows()
+
+
+def rule_text(rule: RuleConfig) -> str:
+    if rule.all_runs:
+        return f"{rule.event} (all runs)"
+    return f"{rule.event} match {rule.match}"
+
+
+def config_changes(old: FunctionConfig | None, new: FunctionConfig | None) -> dict[str, Any]:
+    """How ``new`` differs from ``old``: rules added and removed, other fields changed."""
+    old_rules = set(old.cancel_on) if old else set()
+    new_rules = set(new.cancel_on) if new else set()
+    changes: dict[str, Any] = {
+        "rules_added": sorted(rule_text(r) for r in new_rules - old_rules),
+        "rules_removed": sorted(rule_text(r) for r in old_rules - new_rules),
+    }
+    if old and new:
+        for field in ("trigger", "cancel_mode", "owner"):
+            before, after = getattr(old, field), getattr(new, field)
+            if before != after:
+                changes[field] = [before, after]
+    return changes
+
+
+def _versions(workers: list[str], versions: dict[str, str | None]) -> list[str]:
+    return sorted({versions.get(w) or "-" for w in workers})
+
+
+def _short(config_hash: str) -> str:
+    return config_hash[:12]
+
+
+async def _load_configs(redis: Redis, keys: Keys, hashes: set[str]) -> dict[str, FunctionConfig]:
+    ordered = sorted(hashes)
+    if not ordered:
+        return {}
+    raw = cast(list[str | None], await redis.mget([keys.config(h) for h in ordered]))
+    return {h: decode_config(body) for h, body in zip(ordered, raw, strict=True) if body}
+
+
+async def live_workers(redis: Redis, keys: Keys, now: int) -> list[WorkerView]:
+    ids = cast(list[str], await redis.zrange(keys.workers, 0, -1))
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in ids:
+            pipe.hgetall(keys.worker(worker_id))
+        records = cast(list[dict[str, str]], await pipe.execute())
+    live = []
+    for record in records:
+        if "info" not in record:
+            continue
+        info = decode_worker(record["info"])
+        heartbeat_at = int(record.get("heartbeat_at", info.started_at))
+        if now - heartbeat_at > LIVE_INTERVALS * info.heartbeat_interval_s * 1000:
+            continue
+        live.append(
+            WorkerView(
+                worker_id=info.worker_id,
+                app_id=info.app_id,
+                app_version=info.app_version,
+                sdk_version=info.sdk_version,
+                host=info.host,
+                pid=info.pid,
+                started_at=info.started_at,
+                heartbeat_at=heartbeat_at,
+                functions=info.functions,
+            )
+        )
+    return sorted(live, key=lambda w: (w.app_id, w.worker_id))
+
+
+def decode_history(entry_id: str, fields: dict[str, str]) -> HistoryEntry:
+    return HistoryEntry(
+        id=entry_id,
+        at=int(fields["at"]),
+        worker_id=fields["worker_id"],
+        app_version=fields.get("app_version") or None,
+        sdk_version=fields.get("sdk_version", ""),
+        added=msgspec.json.decode(fields.get("added", "[]")),
+        removed=msgspec.json.decode(fields.get("removed", "[]")),
+        changed=msgspec.json.decode(fields.get("changed", "{}")),
+    )
+
+
+async def collect_state(
+    redis: Redis,
+    keys: Keys,
+    *,
+    windows: Windows = Windows(),
+    cancel_event_names: frozenset[str] = frozenset(),
+) -> SyncState:
+    """Everything registered, and every stale configuration it reveals."""
+    now = await redis_now_ms(redis)
+    workers = await live_workers(redis, keys, now)
+    apps = set(cast(set[str], await redis.smembers(keys.apps))) | {w.app_id for w in workers}
+    ordered_apps = sorted(apps)
+    async with redis.pipeline(transaction=False) as pipe:
+        for app_id in ordered_apps:
+            pipe.hgetall(keys.app_functions(app_id))
+            pipe.hgetall(keys.run_configs(app_id))
+            pipe.xrevrange(keys.app_history(app_id), count=HISTORY_SHOWN)
+        pipe.hgetall(keys.rule_events)
+        pipe.hgetall(keys.event_last_seen)
+        pipe.hgetall(keys.orphan_events)
+        replies: list[Any] = await pipe.execute()
+    rule_since = {k: int(v) for k, v in replies[-3].items()}
+    last_seen = {k: int(v) for k, v in replies[-2].items()}
+    orphan_counts = {k: int(v) for k, v in replies[-1].items()}
+
+    synced: dict[str, dict[str, str]] = {}
+    runs: dict[str, dict[str, dict[str, int]]] = {}
+    history: dict[str, list[HistoryEntry]] = {}
+    for i, app_id in enumerate(ordered_apps):
+        synced[app_id] = replies[3 * i]
+        per_function: dict[str, dict[str, int]] = defaultdict(dict)
+        for field, count in replies[3 * i + 1].items():
+            function_id, _, config = field.partition(":")
+            if int(count) > 0:
+                per_function[function_id][config] = int(count)
+        runs[app_id] = per_function
+        history[app_id] = [decode_history(eid, f) for eid, f in replies[3 * i + 2]]
+
+    served: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for worker in workers:
+        for function_id, config in worker.functions.items():
+            served[(worker.app_id, function_id)][config].append(worker.worker_id)
+
+    hashes = {h for by_hash in served.values() for h in by_hash}
+    hashes |= {h for per_fn in runs.values() for by_hash in per_fn.values() for h in by_hash}
+    hashes |= {h for functions in synced.values() for h in functions.values()}
+    configs = await _load_configs(redis, keys, hashes)
+
+    functions: list[FunctionView] = []
+    findings: list[Finding] = []
+    for app_id in ordered_apps:
+        names = (
+            {fn for (app, fn) in served if app == app_id} | set(runs[app_id]) | set(synced[app_id])
+        )
+        for function_id in sorted(names):
+            view = FunctionView(
+                app_id=app_id,
+                function_id=function_id,
+                served={h: sorted(ws) for h, ws in served.get((app_id, function_id), {}).items()},
+                active_runs=runs[app_id].get(function_id, {}),
+                synced=synced[app_id].get(function_id),
+            )
+            functions.append(view)
+            findings += _function_findings(view, configs, workers)
+
+    live_rules: dict[str, list[str]] = defaultdict(list)
+    for (app_id, function_id), by_hash in served.items():
+        for config in by_hash:
+            for rule in configs[config].cancel_on if config in configs else ():
+                live_rules[rule.event].append(f"{app_id}/{function_id}")
+    findings += _orphan_findings(orphan_counts, last_seen, live_rules, now, windows)
+    findings += _dead_rule_findings(live_rules, rule_since, last_seen, now, windows)
+    return SyncState(
+        generated_at=now,
+        workers=workers,
+        functions=functions,
+        configs=configs,
+        findings=findings,
+        history=history,
+    )
+
+
+def _function_findings(
+    view: FunctionView, configs: dict[str, FunctionConfig], workers: list[WorkerView]
+) -> list[Finding]:
+    findings: list[Finding] = []
+    name = f"{view.app_id}/{view.function_id}"
+    versions = {w.worker_id: w.app_version for w in workers}
+    if len(view.served) > 1:
+        # Compare every other configuration with the one most workers serve.
+        ranked = sorted(view.served, key=lambda h: (-len(view.served[h]), h))
+        base = ranked[0]
+        findings.append(
+            Finding(
+                kind="drift",
+                app_id=view.app_id,
+                function_id=view.function_id,
+                message=f"{name}: live workers serve {len(ranked)} configurations: "
+                + "; ".join(
+                    f"{_short(h)} (app {', '.join(_versions(view.served[h], versions))})"
+                    f" on {', '.join(view.served[h])}"
+                    for h in ranked
+                ),
+                details={
+                    "configs": {
+                        h: {
+                            "workers": view.served[h],
+                            "app_versions": _versions(view.served[h], versions),
+                        }
+                        for h in ranked
+                    },
+                    "differences": {
+                        h: config_changes(configs.get(base), configs.get(h)) for h in ranked[1:]
+                    },
+                    "compared_with": base,
+                },
+            )
+        )
+    for config, count in sorted(view.active_runs.items()):
+        if config in view.served:
+            continue
+        if not view.served and view.synced is None:
+            findings.append(
+                Finding(
+                    kind="gone_function",
+                    app_id=view.app_id,
+                    function_id=view.function_id,
+                    message=f"{name}: {count} run(s) running, but {view.app_id} no longer"
+                    " declares this function",
+                    details={"config_hash": config, "active_runs": count},
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    kind="unsynced_run",
+                    app_id=view.app_id,
+                    function_id=view.function_id,
+                    message=f"{name}: {count} run(s) registered with configuration"
+                    f" {_short(config)}, which no live worker of {view.app_id} declares",
+                    details={
+                        "config_hash": config,
+                        "active_runs": count,
+                        "served": sorted(view.served),
+                        "differences": {
+                            h: config_changes(configs.get(config), configs.get(h))
+                            for h in sorted(view.served)
+                        },
+                    },
+                )
+            )
+    return findings
+
+
+def _orphan_findings(
+    counts: dict[str, int],
+    last_seen: dict[str, int],
+    live_rules: dict[str, list[str]],
+    now: int,
+    windows: Windows,
+) -> list[Finding]:
+    findings = []
+    for name, count in sorted(counts.items()):
+        seen = last_seen.get(name, 0)
+        if count <= 0 or name in live_rules or now - seen > windows.orphan_window_s * 1000:
+            continue
+        findings.append(
+            Finding(
+                kind="orphan_cancel_event",
+                event_name=name,
+                message=f"{count} {name!r} event(s) arrived while no live rule listens to"
+                " that name (the cancel button does nothing)",
+                details={"count": count, "last_seen": seen},
+            )
+        )
+    return findings
+
+
+def _dead_rule_findings(
+    live_rules: dict[str, list[str]],
+    rule_since: dict[str, int],
+    last_seen: dict[str, int],
+    now: int,
+    windows: Windows,
+) -> list[Finding]:
+    findings = []
+    for name, functions in sorted(live_rules.items()):
+        seen = last_seen.get(name)
+        reference = max(seen or 0, rule_since.get(name, now))
+        if now - reference <= windows.dead_rule_after_s * 1000:
+            continue
+        # Names the broker has seen published (cancel-like or listened to): a typo's twin.
+        close = difflib.get_close_matches(name, [n for n in last_seen if n != name], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        findings.append(
+            Finding(
+                kind="dead_rule",
+                event_name=name,
+                message=f"rules of {', '.join(sorted(functions))} listen to {name!r}, which"
+                f" has not been published for {windows.dead_rule_after_s:g} s{hint}",
+                details={
+                    "functions": sorted(functions),
+                    "last_seen": seen,
+                    "listening_since": rule_since.get(name),
+                    "suggestion": close[0] if close else None,
+                },
+            )
+        )
+    return findings

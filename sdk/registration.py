@@ -1,0 +1,133 @@
+"""A worker's registration: it syncs its app when it starts, heartbeats, and leaves.
+
+There is no manual sync step to forget: entering a worker declares, for every function,
+its canonical configuration and hash, so the broker can tell when running code and
+declared configuration disagree (see ``broker/sync.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable
+from datetime import timedelta
+from importlib import resources
+from typing import Any, Final
+
+import anyio
+from redis.asyncio import Redis
+
+from sdk.connection import RECONNECT_BACKOFF
+from sdk.function import Function
+from sdk.keys import Keys
+from sdk.streams import CONNECTION_ERRORS
+from sdk.version import __version__
+from sdk.wire import WorkerInfo, encode_json
+
+DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
+#: A worker is live while its last heartbeat is younger than this many intervals.
+LIVE_INTERVALS: Final = 3
+#: Registrations of workers that vanished without leaving expire after this.
+REGISTRATION_TTL: Final = timedelta(days=1)
+#: Function configurations stay readable this long after the last sync that declared them.
+CONFIG_TTL: Final = timedelta(days=30)
+#: Approximate cap on the sync notices stream.
+SYNCS_MAXLEN: Final = 10_000
+#: Environment variable read for ``app_version`` (a git SHA, a release tag).
+APP_VERSION_ENV: Final = "CANCEL_APP_VERSION"
+
+_HEARTBEAT = (resources.files("sdk") / "lua" / "heartbeat.lua").read_text()
+
+
+async def redis_now_ms(redis: Redis) -> int:
+    """Redis server time: the one clock every process agrees on."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+class Registration:
+    """Declares one worker process and keeps it marked live."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        app_id: str,
+        worker_id: str,
+        app_version: str | None,
+        heartbeat_interval: float,
+        log: Any,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.app_id = app_id
+        self.worker_id = worker_id
+        self.app_version = app_version or os.environ.get(APP_VERSION_ENV) or None
+        self.heartbeat_interval = heartbeat_interval
+        self._log = log
+        self._heartbeat = redis.register_script(_HEARTBEAT)
+        self._functions: tuple[Function, ...] = ()
+
+    async def sync(self, functions: Iterable[Function]) -> WorkerInfo:
+        """Declare this worker and its functions' configurations; notify the broker."""
+        self._functions = tuple(functions)
+        now = await redis_now_ms(self.redis)
+        info = WorkerInfo(
+            app_id=self.app_id,
+            worker_id=self.worker_id,
+            sdk_version=__version__,
+            app_version=self.app_version,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=now,
+            heartbeat_interval_s=self.heartbeat_interval,
+            functions={fn.id: fn.config_hash for fn in self._functions},
+        )
+        body = encode_json(info)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for fn in self._functions:
+                pipe.set(self.keys.config(fn.config_hash), encode_json(fn.config), ex=CONFIG_TTL)
+                for rule in fn.cancel_on:
+                    pipe.hsetnx(self.keys.rule_events, rule.event, now)
+            pipe.hset(self.keys.worker(self.worker_id), mapping={"info": body, "heartbeat_at": now})
+            pipe.expire(self.keys.worker(self.worker_id), REGISTRATION_TTL)
+            pipe.zadd(self.keys.workers, {self.worker_id: now})
+            pipe.sadd(self.keys.apps, self.app_id)
+            pipe.xadd(self.keys.syncs, {"worker": body}, maxlen=SYNCS_MAXLEN, approximate=True)
+            await pipe.execute()
+        self._log.info(
+            "worker.synced",
+            app_version=self.app_version,
+            functions={fn.id: fn.config_hash[:12] for fn in self._functions},
+        )
+        return info
+
+    async def heartbeat_forever(self) -> None:
+        failures = 0
+        while True:
+            await anyio.sleep(self.heartbeat_interval if not failures else 0)
+            try:
+                alive = await self._heartbeat(
+                    keys=[self.keys.workers, self.keys.worker(self.worker_id)],
+                    args=[self.worker_id, int(REGISTRATION_TTL.total_seconds())],
+                )
+                if not alive:  # the registration expired while Redis was out of reach
+                    await self.sync(self._functions)
+            except CONNECTION_ERRORS as exc:
+                failures += 1
+                self._log.warning("worker.heartbeat_failed", error=str(exc), attempt=failures)
+                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                continue
+            failures = 0
+
+    async def leave(self) -> None:
+        """Deregister (a clean stop): this worker no longer serves anything."""
+        with anyio.move_on_after(5, shield=True):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.zrem(self.keys.workers, self.worker_id)
+                    pipe.delete(self.keys.worker(self.worker_id))
+                    await pipe.execute()
+            except CONNECTION_ERRORS as exc:
+                self._log.warning("worker.deregister_failed", error=str(exc))
