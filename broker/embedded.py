@@ -67,6 +67,10 @@ class EmbeddedRedis:
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def log_path(self) -> Path:
+        return self._dir / "redis-server.log"
+
+    @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
@@ -75,12 +79,11 @@ class EmbeddedRedis:
         last_error = ""
         for _attempt in range(5):
             self.port = self.port or free_port()
-            self._process = subprocess.Popen(
-                self._command(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=self._dir,
-            )
+            # Output goes to a file: a pipe nobody reads would block the server once full.
+            with self.log_path.open("ab") as log:
+                self._process = subprocess.Popen(
+                    self._command(), stdout=log, stderr=subprocess.STDOUT, cwd=self._dir
+                )
             if self._wait_ready(timeout):
                 return
             last_error = self._stop_process()
@@ -128,10 +131,7 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        output = process.stdout.read() if process.stdout else b""
-        if process.stdout:
-            process.stdout.close()
-        return output.decode(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
         """Stop the server; its port is kept so :meth:`start` brings it back at the same URL."""

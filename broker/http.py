@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from broker.findings import SyncState
-from sdk.streams import CONNECTION_ERRORS
+from sdk.connection import REDIS_ERRORS
 
 
 class HttpBindError(OSError):
@@ -40,7 +40,7 @@ def create_app(
             return JSONResponse({"error": "sync state is not available"}, status_code=404)
         try:
             state = await sync_state()
-        except (RuntimeError, *CONNECTION_ERRORS) as exc:
+        except (RuntimeError, *REDIS_ERRORS) as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         body = msgspec.json.encode(state)
         return Response(body, media_type="application/json")

@@ -24,19 +24,13 @@ from redis.asyncio import Redis
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.metrics import BrokerMetrics
 from broker.sync import EventWatch, SyncMonitor, SyncRecorder
-from sdk.connection import RECONNECT_BACKOFF, command_client
+from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS, command_client, is_transient
 from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
 from sdk.store import RunStore
-from sdk.streams import (
-    CONNECTION_ERRORS,
-    Entry,
-    GroupConsumer,
-    create_group,
-    trim_acknowledged,
-)
-from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json
+from sdk.streams import Entry, GroupConsumer, create_group, trim_acknowledged
+from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json, printable
 
 BLOCK_MS: Final = 5_000
 BATCH: Final = 200
@@ -142,9 +136,9 @@ class Broker:
             try:
                 await create_group(redis, self.keys.events, BROKER_GROUP)
                 await create_group(redis, self.keys.syncs, BROKER_GROUP)
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
-                self._log.warning("broker.waiting_for_redis", error=str(exc), attempt=failures)
+                self._log.warning("broker.waiting_for_redis", error=repr(exc), attempt=failures)
                 await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
                 continue
             if failures:
@@ -156,8 +150,9 @@ class Broker:
             await anyio.sleep(TRIM_INTERVAL_S)
             try:
                 trimmed = await trim_acknowledged(redis, self.keys.events)
-            except CONNECTION_ERRORS:
-                continue  # the read loop reports the outage
+            except Exception as exc:  # trimming is housekeeping: it must never stop the broker
+                self._log.warning("events.trim_failed", error=repr(exc))
+                continue
             if trimmed:
                 self._log.debug("events.trimmed", entries=trimmed)
 
@@ -165,11 +160,12 @@ class Broker:
         started = time.perf_counter()
         try:
             result = await self._decide(store, entry_id, fields)
-        except CONNECTION_ERRORS:
-            self.metrics.redis_errors.inc()
-            raise  # not acknowledged: read again once Redis is back
         except Exception as exc:
-            # A bug must not stop the broker or lose the entry: park it with the reason.
+            if is_transient(exc):
+                self.metrics.redis_errors.inc()
+                raise  # not acknowledged: handled again once Redis can answer
+            # A bug, or a reply that will not change: park the entry with the reason rather
+            # than stop the broker or lose the entry.
             self._log.exception("event.handling_failed", entry_id=entry_id)
             await self._dead_letter(store.redis, entry_id, fields, "broker_error", repr(exc))
             result = "dead_lettered"
@@ -178,6 +174,8 @@ class Broker:
             self.metrics.handling_seconds.observe(time.perf_counter() - started)
 
     async def _decide(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> str:
+        if not fields:
+            return "ignored"  # deleted from the stream after it was delivered: nothing to do
         try:
             event = decode_event(entry_id, fields, max_bytes=self.max_event_bytes)
         except InvalidEventError as exc:
@@ -203,7 +201,9 @@ class Broker:
             else []
         )
         outcomes = Counter(result.outcome for result in results)
-        matched = len(results) - outcomes["not_found"] - outcomes["own_trigger"]
+        matched = len(results) - sum(
+            outcomes[o] for o in ("not_found", "own_trigger", "started_after_cancel")
+        )
         signalled = outcomes["signalled"]
         self.metrics.runs_matched.inc(matched)
         self.metrics.signals_sent.inc(signalled)
@@ -226,9 +226,11 @@ class Broker:
             self.keys.dead_letters,
             {
                 "reason": reason,
-                "detail": detail[:2000],
+                "detail": printable(detail[:2000]),
                 "entry_id": entry_id,
-                "fields": encode_json(fields or {}),
+                "fields": encode_json(
+                    {printable(k): printable(v) for k, v in (fields or {}).items()}
+                ),
                 "consumer": self.consumer,
             },
             maxlen=DEAD_LETTER_MAXLEN,

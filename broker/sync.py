@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final, cast
@@ -29,9 +28,10 @@ from broker.findings import (
     is_cancel_like,
 )
 from broker.metrics import BrokerMetrics
+from sdk.connection import REDIS_ERRORS
 from sdk.keys import Keys
 from sdk.registration import REGISTRATION_TTL, redis_now_ms
-from sdk.streams import CONNECTION_ERRORS, Entry
+from sdk.streams import Entry
 from sdk.wire import Event, decode_config, decode_worker, encode_json
 
 #: Syncs kept per app.
@@ -194,9 +194,10 @@ class SyncMonitor:
 
     async def run(self) -> None:
         while True:
-            # During an outage the event loop reports it; the scan tries again next round.
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            try:
                 await self.scan()
+            except REDIS_ERRORS as exc:  # the event loop reports outages; try next round
+                self._log.debug("sync.scan_failed", error=repr(exc))
             with anyio.move_on_after(SCAN_INTERVAL_S):
                 await self._wake.wait()
             self._wake = anyio.Event()

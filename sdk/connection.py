@@ -1,10 +1,14 @@
 """How every process connects to Redis.
 
 Two kinds of clients, following the Redis Streams traps in FIELD-NOTES:
-commands go through a pooled client that retries on connection errors; each
-blocking reader (XREAD/XREADGROUP with BLOCK) gets a client of its own whose socket
+commands go through a pooled client that retries when a connection fails, but not when
+a reply times out (the command may have run: re-sending an XADD would publish twice);
+each blocking reader (XREAD/XREADGROUP with BLOCK) gets a client of its own whose socket
 timeout outlasts the BLOCK and which never retries by itself, because a re-sent
 XREADGROUP hands out entries that then sit unseen in the pending list.
+
+Replies are decoded as UTF-8 with ``surrogateescape``: anyone can XADD bytes that are not
+UTF-8, and such an entry must become a dead letter, not an exception in a read loop.
 """
 
 from __future__ import annotations
@@ -15,6 +19,16 @@ from typing import Final
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
 #: Read by the SDK, the client and the broker alike when no URL is passed.
@@ -22,6 +36,29 @@ REDIS_URL_ENV: Final = "CANCEL_BROKER_REDIS_URL"
 
 #: Delay between reconnection attempts of a read loop: 50 ms doubling to 5 s, jittered.
 RECONNECT_BACKOFF: Final = ExponentialWithJitterBackoff(cap=5.0, base=0.05)
+
+
+#: Errors after which a connection is re-established and the command tried again later.
+CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+#: Anything talking to Redis can raise: loops that must survive an outage catch this.
+REDIS_ERRORS: Final = (*CONNECTION_ERRORS, RedisError)
+#: Error replies that say "not now" rather than "never": the server is loading, out of
+#: memory, a read-only replica after a failover, busy running a script, or has no master.
+_TRANSIENT_REPLIES: Final = (
+    BusyLoadingError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+    MasterDownError,
+)
+_TRANSIENT_PREFIXES: Final = ("BUSY", "LOADING", "OOM", "READONLY", "MASTERDOWN", "NOREPLICAS")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying the same command again later may succeed."""
+    if isinstance(exc, (*CONNECTION_ERRORS, *_TRANSIENT_REPLIES)):
+        return True
+    return isinstance(exc, RedisError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
 def resolve_url(url: str | None) -> str:
@@ -32,12 +69,17 @@ def command_client(url: str) -> Redis:
     return Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="surrogateescape",
         protocol=2,
         socket_timeout=5.0,
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         health_check_interval=30,
-        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.01), retries=3),
+        retry=Retry(
+            ExponentialWithJitterBackoff(cap=0.5, base=0.01),
+            retries=3,
+            supported_errors=(RedisConnectionError,),
+        ),
     )
 
 
@@ -45,6 +87,7 @@ def blocking_client(url: str, block_ms: int) -> Redis:
     return Redis.from_url(
         url,
         decode_responses=True,
+        encoding_errors="surrogateescape",
         protocol=2,
         socket_timeout=block_ms / 1000 + 10.0,
         socket_connect_timeout=5.0,

@@ -19,6 +19,15 @@ T = TypeVar("T")
 log = structlog.get_logger("sdk.run")
 
 
+def _is_async_callable(fn: object) -> bool:
+    """Coroutine functions, partials of them, and objects with an ``async def __call__``."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable() says nothing about async
+    )
+
+
 class CancelState:
     """The cancel scope a run executes in, and why it was cancelled.
 
@@ -66,10 +75,13 @@ class Step:
         self.current = name
         log.debug("step.started", run_id=self._run_id, step=name)
         try:
-            if inspect.iscoroutinefunction(fn):
+            if _is_async_callable(fn):
                 return await cast(Callable[P, Awaitable[T]], fn)(*args, **kwargs)
-            call = functools.partial(cast(Callable[P, T], fn), *args, **kwargs)
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            call = functools.partial(cast(Callable[P, Any], fn), *args, **kwargs)
+            result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            if inspect.isawaitable(result):  # a lambda or wrapper that returned a coroutine
+                return cast(T, await result)
+            return cast(T, result)
         finally:
             self.current = None
 

@@ -136,6 +136,6 @@ class Keys:
         return f"{self.namespace}:orphan-events"
 
     @staticmethod
-    def app_group(app_id: str) -> str:
-        """Consumer group through which the workers of one app share its triggers."""
-        return f"app:{app_id}"
+    def function_group(app_id: str, function_id: str) -> str:
+        """Consumer group through which the workers declaring a function share its triggers."""
+        return f"fn:{app_id}/{function_id}"

@@ -17,10 +17,9 @@ from typing import Any, Final
 import anyio
 from redis.asyncio import Redis
 
-from sdk.connection import RECONNECT_BACKOFF
+from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS
 from sdk.function import Function
 from sdk.keys import Keys
-from sdk.streams import CONNECTION_ERRORS
 from sdk.version import __version__
 from sdk.wire import WorkerInfo, encode_json
 
@@ -114,9 +113,9 @@ class Registration:
                 )
                 if not alive:  # the registration expired while Redis was out of reach
                     await self.sync(self._functions)
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
-                self._log.warning("worker.heartbeat_failed", error=str(exc), attempt=failures)
+                self._log.warning("worker.heartbeat_failed", error=repr(exc), attempt=failures)
                 await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
                 continue
             failures = 0
@@ -129,5 +128,5 @@ class Registration:
                     pipe.zrem(self.keys.workers, self.worker_id)
                     pipe.delete(self.keys.worker(self.worker_id))
                     await pipe.execute()
-            except CONNECTION_ERRORS as exc:
-                self._log.warning("worker.deregister_failed", error=str(exc))
+            except REDIS_ERRORS as exc:
+                self._log.warning("worker.deregister_failed", error=repr(exc))

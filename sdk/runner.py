@@ -15,13 +15,12 @@ from typing import Any, Final
 
 import anyio
 
-from sdk.connection import RECONNECT_BACKOFF
+from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS
 from sdk.context import CancelState, RunContext
 from sdk.errors import DuplicateRunError
 from sdk.function import Function
 from sdk.rules import IndexEntry, index_entries
 from sdk.store import Outcome, RunStore
-from sdk.streams import CONNECTION_ERRORS
 from sdk.wire import TERMINAL_STATUSES, Event
 
 #: Registering a run is one short script; longer means Redis is unreachable.
@@ -29,6 +28,7 @@ REGISTER_TIMEOUT_S: Final = 10.0
 #: How long a run's outcome is retried while Redis is unreachable.
 FINISH_TIMEOUT_S: Final = 30.0
 SHUTDOWN_REASON: Final = "worker shutdown"
+INTERRUPTED_REASON: Final = "interrupted: the block was cancelled from outside the run"
 
 
 @dataclass(eq=False, slots=True)
@@ -64,7 +64,7 @@ class Runner:
         try:
             # Shielded: a run must not be half registered because its starter was cancelled.
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                status = await self.store.register(
+                status = await self.store.register(  # idempotent for this worker
                     run_id=run_id,
                     app_id=self.app_id,
                     function_id=fn.id,
@@ -82,8 +82,14 @@ class Runner:
         return run
 
     @asynccontextmanager
-    async def running(self, run: Run) -> AsyncIterator[RunContext]:
-        """Execute a registered run's body in its cancel scope and record the outcome."""
+    async def running(
+        self, run: Run, *, interrupted_reason: str = SHUTDOWN_REASON
+    ) -> AsyncIterator[RunContext]:
+        """Execute a registered run's body in its cancel scope and record the outcome.
+
+        ``interrupted_reason`` is recorded when the body is cancelled from outside its own
+        scope (by whoever runs it) rather than by a cancel request.
+        """
         state = run.state
         ctx = RunContext(
             run_id=run.run_id,
@@ -104,9 +110,10 @@ class Runner:
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         except BaseException:
-            # Cancelled from outside the run: the worker is going away.
+            # Cancelled from outside the run (the worker is going away, or the caller of
+            # ``worker.run`` was cancelled): never a silent end.
             if state.reason is None:
-                state.reason = SHUTDOWN_REASON
+                state.reason = interrupted_reason
             outcome = "cancelled"
             raise
         finally:
@@ -169,9 +176,9 @@ class Runner:
                         cancel_reason=reason,
                     )
                     break
-                except CONNECTION_ERRORS as exc:
+                except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again
                     failures += 1
-                    self._log.warning("run.finish_retry", run_id=run.run_id, error=str(exc))
+                    self._log.warning("run.finish_retry", run_id=run.run_id, error=repr(exc))
                     await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
         if scope.cancelled_caught:
             self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)

@@ -87,6 +87,7 @@ class RunStore:
         args: list[ScriptArg] = [
             run_id,
             f"{function_id}:{config_hash}",
+            worker_id,
             len(entries),
             *(e.path for e in entries),
             self.retention_s,

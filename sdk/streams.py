@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, cast
+from typing import Any, cast
 
 import anyio
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sdk.connection import RECONNECT_BACKOFF, blocking_client
+from sdk.connection import (
+    RECONNECT_BACKOFF,
+    REDIS_ERRORS,
+    blocking_client,
+    is_transient,
+)
 
 Entry = tuple[str, dict[str, str] | None]
 Handler = Callable[[Sequence[Entry]], Awaitable[None]]
-
-#: Errors after which the connection is re-established and pending entries re-read.
-CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 async def create_group(redis: Redis, stream: str, group: str) -> None:
@@ -70,7 +70,8 @@ async def trim_acknowledged(redis: Redis, stream: str, *, approximate: bool = Tr
         needed = _id(str(group["last-delivered-id"]))
         if group["pending"]:
             summary = await redis.xpending(stream, group["name"])
-            needed = min(needed, _id(str(summary["min"])))
+            if summary["min"] is not None:  # None: acknowledged since XINFO answered
+                needed = min(needed, _id(str(summary["min"])))
         keep_from = needed if keep_from is None else min(keep_from, needed)
     assert keep_from is not None
     minid = f"{keep_from[0]}-{keep_from[1]}"
@@ -113,6 +114,21 @@ class GroupConsumer:
         if entry_ids:
             await self.commands.xack(self.stream, self.group, *entry_ids)
 
+    async def leave(self) -> None:
+        """Remove this consumer from the group if nothing is pending for it (a clean stop).
+
+        Consumer names are per process; without this, every restart would leave one behind.
+        """
+        with anyio.move_on_after(5, shield=True):
+            try:
+                pending = await self.commands.xpending_range(
+                    self.stream, self.group, "-", "+", 1, consumername=self.consumer
+                )
+                if not pending:
+                    await self.commands.xgroup_delconsumer(self.stream, self.group, self.consumer)
+            except REDIS_ERRORS as exc:
+                self._log.warning("stream.leave_failed", stream=self.stream, error=repr(exc))
+
     async def run(
         self, handle: Handler, *, capacity: Callable[[], Awaitable[int]] | None = None
     ) -> None:
@@ -123,6 +139,7 @@ class GroupConsumer:
         finally:
             with anyio.CancelScope(shield=True):
                 await reader.aclose()
+            await self.leave()
 
     async def _loop(
         self, reader: Redis, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
@@ -154,16 +171,18 @@ class GroupConsumer:
                 self._log.warning("stream.group_missing", stream=self.stream, group=self.group)
                 await create_group(self.commands, self.stream, self.group)
                 continue
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
+                # Whatever Redis says, a read loop backs off and carries on: a crash would
+                # only come back at the next start, with the entry that caused it.
                 failures += 1
-                self._log.warning(
-                    "stream.reconnecting", stream=self.stream, error=str(exc), attempt=failures
+                (self._log.warning if is_transient(exc) else self._log.error)(
+                    "stream.retrying", stream=self.stream, error=repr(exc), attempt=failures
                 )
                 await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
                 pending_from = "0"
                 continue
             if failures:
-                self._log.info("stream.reconnected", stream=self.stream, attempts=failures)
+                self._log.info("stream.recovered", stream=self.stream, attempts=failures)
                 failures = 0
 
     async def _claim_idle(self, handle: Handler) -> None:
@@ -174,7 +193,8 @@ class GroupConsumer:
             reply = await self.commands.xautoclaim(
                 self.stream, self.group, self.consumer, self.claim_idle_ms, start, count=self.batch
             )
-            start, claimed = reply[0], reply[1]
+            # Redis 6.2 answers entries deleted meanwhile as (None, None); 7.0 drops them.
+            start, claimed = reply[0], [entry for entry in reply[1] if entry[0] is not None]
             if claimed:
                 self._log.info("stream.claimed", stream=self.stream, entries=len(claimed))
                 await handle(claimed)

@@ -34,6 +34,7 @@ CancelOutcome = Literal[
     "already_finished",  # terminal state; nothing changes
     "not_found",  # no such run (never registered, or its record expired)
     "own_trigger",  # the cancel event is the run's own trigger, which never cancels it
+    "started_after_cancel",  # the run's trigger is newer than the cancel event
 ]
 
 
@@ -183,6 +184,11 @@ def encode_event(
     return body
 
 
+def printable(text: str) -> str:
+    """``text`` with bytes that were not UTF-8 shown as ``\\xNN`` escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def entry_timestamp(entry_id: str) -> int:
     """Milliseconds part of a stream entry id (``1700000000000-0``)."""
     return int(entry_id.partition("-")[0])
@@ -198,7 +204,10 @@ def decode_event(
             f"stream entry has no {EVENT_FIELD!r} field (fields: {sorted(fields or {})})",
         )
     raw = fields[EVENT_FIELD]
-    size = len(raw.encode())
+    try:
+        size = len(raw.encode())
+    except UnicodeEncodeError:  # bytes that are not UTF-8, decoded with surrogateescape
+        raise InvalidEventError("invalid_encoding", "the event field is not UTF-8") from None
     if size > max_bytes:
         raise InvalidEventError("too_large", f"event is {size} bytes, at most {max_bytes}")
     try:

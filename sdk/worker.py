@@ -19,7 +19,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
 from types import TracebackType
@@ -32,12 +32,16 @@ from anyio.abc import TaskGroup, TaskStatus
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from sdk.connection import RECONNECT_BACKOFF, blocking_client, command_client, resolve_url
+from sdk.connection import (
+    RECONNECT_BACKOFF,
+    REDIS_ERRORS,
+    blocking_client,
+    command_client,
+    resolve_url,
+)
 from sdk.context import Handler, RunContext
 from sdk.errors import (
     ConfigurationError,
-    DuplicateRunError,
-    InvalidEventError,
     RunCancelled,
     UnknownFunctionError,
     WorkerNotStartedError,
@@ -46,23 +50,15 @@ from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
-from sdk.runner import SHUTDOWN_REASON, Run, Runner
+from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON, Run, Runner
 from sdk.store import DEFAULT_RETENTION, RunStore
-from sdk.streams import CONNECTION_ERRORS, Entry, GroupConsumer, create_group
-from sdk.wire import Event, Signal, decode_event, decode_signal
+from sdk.streams import create_group
+from sdk.triggers import FunctionTriggers
+from sdk.wire import Event, Signal, decode_signal
 
 DEFAULT_CONCURRENCY: Final = 100
-#: How long the blocking reads wait before looping (they return at once on new entries).
-TRIGGER_BLOCK_MS: Final = 5_000
+#: How long the signal read waits before looping (it returns at once on a signal).
 SIGNAL_BLOCK_MS: Final = 5_000
-#: Most trigger entries read at once.
-TRIGGER_BATCH: Final = 100
-#: A trigger another worker read and left unacknowledged this long is taken over.
-TRIGGER_CLAIM_IDLE_MS: Final = 60_000
-
-#: Runs started by a trigger get an id derived from (namespace, app, function, event):
-#: a trigger delivered twice maps to the same run, which registers only once.
-_RUN_ID_NAMESPACE: Final = uuid.UUID("6f1c3f0e-6b8e-4c55-9d43-3a1f0f8f6a21")
 
 
 def _default_worker_id() -> str:
@@ -107,9 +103,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
-        self._inflight_entries: set[str] = set()
         self._limiter = anyio.CapacityLimiter(concurrency)
-        self._triggers: GroupConsumer | None = None
+        self._triggers: list[FunctionTriggers] = []
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runner: Runner | None = None
@@ -238,7 +233,7 @@ class Worker:
             )
         runner = self._require_runner()
         run = await runner.register(fn, event, run_id or uuid.uuid4().hex)
-        async with runner.running(run) as ctx:
+        async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
             yield ctx
         if run.state.cancelled:
             raise RunCancelled(run.run_id, run.state.reason)
@@ -255,17 +250,19 @@ class Worker:
     async def _execute(self, run: Run) -> None:
         runner = self._require_runner()
         try:
-            async with self._limiter:
-                try:
-                    async with runner.running(run) as ctx:
-                        await run.function.handler(ctx)
-                except Exception:
-                    self._log.exception("run.body_failed", run_id=run.run_id)
+            # The run's scope is entered before it waits for a slot: a cancel (or the
+            # worker's shutdown) while it waits is recorded like any other.
+            async with runner.running(run) as ctx, self._limiter:
+                await run.function.handler(ctx)
+        except Exception:
+            self._log.exception("run.body_failed", run_id=run.run_id)
         finally:
             runner.notify()  # a slot is free again
 
     async def _drain(self) -> None:
         runner = self._require_runner()
+        while self._starting():  # triggers read before consumption stopped become runs
+            await runner.changed()
         if len(runner):
             self._log.info("worker.draining", runs=len(runner), timeout=self.shutdown_timeout)
             with anyio.move_on_after(self.shutdown_timeout):
@@ -298,9 +295,9 @@ class Worker:
         while True:
             try:
                 reply = await reader.xread({stream: last_id}, count=100, block=SIGNAL_BLOCK_MS)
-            except CONNECTION_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 failures += 1
-                self._log.warning("signals.reconnecting", error=str(exc), attempt=failures)
+                self._log.warning("signals.reconnecting", error=repr(exc), attempt=failures)
                 await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
                 continue
             if failures:
@@ -332,79 +329,44 @@ class Worker:
             except RedisError as exc:
                 self._log.warning("signals.cleanup_failed", error=str(exc))
 
-    # -- the trigger loop ----------------------------------------------------------
+    # -- triggers ------------------------------------------------------------------
 
     async def _create_groups(self, redis: Redis) -> None:
         # The broker's group too: from the moment a run can exist, cancel events are kept
         # for the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)
-        await create_group(redis, self.keys.events, self.keys.app_group(self.app_id))
+        for fn in self._functions.values():
+            await create_group(
+                redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
+            )
 
     async def _consume_triggers(self) -> None:
-        self._triggers = GroupConsumer(
-            self.redis_url,
-            self._require_runner().store.redis,
-            stream=self.keys.events,
-            group=self.keys.app_group(self.app_id),
-            consumer=self.worker_id,
-            block_ms=TRIGGER_BLOCK_MS,
-            batch=TRIGGER_BATCH,
-            claim_idle_ms=TRIGGER_CLAIM_IDLE_MS,
-            log=self._log,
-        )
-        await self._triggers.run(self._dispatch, capacity=self._wait_for_capacity)
+        runner = self._require_runner()
+        assert self._tg is not None
+        self._triggers = [
+            FunctionTriggers(
+                fn,
+                runner,
+                redis_url=self.redis_url,
+                app_id=self.app_id,
+                worker_id=self.worker_id,
+                task_group=self._tg,
+                capacity=self._wait_for_capacity,
+                execute=self._execute,
+                log=self._log,
+            )
+            for fn in self._functions.values()
+        ]
+        async with anyio.create_task_group() as tg:
+            for triggers in self._triggers:
+                tg.start_soon(triggers.run)
+
+    def _starting(self) -> int:
+        return sum(len(triggers.starting) for triggers in self._triggers)
 
     async def _wait_for_capacity(self) -> int:
-        while self._limiter.available_tokens < 1:
-            await self._require_runner().changed()
-        return int(self._limiter.available_tokens)
-
-    async def _dispatch(self, entries: Sequence[Entry]) -> None:
-        assert self._tg is not None
-        assert self._triggers is not None
-        not_ours: list[str] = []
-        for entry_id, fields in entries:
-            if entry_id in self._inflight_entries:
-                continue
-            try:
-                event = decode_event(entry_id, fields)
-            except InvalidEventError:
-                not_ours.append(entry_id)  # the broker dead-letters malformed entries
-                continue
-            functions = self._by_trigger.get(event.name)
-            if not functions:
-                not_ours.append(entry_id)
-                continue
-            self._inflight_entries.add(entry_id)
-            self._tg.start_soon(self._start_triggered, entry_id, event, functions)
-        await self._triggers.ack(*not_ours)
-
-    async def _start_triggered(
-        self, entry_id: str, event: Event, functions: list[Function]
-    ) -> None:
-        """Register one run per function the event triggers, acknowledge it, run them."""
-        assert self._triggers is not None
+        """Wait for a free slot: runs held (running or waiting) and runs being started count."""
         runner = self._require_runner()
-        runs: list[Run] = []
-        try:
-            for fn in functions:
-                run_id = uuid.uuid5(
-                    _RUN_ID_NAMESPACE, f"{self.keys.namespace}/{self.app_id}/{fn.id}/{entry_id}"
-                ).hex
-                try:
-                    runs.append(await runner.register(fn, event, run_id))
-                except DuplicateRunError as exc:
-                    self._log.info("run.duplicate_trigger", run_id=run_id, status=exc.status)
-            await self._triggers.ack(entry_id)
-        except (*CONNECTION_ERRORS, TimeoutError) as exc:
-            # Not acknowledged: the entry stays pending and is read again; runs already
-            # registered are started now and deduplicated by their id then.
-            self._log.warning("triggers.register_failed", entry_id=entry_id, error=str(exc))
-            self._triggers.reread_pending()
-        finally:
-            self._inflight_entries.discard(entry_id)
-        assert self._tg is not None
-        for run in runs[1:]:
-            self._tg.start_soon(self._execute, run)
-        if runs:
-            await self._execute(runs[0])
+        while (free := self.concurrency - len(runner) - self._starting()) < 1:
+            await runner.changed()
+        return free

@@ -37,7 +37,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = Redis.from_url(redis_url, decode_responses=True, encoding_errors="surrogateescape")
     yield client
     await client.aclose()
 

@@ -34,7 +34,7 @@ async def register(
     event = Event(
         name="report/generate.requested",
         data={"reportId": report_id},
-        id=event_id or f"1-{run_id}",
+        id=event_id or "1-0",
     )
     status = await store.register(
         run_id=run_id,

@@ -1,0 +1,120 @@
+"""Consuming one function's triggers.
+
+Every function has its own consumer group on the events stream (``fn:{app}/{function}``),
+shared by the workers of the app that declare it: each trigger starts one run of each
+function it triggers, and a worker only ever acknowledges triggers of functions it
+serves. During a rolling deploy that adds a function, old workers do not read that
+function's group at all, so none of its triggers is dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+from anyio.abc import TaskGroup
+
+from sdk.connection import REDIS_ERRORS
+from sdk.errors import DuplicateRunError, InvalidEventError
+from sdk.function import Function
+from sdk.keys import Keys
+from sdk.runner import Run, Runner
+from sdk.streams import Entry, GroupConsumer
+from sdk.wire import Event, decode_event
+
+#: How long the blocking read waits before looping (it returns at once on new entries).
+TRIGGER_BLOCK_MS: Final = 5_000
+#: Most trigger entries read at once.
+TRIGGER_BATCH: Final = 100
+#: A trigger another worker read and left unacknowledged this long is taken over.
+TRIGGER_CLAIM_IDLE_MS: Final = 60_000
+
+#: Runs started by a trigger get an id derived from (namespace, app, function, event):
+#: a trigger delivered twice maps to the same run, which registers only once.
+_RUN_ID_NAMESPACE: Final = uuid.UUID("6f1c3f0e-6b8e-4c55-9d43-3a1f0f8f6a21")
+
+
+def triggered_run_id(keys: Keys, app_id: str, function_id: str, event_id: str) -> str:
+    return uuid.uuid5(_RUN_ID_NAMESPACE, f"{keys.namespace}/{app_id}/{function_id}/{event_id}").hex
+
+
+class FunctionTriggers:
+    """Registers a run for each trigger of one function, acknowledges it, starts it."""
+
+    def __init__(
+        self,
+        function: Function,
+        runner: Runner,
+        *,
+        redis_url: str,
+        app_id: str,
+        worker_id: str,
+        task_group: TaskGroup,
+        capacity: Callable[[], Awaitable[int]],
+        execute: Callable[[Run], Awaitable[None]],
+        log: Any,
+    ) -> None:
+        self.function = function
+        self.runner = runner
+        self.app_id = app_id
+        self._tg = task_group
+        self._capacity = capacity
+        self._execute = execute
+        self._log = log
+        #: Entries read whose run is being registered (not yet acknowledged).
+        self.starting: set[str] = set()
+        keys = runner.store.keys
+        self.consumer = GroupConsumer(
+            redis_url,
+            runner.store.redis,
+            stream=keys.events,
+            group=keys.function_group(app_id, function.id),
+            consumer=worker_id,
+            block_ms=TRIGGER_BLOCK_MS,
+            batch=TRIGGER_BATCH,
+            claim_idle_ms=TRIGGER_CLAIM_IDLE_MS,
+            log=log,
+        )
+
+    async def run(self) -> None:
+        await self.consumer.run(self._dispatch, capacity=self._capacity)
+
+    async def _dispatch(self, entries: Sequence[Entry]) -> None:
+        not_ours: list[str] = []
+        for entry_id, fields in entries:
+            if entry_id in self.starting:
+                continue
+            try:
+                event = decode_event(entry_id, fields)
+            except InvalidEventError:
+                not_ours.append(entry_id)  # the broker dead-letters malformed entries
+                continue
+            if event.name != self.function.trigger:
+                not_ours.append(entry_id)
+                continue
+            self.starting.add(entry_id)
+            self._tg.start_soon(self._start, entry_id, event)
+        await self.consumer.ack(*not_ours)
+
+    async def _start(self, entry_id: str, event: Event) -> None:
+        run: Run | None = None
+        run_id = triggered_run_id(self.runner.store.keys, self.app_id, self.function.id, entry_id)
+        try:
+            try:
+                run = await self.runner.register(self.function, event, run_id)
+            except DuplicateRunError as exc:
+                self._log.info("run.duplicate_trigger", run_id=run_id, status=exc.status)
+            await self.consumer.ack(entry_id)
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            # Not acknowledged: the entry stays pending and is read again; a run that did
+            # get registered is adopted then (same id, same worker).
+            self._log.warning("triggers.start_failed", entry_id=entry_id, error=repr(exc))
+            self.consumer.reread_pending()
+        finally:
+            self.starting.discard(entry_id)
+            self.runner.notify()
+            if run is not None:
+                # Even when this task is being cancelled: the run is registered, so it must
+                # run (or be recorded as cancelled), never be left "running" by nobody.
+                await self._execute(run)
