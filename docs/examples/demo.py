@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 
 import anyio
+from redis.asyncio import Redis
 
 from broker.embedded import EmbeddedRedis
+from broker.findings import collect_state
 from sdk import Client, RunInfo
+from sdk.keys import Keys
 
 HERE = Path(__file__).resolve().parent
 TRIGGER = "report/generate.requested"
@@ -42,16 +45,11 @@ async def wait_for_status(client: Client, run_id: str, statuses: set[str]) -> Ru
         await anyio.sleep(0.001)
 
 
-async def wait_for_worker(client: Client, url: str) -> None:
-    from redis.asyncio import Redis
-
+async def wait_for_worker(url: str) -> None:
+    """Until a worker of the reports app is registered (it syncs once it is listening)."""
     redis = Redis.from_url(url, decode_responses=True)
     try:
-        while True:
-            if await redis.exists("cancel:events"):
-                groups = await redis.xinfo_groups("cancel:events")
-                if any(g["name"] == "app:reports" and g["consumers"] for g in groups):
-                    return
+        while not any(w.app_id == "reports" for w in (await collect_state(redis, Keys())).workers):
             await anyio.sleep(0.05)
     finally:
         await redis.aclose()
@@ -59,7 +57,7 @@ async def wait_for_worker(client: Client, url: str) -> None:
 
 async def demo(url: str) -> None:
     async with Client(url) as client:
-        await wait_for_worker(client, url)
+        await wait_for_worker(url)
         print("1. Two reports start (each: an outline, then three 2-second sections).")
         r1 = await wait_for_run(
             client, await client.send("report/generate.requested", {"reportId": "r1"})
@@ -89,6 +87,11 @@ async def demo(url: str) -> None:
         print(f"   cancel({r1.run_id[:8]}...) -> {result.outcome}, status {result.status}")
 
 
+async def with_deadline(url: str) -> None:
+    with anyio.fail_after(60):  # a demo that hangs helps nobody: fail with a traceback
+        await demo(url)
+
+
 def main() -> int:
     logs = Path(tempfile.mkdtemp(prefix="cancel-broker-demo-"))
     with EmbeddedRedis() as server:
@@ -102,7 +105,7 @@ def main() -> int:
             [sys.executable, str(HERE / "report_worker.py")], logs / "worker.log", server.url
         )
         try:
-            anyio.run(demo, server.url)
+            anyio.run(with_deadline, server.url)
         finally:
             for process in (worker, broker):
                 process.terminate()
