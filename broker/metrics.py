@@ -53,6 +53,21 @@ class BrokerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.signals_resent = Counter(
+            "cancel_broker_signals_resent",
+            "Cancel signals sent again because no worker acknowledged them in time.",
+            registry=self.registry,
+        )
+        self.runs_lost = Counter(
+            "cancel_broker_runs_lost",
+            "Runs recorded as lost because their worker stopped heartbeating.",
+            registry=self.registry,
+        )
+        self.workers_lost = Counter(
+            "cancel_broker_workers_lost",
+            "Workers that stopped heartbeating without leaving (killed, host lost).",
+            registry=self.registry,
+        )
         self.stale_findings = Gauge(
             "cancel_broker_stale_findings",
             "Stale-configuration findings present now, by kind (see docs/operations.md).",

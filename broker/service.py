@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
+from broker.housekeeping import Housekeeping
 from broker.metrics import BrokerMetrics
 from broker.sync import EventWatch, SyncMonitor, SyncRecorder
 from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS, command_client, is_transient
@@ -29,7 +30,7 @@ from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
 from sdk.store import RunStore
-from sdk.streams import Entry, GroupConsumer, create_group, trim_acknowledged
+from sdk.streams import Entry, GroupConsumer, create_group
 from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json, printable
 
 BLOCK_MS: Final = 5_000
@@ -38,8 +39,6 @@ BATCH: Final = 200
 CLAIM_IDLE_MS: Final = 30_000
 #: Approximate cap on the dead-letter stream.
 DEAD_LETTER_MAXLEN: Final = 100_000
-#: How often acknowledged events are trimmed from the events stream.
-TRIM_INTERVAL_S: Final = 60.0
 
 
 def default_consumer_name() -> str:
@@ -114,7 +113,7 @@ class Broker:
             self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
             task_status.started()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._trim_periodically, redis)
+                tg.start_soon(Housekeeping(store, self.metrics, self._log).run)
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 await events.run(handle_events)
@@ -144,17 +143,6 @@ class Broker:
             if failures:
                 self._log.info("broker.redis_reachable", attempts=failures)
             return
-
-    async def _trim_periodically(self, redis: Redis) -> None:
-        while True:
-            await anyio.sleep(TRIM_INTERVAL_S)
-            try:
-                trimmed = await trim_acknowledged(redis, self.keys.events)
-            except Exception as exc:  # trimming is housekeeping: it must never stop the broker
-                self._log.warning("events.trim_failed", error=repr(exc))
-                continue
-            if trimmed:
-                self._log.debug("events.trimmed", entries=trimmed)
 
     async def _handle(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> None:
         started = time.perf_counter()

@@ -49,12 +49,20 @@ class CancelState:
         return self.scope.cancel_called
 
 
+Backstop = Callable[[], Awaitable[None]]
+
+
+async def _no_backstop() -> None:
+    return None
+
+
 class Step:
     """Named units of work inside a run: ``await ctx.step.run("outline", fn, *args)``."""
 
-    def __init__(self, run_id: str, state: CancelState) -> None:
+    def __init__(self, run_id: str, state: CancelState, backstop: Backstop = _no_backstop) -> None:
         self._run_id = run_id
         self._state = state
+        self._backstop = backstop
         #: Name of the step in progress, if any.
         self.current: str | None = None
 
@@ -71,7 +79,9 @@ class Step:
         the run is cancelled. Plain functions run in a worker thread; a cancel stops the
         run at once while the thread's result is discarded (Python cannot stop a thread).
         """
-        await anyio.lowlevel.checkpoint()  # a cancel that already landed stops us here
+        # A cancel whose signal never arrived is still seen here, then any cancel stops us.
+        await self._backstop()
+        await anyio.lowlevel.checkpoint()
         self.current = name
         log.debug("step.started", run_id=self._run_id, step=name)
         try:
@@ -90,13 +100,20 @@ class RunContext:
     """Passed to every function body, and yielded by ``worker.run``."""
 
     def __init__(
-        self, *, run_id: str, app_id: str, function_id: str, event: Event, state: CancelState
+        self,
+        *,
+        run_id: str,
+        app_id: str,
+        function_id: str,
+        event: Event,
+        state: CancelState,
+        backstop: Backstop = _no_backstop,
     ) -> None:
         self.run_id = run_id
         self.app_id = app_id
         self.function_id = function_id
         self.event = event
-        self.step = Step(run_id, state)
+        self.step = Step(run_id, state, backstop)
         self._state = state
 
     @property

@@ -63,6 +63,15 @@ class Keys:
         """Sorted set of runs not yet finished, scored by start time (ms)."""
         return f"{self.namespace}:runs:active"
 
+    @property
+    def cancelling_runs(self) -> str:
+        """Sorted set of runs whose cancel signal is not yet acknowledged, by when sent (ms)."""
+        return f"{self.namespace}:runs:cancelling"
+
+    def worker_runs(self, worker_id: str) -> str:
+        """Set of the unfinished runs one worker holds (to reap them if the worker dies)."""
+        return f"{self.namespace}:worker-runs:{worker_id}"
+
     def event_runs(self, event_id: str) -> str:
         """Set of run ids one trigger event started."""
         return f"{self.namespace}:event-runs:{event_id}"

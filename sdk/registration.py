@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from importlib import resources
 from typing import Any, Final
@@ -24,8 +24,9 @@ from sdk.version import __version__
 from sdk.wire import WorkerInfo, encode_json
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
-#: A worker is live while its last heartbeat is younger than this many intervals.
-LIVE_INTERVALS: Final = 3
+#: A worker is live while its last heartbeat is younger than this many intervals; then the
+#: broker records its runs as lost (within three intervals of its last heartbeat).
+LIVE_INTERVALS: Final = 2.5
 #: Registrations of workers that vanished without leaving expire after this.
 REGISTRATION_TTL: Final = timedelta(days=1)
 #: Function configurations stay readable this long after the last sync that declared them.
@@ -57,6 +58,7 @@ class Registration:
         app_version: str | None,
         heartbeat_interval: float,
         log: Any,
+        on_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -65,6 +67,7 @@ class Registration:
         self.app_version = app_version or os.environ.get(APP_VERSION_ENV) or None
         self.heartbeat_interval = heartbeat_interval
         self._log = log
+        self._on_lost = on_lost
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._functions: tuple[Function, ...] = ()
 
@@ -111,7 +114,11 @@ class Registration:
                     keys=[self.keys.workers, self.keys.worker(self.worker_id)],
                     args=[self.worker_id, int(REGISTRATION_TTL.total_seconds())],
                 )
-                if not alive:  # the registration expired while Redis was out of reach
+                if not alive:
+                    # Reaped after missed heartbeats (or expired during an outage): the
+                    # broker has recorded this worker's runs as lost.
+                    self._log.error("worker.declared_lost")
+                    self._on_lost()
                     await self.sync(self._functions)
             except REDIS_ERRORS as exc:
                 failures += 1

@@ -29,6 +29,7 @@ REGISTER_TIMEOUT_S: Final = 10.0
 FINISH_TIMEOUT_S: Final = 30.0
 SHUTDOWN_REASON: Final = "worker shutdown"
 INTERRUPTED_REASON: Final = "interrupted: the block was cancelled from outside the run"
+LOST_REASON: Final = "this worker missed its heartbeats and its runs were recorded as lost"
 
 
 @dataclass(eq=False, slots=True)
@@ -97,6 +98,7 @@ class Runner:
             function_id=run.function.id,
             event=run.event,
             state=state,
+            backstop=lambda: self._check_cancel_requested(run),
         )
         outcome: Outcome = "completed"
         error: str | None = None
@@ -139,6 +141,19 @@ class Runner:
         run.state.cancel(reason)
         return True
 
+    async def _check_cancel_requested(self, run: Run) -> None:
+        """At a step boundary: has a cancel been requested that no signal told us about?"""
+        if run.state.cancelled:
+            return
+        try:
+            status, reason = await self.store.status(run.run_id)
+        except REDIS_ERRORS as exc:  # an outage must not fail the step; signals still work
+            self._log.debug("run.backstop_unavailable", run_id=run.run_id, error=repr(exc))
+            return
+        if status == "cancelling":
+            self._log.warning("run.cancel_seen_at_step", run_id=run.run_id)
+            run.state.cancel(reason or "cancelled")
+
     def cancel_all(self, reason: str) -> None:
         for run in list(self._runs.values()):
             run.state.cancel(reason)
@@ -172,6 +187,7 @@ class Runner:
                         outcome,
                         run.entries,
                         app_id=self.app_id,
+                        worker_id=self.worker_id,
                         error=error,
                         cancel_reason=reason,
                     )

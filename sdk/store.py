@@ -11,6 +11,7 @@ from datetime import timedelta
 from importlib import resources
 from typing import Final, Literal, cast
 
+import msgspec
 from redis.asyncio import Redis
 
 from sdk.keys import Keys
@@ -22,6 +23,7 @@ from sdk.wire import (
     RunInfo,
     RunStatus,
     decode_run,
+    encode_json,
     encode_stored_event,
 )
 
@@ -30,7 +32,7 @@ DEFAULT_RETENTION: Final = timedelta(days=1)
 #: Approximate cap on a worker's signal stream; signals are read within milliseconds.
 SIGNAL_STREAM_MAXLEN: Final = 10_000
 
-Outcome = Literal["completed", "cancelled", "failed"]
+Outcome = Literal["completed", "cancelled", "failed", "lost"]
 
 
 def _script(name: str) -> str:
@@ -54,6 +56,7 @@ class RunStore:
         self._register = redis.register_script(_script("register_run.lua"))
         self._finish = redis.register_script(_script("finish_run.lua"))
         self._request_cancel = redis.register_script(_script("request_cancel.lua"))
+        self._resend = redis.register_script(_script("resend_signals.lua"))
 
     async def register(
         self,
@@ -75,12 +78,15 @@ class RunStore:
             "worker_id": worker_id,
             "event_id": event.id,
             "event": encode_stored_event(event).decode(),
+            # Where the run waits in the index, so whoever reaps it can clean up after it.
+            "index": encode_json([[e.key, e.listeners_key, e.path] for e in entries]).decode(),
         }
         keys = [
             self.keys.run(run_id),
             self.keys.active_runs,
             self.keys.event_runs(event.id),
             self.keys.run_configs(app_id),
+            self.keys.worker_runs(worker_id),
             *(e.key for e in entries),
             *(e.listeners_key for e in entries),
         ]
@@ -102,6 +108,7 @@ class RunStore:
         entries: Sequence[IndexEntry],
         *,
         app_id: str,
+        worker_id: str,
         error: str | None = None,
         cancel_reason: str | None = None,
     ) -> str | None:
@@ -113,6 +120,8 @@ class RunStore:
             self.keys.run(run_id),
             self.keys.active_runs,
             self.keys.run_configs(app_id),
+            self.keys.worker_runs(worker_id),
+            self.keys.cancelling_runs,
             *(e.key for e in entries),
             *(e.listeners_key for e in entries),
         ]
@@ -145,6 +154,7 @@ class RunStore:
             reason,
             cancelled_by,
             SIGNAL_STREAM_MAXLEN,
+            self.keys.cancelling_runs,
             *run_ids,
         ]
         flat = await self._request_cancel(keys=list(index_keys), args=args)
@@ -156,6 +166,46 @@ class RunStore:
             )
             for i in range(0, len(flat), 3)
         ]
+
+    async def acknowledge_signals(self, run_ids: Iterable[str]) -> None:
+        """The worker received the cancel signals for ``run_ids``: stop re-sending them."""
+        ordered = list(run_ids)
+        if ordered:
+            await self.redis.zrem(self.keys.cancelling_runs, *ordered)
+
+    async def resend_signals(self, *, after_ms: int, limit: int = 1_000) -> list[str]:
+        """Re-send cancel signals unacknowledged for ``after_ms``; returns those run ids."""
+        resent = await self._resend(
+            keys=[self.keys.cancelling_runs],
+            args=[
+                self.keys.run_prefix,
+                self.keys.signal_prefix,
+                after_ms,
+                limit,
+                SIGNAL_STREAM_MAXLEN,
+            ],
+        )
+        return [str(run_id) for run_id in resent]
+
+    async def status(self, run_id: str) -> tuple[str | None, str | None]:
+        """The run's status and cancel reason, read in one round trip."""
+        reply = await self.redis.hmget(self.keys.run(run_id), "status", "cancel_reason")
+        status, reason = cast(list[str | None], reply)
+        return status, reason
+
+    async def reap(self, run_id: str, *, worker_id: str, error: str) -> str | None:
+        """Record a run whose worker died as ``lost`` and take it out of the index."""
+        fields = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        if not fields:
+            await self.redis.srem(self.keys.worker_runs(worker_id), run_id)
+            return None
+        entries = [
+            IndexEntry(event_name="", path=path, key=key, listeners_key=listeners)
+            for key, listeners, path in msgspec.json.decode(fields.get("index", "[]"))
+        ]
+        return await self.finish(
+            run_id, "lost", entries, app_id=fields["app_id"], worker_id=worker_id, error=error
+        )
 
     async def listened_paths(self, event_name: str) -> list[str]:
         """Match paths that rules of active runs listen on for this event name."""

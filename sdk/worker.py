@@ -50,7 +50,7 @@ from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
-from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON, Run, Runner
+from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
 from sdk.store import DEFAULT_RETENTION, RunStore
 from sdk.streams import create_group
 from sdk.triggers import FunctionTriggers
@@ -163,6 +163,7 @@ class Worker:
                 app_version=self.app_version,
                 heartbeat_interval=self.heartbeat_interval,
                 log=self._log,
+                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON),
             )
             await registration.sync(self._functions.values())
             stack.push_async_callback(registration.leave)
@@ -303,24 +304,33 @@ class Worker:
             if failures:
                 self._log.info("signals.reconnected", attempts=failures)
                 failures = 0
+            received: list[str] = []
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    self._apply_signal(entry_id, fields)
+                    received += self._apply_signal(entry_id, fields)
+            if received:
+                # After the scopes are cancelled: acknowledging costs the cancel no latency.
+                try:
+                    await self._require_runner().store.acknowledge_signals(received)
+                except REDIS_ERRORS as exc:  # unacknowledged: re-sent, and applied once
+                    self._log.warning("signals.ack_failed", error=repr(exc))
 
-    def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> None:
+    def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> list[str]:
+        """Cancel the run a signal names; returns the run ids to acknowledge."""
         try:
             sig: Signal = decode_signal(fields)
         except msgspec.ValidationError as exc:
             self._log.error("signal.malformed", entry_id=entry_id, error=str(exc))
-            return
+            return []
         if not self._require_runner().cancel(sig.run_id, sig.reason or "cancelled"):
             self._log.debug("signal.run_gone", run_id=sig.run_id)
-            return
+            return [sig.run_id]
         lag_ms = int(time.time() * 1000) - sig.sent_at if sig.sent_at else None
         self._log.info(
             "run.cancel_received", run_id=sig.run_id, event_id=sig.event_id, signal_lag_ms=lag_ms
         )
+        return [sig.run_id]
 
     async def _delete_signal_stream(self, redis: Redis) -> None:
         with anyio.move_on_after(5, shield=True):

@@ -2,10 +2,12 @@
 -- KEYS[1]  run hash
 -- KEYS[2]  active runs (zset)
 -- KEYS[3]  the app's active runs per function configuration (hash)
--- KEYS[4 .. 3+n]      index sets the run was registered under
--- KEYS[4+n .. 3+2n]   listener hashes of those index entries
+-- KEYS[4]  the holding worker's unfinished runs (set)
+-- KEYS[5]  runs whose cancel signal is unacknowledged (zset)
+-- KEYS[6 .. 5+n]      index sets the run was registered under
+-- KEYS[6+n .. 5+2n]   listener hashes of those index entries
 -- ARGV[1]  run id
--- ARGV[2]  outcome: completed | cancelled | failed
+-- ARGV[2]  outcome: completed | cancelled | failed | lost
 -- ARGV[3]  record retention in seconds
 -- ARGV[4]  n
 -- ARGV[5 .. 4+n]      match paths, aligned with the index sets
@@ -30,6 +32,8 @@ end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZREM', KEYS[2], run_id)
+redis.call('SREM', KEYS[4], run_id)
+redis.call('ZREM', KEYS[5], run_id)
 local run = redis.call('HMGET', KEYS[1], 'function_id', 'config_hash')
 if run[1] and run[2] then
   local config = run[1] .. ':' .. run[2]
@@ -38,9 +42,9 @@ if run[1] and run[2] then
   end
 end
 for i = 1, n do
-  redis.call('SREM', KEYS[3 + i], run_id)
-  if redis.call('HINCRBY', KEYS[3 + n + i], ARGV[4 + i], -1) <= 0 then
-    redis.call('HDEL', KEYS[3 + n + i], ARGV[4 + i])
+  redis.call('SREM', KEYS[5 + i], run_id)
+  if redis.call('HINCRBY', KEYS[5 + n + i], ARGV[4 + i], -1) <= 0 then
+    redis.call('HDEL', KEYS[5 + n + i], ARGV[4 + i])
   end
 end
 return previous

@@ -3,8 +3,9 @@
 -- KEYS[2]  active runs (zset)
 -- KEYS[3]  runs of the trigger event (set)
 -- KEYS[4]  the app's active runs per function configuration (hash)
--- KEYS[5 .. 4+n]      index sets, one per (event, path, value) the run listens on
--- KEYS[5+n .. 4+2n]   listener hashes of those index entries
+-- KEYS[5]  the worker's unfinished runs (set)
+-- KEYS[6 .. 5+n]      index sets, one per (event, path, value) the run listens on
+-- KEYS[6+n .. 5+2n]   listener hashes of those index entries
 -- ARGV[1]  run id
 -- ARGV[2]  'function_id:config_hash' (the field counted in KEYS[4])
 -- ARGV[3]  worker id
@@ -50,8 +51,9 @@ redis.call('ZADD', KEYS[2], now_ms, run_id)
 redis.call('SADD', KEYS[3], run_id)
 redis.call('EXPIRE', KEYS[3], retention)
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
+redis.call('SADD', KEYS[5], run_id)
 for i = 1, n do
-  redis.call('SADD', KEYS[4 + i], run_id)
-  redis.call('HINCRBY', KEYS[4 + n + i], ARGV[4 + i], 1)
+  redis.call('SADD', KEYS[5 + i], run_id)
+  redis.call('HINCRBY', KEYS[5 + n + i], ARGV[4 + i], 1)
 end
 return 'registered'

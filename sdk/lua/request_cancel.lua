@@ -8,12 +8,14 @@
 -- ARGV[4]  reason
 -- ARGV[5]  cancelled_by (the event id, or 'api')
 -- ARGV[6]  approximate maximum length of a signal stream
--- ARGV[7 ..]  run ids given directly
+-- ARGV[7]  runs whose cancel signal is unacknowledged (zset key; re-sent until acknowledged)
+-- ARGV[8 ..]  run ids given directly
 -- Returns a flat list: run id, outcome, status after the request (or '' when not found).
 -- A cancel event never cancels the run it triggered, nor a run whose trigger came after
 -- it (the user clicked Regenerate after Cancel; or the broker is catching up on a backlog).
 local run_prefix, signal_prefix = ARGV[1], ARGV[2]
 local event_id, reason, cancelled_by, maxlen = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local unacknowledged = ARGV[7]
 local now = redis.call('TIME')
 local now_ms = string.format('%.0f', now[1] * 1000 + math.floor(now[2] / 1000))
 local seen, results = {}, {}
@@ -53,6 +55,7 @@ local function consider(run_id, index_key)
       'cancelled_by', cancelled_by, 'cancel_requested_at', now_ms)
     redis.call('XADD', signal_prefix .. worker_id, 'MAXLEN', '~', maxlen, '*',
       'run_id', run_id, 'reason', reason, 'event_id', event_id, 'sent_at', now_ms)
+    redis.call('ZADD', unacknowledged, now_ms, run_id)
     outcome, status = 'signalled', 'cancelling'
   elseif status == 'cancelling' then
     outcome = 'already_cancelling'
@@ -69,7 +72,7 @@ for _, key in ipairs(KEYS) do
     consider(run_id, key)
   end
 end
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   consider(ARGV[i], nil)
 end
 return results

@@ -1,0 +1,120 @@
+"""Keeping run state and streams honest while the broker runs.
+
+- **Reaping**: a worker whose heartbeat is older than ``LIVE_INTERVALS`` intervals is gone;
+  each of its runs is recorded ``lost`` (never silence) and leaves the index, and the
+  worker's registration and signal stream are deleted.
+- **Re-sending**: a cancel signal no worker acknowledged within ``RESEND_AFTER_MS`` is sent
+  again, until the run finishes or its worker is reaped (delivery is at least once).
+- **Trimming**: events every consumer group has acknowledged are trimmed from the stream.
+
+Every loop survives anything Redis answers; several brokers doing the same work is
+harmless, as each step is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Final, cast
+
+import anyio
+import msgspec
+
+from broker.metrics import BrokerMetrics
+from sdk.connection import REDIS_ERRORS
+from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS, redis_now_ms
+from sdk.store import RunStore
+from sdk.streams import trim_acknowledged
+from sdk.wire import decode_worker
+
+#: A cancel signal unacknowledged this long is sent again.
+RESEND_AFTER_MS: Final = 2_000
+RESEND_INTERVAL_S: Final = 0.5
+TRIM_INTERVAL_S: Final = 60.0
+#: Bounds of the reaper's sleep, which follows the shortest heartbeat interval it sees.
+REAP_SLEEP_S: Final = (0.05, 1.0)
+
+
+class Housekeeping:
+    def __init__(self, store: RunStore, metrics: BrokerMetrics, log: Any) -> None:
+        self.store = store
+        self.keys = store.keys
+        self.redis = store.redis
+        self.metrics = metrics
+        self._log = log
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._forever, self.reap_once, "reap")
+            tg.start_soon(self._forever, self.resend_once, "resend")
+            tg.start_soon(self._forever, self.trim_once, "trim")
+
+    async def _forever(self, step: Any, name: str) -> None:
+        while True:
+            try:
+                pause = await step()
+            except Exception as exc:  # housekeeping must never stop the broker
+                self._log.warning("housekeeping.failed", step=name, error=repr(exc))
+                pause = 1.0
+            await anyio.sleep(pause)
+
+    async def reap_once(self) -> float:
+        """Record the runs of workers that stopped heartbeating as lost; returns the pause."""
+        now = await redis_now_ms(self.redis)
+        workers = cast(
+            list[tuple[str, float]],
+            await self.redis.zrange(self.keys.workers, 0, -1, withscores=True),
+        )
+        if not workers:
+            return REAP_SLEEP_S[1]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id, _score in workers:
+                pipe.hmget(self.keys.worker(worker_id), "info", "heartbeat_at")
+            records = cast(list[list[str | None]], await pipe.execute())
+        shortest = DEFAULT_HEARTBEAT_INTERVAL
+        for (worker_id, score), (info, heartbeat_at) in zip(workers, records, strict=True):
+            interval = DEFAULT_HEARTBEAT_INTERVAL
+            if info:
+                with contextlib.suppress(msgspec.DecodeError):
+                    interval = decode_worker(info).heartbeat_interval_s
+            shortest = min(shortest, interval)
+            last = int(heartbeat_at) if heartbeat_at else int(score)
+            if now - last > LIVE_INTERVALS * interval * 1000:
+                await self._reap(worker_id, silent_ms=now - last)
+        return min(max(shortest / 10, REAP_SLEEP_S[0]), REAP_SLEEP_S[1])
+
+    async def _reap(self, worker_id: str, *, silent_ms: int) -> None:
+        run_ids = cast(set[str], await self.redis.smembers(self.keys.worker_runs(worker_id)))
+        error = f"worker {worker_id} stopped heartbeating {silent_ms / 1000:.1f} s ago"
+        lost = 0
+        for run_id in sorted(run_ids):
+            previous = await self.store.reap(run_id, worker_id=worker_id, error=error)
+            if previous in ("running", "cancelling"):
+                lost += 1
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(
+                self.keys.worker_runs(worker_id),
+                self.keys.signals(worker_id),
+                self.keys.worker(worker_id),
+            )
+            pipe.zrem(self.keys.workers, worker_id)
+            await pipe.execute()
+        self.metrics.runs_lost.inc(lost)
+        self.metrics.workers_lost.inc()
+        self._log.warning("worker.lost", worker_id=worker_id, runs_lost=lost, silent_ms=silent_ms)
+
+    async def resend_once(self) -> float:
+        resent = await self.store.resend_signals(after_ms=RESEND_AFTER_MS)
+        if resent:
+            self.metrics.signals_resent.inc(len(resent))
+            self._log.warning("signals.resent", runs=len(resent), sample=resent[:5])
+        return RESEND_INTERVAL_S
+
+    async def trim_once(self) -> float:
+        try:
+            trimmed = await trim_acknowledged(self.redis, self.keys.events)
+        except REDIS_ERRORS as exc:
+            self._log.debug("events.trim_failed", error=repr(exc))
+        else:
+            if trimmed:
+                self._log.debug("events.trimmed", entries=trimmed)
+        return TRIM_INTERVAL_S

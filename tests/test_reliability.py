@@ -1,0 +1,169 @@
+"""No cancel lost: dead workers, lost signals, reconnects, and keys that must not pile up."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from broker import Broker
+from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
+from sdk.keys import Keys
+from tests.conftest import count_keys, wait_until
+from tests.processes import start_worker
+
+pytestmark = pytest.mark.anyio
+
+RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
+
+
+def report_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
+    worker = Worker("reports", redis_url, namespace=namespace, **options)
+
+    @worker.function(id="generate-report", trigger="report/generate.requested", cancel_on=[RULE])
+    async def generate_report(ctx: RunContext) -> None:
+        await anyio.sleep(60)
+
+    return worker
+
+
+async def status_is(client: Client, run_id: str, status: str) -> bool:
+    info = await client.get_run(run_id)
+    return info is not None and info.status == status
+
+
+@pytest.mark.e2e
+async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
+    redis_url: str, namespace: str, redis: Redis, client: Client, broker: Broker
+) -> None:
+    keys = Keys(namespace)
+    interval = 1.0
+    worker = start_worker(redis_url, namespace, heartbeat_interval=str(interval))
+    try:
+        event_id = await client.send("report/generate.requested", {"reportId": "r1"})
+        runs: list[str] = []
+
+        async def registered() -> bool:
+            runs[:] = [r.run_id for r in await client.runs_for_event(event_id)]
+            return bool(runs)
+
+        await wait_until(registered)
+        (run_id,) = runs
+        info = await client.get_run(run_id)
+        assert info is not None
+        worker_id = info.worker_id
+    finally:
+        worker.kill()  # kill -9: no goodbye
+    killed = time.monotonic()
+    # A cancel sent to the dead worker: its signal goes nowhere, the run is "cancelling".
+    await client.send("report/cancel.requested", {"reportId": "r1"})
+    await wait_until(lambda: status_is(client, run_id, "cancelling"))
+    assert await redis.exists(keys.signals(worker_id))
+    await wait_until(lambda: status_is(client, run_id, "lost"), timeout=10)
+    assert time.monotonic() - killed < 3 * interval
+    lost = await client.get_run(run_id)
+    assert lost is not None
+    assert lost.error is not None
+    assert f"worker {worker_id} stopped heartbeating" in lost.error
+    # Nothing of the dead worker or its run is left to match, signal or count.
+    assert await count_keys(redis, f"{namespace}:idx:*") == 0
+    assert await count_keys(redis, f"{namespace}:listen:*") == 0
+    assert await redis.zcard(keys.active_runs) == 0
+    for key in (keys.worker(worker_id), keys.worker_runs(worker_id), keys.signals(worker_id)):
+        assert not await redis.exists(key), key
+    assert await redis.zscore(keys.workers, worker_id) is None
+    # A cancel for a lost run answers "lost", not silence.
+    result = await client.cancel(run_id)
+    assert (result.outcome, result.status) == ("already_finished", "lost")
+    assert broker.metrics.runs_lost._value.get() == 1
+
+
+async def test_an_unacknowledged_signal_is_sent_again(
+    redis_url: str, namespace: str, redis: Redis, client: Client, broker: Broker
+) -> None:
+    keys = Keys(namespace)
+    async with report_worker(redis_url, namespace) as worker:
+        with pytest.raises(RunCancelled):
+            async with worker.run(
+                "generate-report", Event(name="report/generate.requested", data={})
+            ) as ctx:
+                # The cancel was recorded but its signal never reached the worker (a trimmed
+                # or deleted stream): what request_cancel.lua does, minus the XADD.
+                await redis.hset(
+                    keys.run(ctx.run_id),
+                    mapping={"status": "cancelling", "cancel_reason": "lost in transit"},
+                )
+                await redis.zadd(keys.cancelling_runs, {ctx.run_id: 0})
+                sent = time.monotonic()
+                await anyio.sleep(60)
+    assert time.monotonic() - sent < 5
+    assert ctx.cancel_reason == "lost in transit"
+    assert broker.metrics.signals_resent._value.get() >= 1
+    assert await redis.zcard(keys.cancelling_runs) == 0
+
+
+async def test_a_step_boundary_sees_a_cancel_whose_signal_never_came(
+    redis_url: str, namespace: str, redis: Redis, client: Client
+) -> None:
+    keys = Keys(namespace)
+    steps = 0
+    async with report_worker(redis_url, namespace) as worker:
+        with pytest.raises(RunCancelled):
+            async with worker.run(
+                "generate-report", Event(name="report/generate.requested", data={})
+            ) as ctx:
+                await redis.hset(keys.run(ctx.run_id), "status", "cancelling")  # no signal
+                for _ in range(10):
+                    await ctx.step.run("chunk", anyio.sleep, 0.01)
+                    steps += 1
+    assert steps == 0
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_a_signal_sent_while_the_worker_reconnects_arrives(
+    redis_url: str, namespace: str, redis: Redis, client: Client, broker: Broker
+) -> None:
+    async with report_worker(redis_url, namespace) as worker:
+        with pytest.raises(RunCancelled):
+            async with worker.run(
+                "generate-report",
+                Event(name="report/generate.requested", data={"reportId": "r1"}),
+            ) as ctx:
+                # Drop the worker's signal connection (the one blocked in XREAD)...
+                for client_info in await redis.client_list():
+                    if client_info.get("cmd") == "xread":
+                        await redis.client_kill_filter(_id=client_info["id"])
+                # ...and cancel while it reconnects.
+                await client.send("report/cancel.requested", {"reportId": "r1"})
+                await anyio.sleep(60)
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_ten_thousand_finished_runs_leave_no_keys_behind(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    keys = Keys(namespace)
+    worker = report_worker(redis_url, namespace, retention=timedelta(seconds=1))
+
+    async def one(i: int) -> None:
+        event = Event(name="report/generate.requested", data={"reportId": f"r{i}"})
+        async with worker.run("generate-report", event):
+            pass
+
+    async with worker:
+        for batch in range(100):
+            async with anyio.create_task_group() as tg:
+                for i in range(batch * 100, batch * 100 + 100):
+                    tg.start_soon(one, i)
+        assert await count_keys(redis, f"{namespace}:idx:*") == 0
+        assert await count_keys(redis, f"{namespace}:listen:*") == 0
+        assert await redis.zcard(keys.active_runs) == 0
+        assert await redis.scard(keys.worker_runs(worker.worker_id)) == 0
+        assert await redis.hlen(keys.run_configs("reports")) == 0
+        await anyio.sleep(2.1)  # records outlive their runs by the retention only
+        assert await count_keys(redis, f"{namespace}:run:*") == 0
+        assert await count_keys(redis, f"{namespace}:event-runs:*") == 0
