@@ -24,12 +24,14 @@ from broker.metrics import BrokerMetrics
 from broker.report import format_status
 from broker.service import Broker
 from sdk import Client
-from sdk.connection import REDIS_URL_ENV, command_client, resolve_url
+from sdk.connection import REDIS_URL_ENV, command_client, redact_url, resolve_url
 from sdk.durations import parse_duration
 from sdk.errors import CancelBrokerError
 from sdk.keys import DEFAULT_NAMESPACE, Keys
 
 DEFAULT_HTTP_PORT = 8750
+#: The longest a broker takes to stop after SIGTERM.
+STOP_TIMEOUT_S = 5.0
 T = TypeVar("T")
 
 log = structlog.get_logger("broker")
@@ -87,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("CANCEL_BROKER_LOG_FORMAT", "auto"),
         choices=["auto", "json", "console"],
         help="auto = console on a terminal, JSON otherwise (env CANCEL_BROKER_LOG_FORMAT)",
+    )
+    run.add_argument(
+        "--claim-idle",
+        type=_duration,
+        default=_duration(_env("CANCEL_BROKER_CLAIM_IDLE", "30s")),
+        help="take over events another broker read and left unacknowledged this long"
+        " (it died) (env CANCEL_BROKER_CLAIM_IDLE; default 30s)",
     )
     _add_windows(run)
     run.add_argument(
@@ -200,29 +209,45 @@ async def _serve(url: str, args: argparse.Namespace) -> None:
         metrics=metrics,
         windows=_windows(args),
         cancel_event_names=frozenset(args.cancel_event),
+        claim_idle_ms=int(args.claim_idle * 1000),
     )
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, tg.cancel_scope)
+        tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)
         port = await tg.start(
             serve_http,
-            create_app(metrics.registry, broker.sync_state),
+            create_app(metrics.registry, broker),
             args.http_host,
             args.http_port,
         )
         await tg.start(broker.run)
         log.info(
             "broker.ready",
-            redis_url=url,
+            redis_url=redact_url(url),
             namespace=args.namespace,
             http=f"http://{args.http_host}:{port}",
             version=sdk.__version__,
         )
 
 
-async def _stop_on_signals(scope: anyio.CancelScope) -> None:
+async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
+    """SIGTERM/SIGINT: stop reading, finish and acknowledge the batch in hand, exit.
+
+    Within ``STOP_TIMEOUT_S`` in any case; a second signal stops at once.
+    """
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("broker.stopping", signal=signum.name)
+            broker.stop()
+            with anyio.move_on_after(STOP_TIMEOUT_S):
+                async with anyio.create_task_group() as tg:
+
+                    async def second_signal() -> None:
+                        async for _ in signals:
+                            tg.cancel_scope.cancel()
+
+                    tg.start_soon(second_signal)
+                    await broker.stopped.wait()
+                    tg.cancel_scope.cancel()
             scope.cancel()
             return
 

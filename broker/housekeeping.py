@@ -41,6 +41,10 @@ class Housekeeping:
         self.redis = store.redis
         self.metrics = metrics
         self._log = log
+        # During a Redis outage nobody can heartbeat: silence is counted from the moment
+        # Redis answered again, not from the last heartbeat before the outage.
+        self._outage = False
+        self._reachable_since = 0
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -59,7 +63,13 @@ class Housekeeping:
 
     async def reap_once(self) -> float:
         """Record the runs of workers that stopped heartbeating as lost; returns the pause."""
-        now = await redis_now_ms(self.redis)
+        try:
+            now = await redis_now_ms(self.redis)
+        except REDIS_ERRORS:
+            self._outage = True
+            raise
+        if self._outage:
+            self._outage, self._reachable_since = False, now
         workers = cast(
             list[tuple[str, float]],
             await self.redis.zrange(self.keys.workers, 0, -1, withscores=True),
@@ -77,7 +87,7 @@ class Housekeeping:
                 with contextlib.suppress(msgspec.DecodeError):
                     interval = decode_worker(info).heartbeat_interval_s
             shortest = min(shortest, interval)
-            last = int(heartbeat_at) if heartbeat_at else int(score)
+            last = max(int(heartbeat_at) if heartbeat_at else int(score), self._reachable_since)
             if now - last > LIVE_INTERVALS * interval * 1000:
                 await self._reap(worker_id, silent_ms=now - last)
         return min(max(shortest / 10, REAP_SLEEP_S[0]), REAP_SLEEP_S[1])

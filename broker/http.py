@@ -1,10 +1,11 @@
-"""The broker's one small HTTP server: /healthz, /metrics and /v1/sync."""
+"""The broker's one small HTTP server: /healthz, /readyz, /metrics and /v1/sync."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -25,9 +26,13 @@ class HttpBindError(OSError):
     """The HTTP port could not be bound."""
 
 
-def create_app(
-    registry: CollectorRegistry, sync_state: Callable[[], Awaitable[SyncState]] | None = None
-) -> Starlette:
+class BrokerStatus(Protocol):
+    async def readiness(self) -> tuple[bool, str]: ...
+
+    async def sync_state(self) -> SyncState: ...
+
+
+def create_app(registry: CollectorRegistry, broker: BrokerStatus | None = None) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -35,11 +40,20 @@ def create_app(
         encoder, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encoder(registry), media_type=content_type)
 
+    async def readyz(request: Request) -> Response:
+        if broker is None:
+            return JSONResponse({"status": "ready"})
+        ready, reason = await broker.readiness()
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "reason": reason},
+            status_code=200 if ready else 503,
+        )
+
     async def sync(request: Request) -> Response:
-        if sync_state is None:
+        if broker is None:
             return JSONResponse({"error": "sync state is not available"}, status_code=404)
         try:
-            state = await sync_state()
+            state = await broker.sync_state()
         except (RuntimeError, *REDIS_ERRORS) as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         body = msgspec.json.encode(state)
@@ -48,6 +62,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/healthz", healthz),
+            Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/v1/sync", sync),
         ]

@@ -14,7 +14,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import anyio
 import structlog
@@ -30,15 +30,13 @@ from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
 from sdk.store import RunStore
-from sdk.streams import Entry, GroupConsumer, create_group
-from sdk.wire import MAX_EVENT_BYTES, decode_event, encode_json, printable
+from sdk.streams import MAX_DELIVERIES, Entry, GroupConsumer, create_group, dead_letter
+from sdk.wire import MAX_EVENT_BYTES, decode_event
 
 BLOCK_MS: Final = 5_000
 BATCH: Final = 200
 #: Entries a broker read and left unacknowledged this long are taken over by another.
 CLAIM_IDLE_MS: Final = 30_000
-#: Approximate cap on the dead-letter stream.
-DEAD_LETTER_MAXLEN: Final = 100_000
 
 
 def default_consumer_name() -> str:
@@ -72,9 +70,20 @@ class Broker:
         )
         self._watch = EventWatch(self.keys, cancel_event_names, self._log)
         self._redis: Redis | None = None
+        self._events: GroupConsumer | None = None
+        #: Set when :meth:`run` has returned (after :meth:`stop`, or cancellation).
+        self.stopped = anyio.Event()
+
+    def stop(self) -> None:
+        """Stop reading events; the batch in hand is finished and acknowledged first."""
+        if self._events is not None:
+            self._events.stop()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Consume cancel events until cancelled. Signals ``task_status`` once listening."""
+        """Consume cancel events until :meth:`stop` or cancellation.
+
+        Signals ``task_status`` once listening.
+        """
         redis = command_client(self.redis_url)
         try:
             await self._wait_for_redis(redis)
@@ -89,10 +98,12 @@ class Broker:
                     block_ms=BLOCK_MS,
                     batch=BATCH,
                     claim_idle_ms=self.claim_idle_ms,
+                    on_poison=self._poison_handler(redis, stream),
                     log=self._log,
                 )
                 for stream in (self.keys.events, self.keys.syncs)
             )
+            self._events = events
             recorder = SyncRecorder(redis, self.keys, self._log)
             monitor = SyncMonitor(
                 redis, self.keys, self._watch, self.metrics, self.windows, self._log
@@ -117,10 +128,35 @@ class Broker:
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 await events.run(handle_events)
+                tg.cancel_scope.cancel()  # stopped: the rest is housekeeping
         finally:
-            self._redis = None
+            self._redis = self._events = None
             with anyio.CancelScope(shield=True):
                 await redis.aclose()
+            self.stopped.set()
+            self._log.info("broker.stopped")
+
+    def _poison_handler(self, redis: Redis, stream: str) -> Any:
+        async def park(entries: Sequence[Entry]) -> None:
+            for entry_id, fields in entries:
+                detail = f"delivered more than {MAX_DELIVERIES} times without being handled"
+                await self._dead_letter(redis, entry_id, fields, "poison", f"{stream}: {detail}")
+
+        return park
+
+    async def readiness(self) -> tuple[bool, str]:
+        """Whether this broker can do its work now: Redis answers and its groups exist."""
+        redis = self._redis
+        if redis is None:
+            return False, "the broker is not running"
+        try:
+            with anyio.fail_after(2):
+                groups = {g["name"] for g in await redis.xinfo_groups(self.keys.events)}
+        except (*REDIS_ERRORS, TimeoutError) as exc:
+            return False, f"Redis is unreachable: {exc!r}"
+        if BROKER_GROUP not in groups:
+            return False, f"consumer group {BROKER_GROUP!r} is missing on {self.keys.events}"
+        return True, "ready"
 
     async def sync_state(self) -> SyncState:
         """Registrations and stale-configuration findings, computed now."""
@@ -210,17 +246,12 @@ class Broker:
         self, redis: Redis, entry_id: str, fields: dict[str, str] | None, reason: str, detail: str
     ) -> None:
         self.metrics.dead_letters.labels(reason=reason).inc()
-        await redis.xadd(
+        await dead_letter(
+            redis,
             self.keys.dead_letters,
-            {
-                "reason": reason,
-                "detail": printable(detail[:2000]),
-                "entry_id": entry_id,
-                "fields": encode_json(
-                    {printable(k): printable(v) for k, v in (fields or {}).items()}
-                ),
-                "consumer": self.consumer,
-            },
-            maxlen=DEAD_LETTER_MAXLEN,
-            approximate=True,
+            entry_id,
+            fields,
+            reason=reason,
+            detail=detail,
+            consumer=self.consumer,
         )

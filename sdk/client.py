@@ -6,7 +6,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from sdk.connection import command_client, resolve_url
-from sdk.keys import DEFAULT_NAMESPACE, EVENT_FIELD, Keys
+from sdk.keys import DEFAULT_NAMESPACE, EVENT_FIELD, Keys, check_id
 from sdk.store import RunStore
 from sdk.wire import MAX_EVENT_BYTES, CancelResult, RunInfo, encode_event
 
@@ -51,11 +51,11 @@ class Client:
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """The run's record, or None if there is no such run (or it expired)."""
-        return await self._store.get(run_id)
+        return await self._store.get(check_id("run id", run_id))
 
     async def runs_for_event(self, event_id: str) -> list[RunInfo]:
         """The runs an event triggered."""
-        return await self._store.runs_for_event(event_id)
+        return await self._store.runs_for_event(check_id("event id", event_id))
 
     async def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
         """Cancel one run by id.
@@ -65,6 +65,8 @@ class Client:
         ``not_found``.
         """
         (result,) = await self._store.request_cancel(
-            run_ids=[run_id], reason=reason or "cancelled by request", cancelled_by="api"
+            run_ids=[check_id("run id", run_id)],
+            reason=reason or "cancelled by request",
+            cancelled_by="api",
         )
         return result

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 from typing import Final
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
@@ -61,13 +62,35 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RedisError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line: the password and any ``ssl_password`` replaced by ***."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key == "ssl_password" else f"{key}={value}"
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
 def resolve_url(url: str | None) -> str:
     return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
 
 
+#: Connections one process opens for commands; beyond that, callers wait for a free one.
+MAX_CONNECTIONS: Final = 64
+
+
 def command_client(url: str) -> Redis:
-    return Redis.from_url(
+    # A blocking pool: a burst of concurrent commands (thousands of runs registering at
+    # once) waits for a connection instead of failing with MaxConnectionsError.
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=30,
         decode_responses=True,
         encoding_errors="surrogateescape",
         protocol=2,
@@ -81,6 +104,7 @@ def command_client(url: str) -> Redis:
             supported_errors=(RedisConnectionError,),
         ),
     )
+    return Redis.from_pool(pool)  # closing the client closes its pool
 
 
 def blocking_client(url: str, block_ms: int) -> Redis:

@@ -24,6 +24,10 @@ class InvalidEventError(CancelBrokerError, ValueError):
         self.detail = detail
 
 
+class InvalidIdError(CancelBrokerError, ValueError):
+    """A run or event id that cannot be part of a key name (checked before any lookup)."""
+
+
 class UnknownFunctionError(CancelBrokerError, LookupError):
     """``worker.run`` named a function the worker does not declare."""
 

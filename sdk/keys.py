@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sdk.errors import InvalidIdError
+
 DEFAULT_NAMESPACE = "cancel"
 
 #: Consumer group through which brokers share the cancel events.
@@ -26,6 +28,19 @@ def check_name(kind: str, value: str) -> str:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(
             f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.' or '-',"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Validate a run or event id before it becomes part of a key name."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidIdError(
+            f"invalid {kind} {value!r}: use 1-128 letters, digits, '_', '.', ':' or '-',"
             " starting with a letter or digit"
         )
     return value

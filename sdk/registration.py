@@ -123,7 +123,10 @@ class Registration:
             except REDIS_ERRORS as exc:
                 failures += 1
                 self._log.warning("worker.heartbeat_failed", error=repr(exc), attempt=failures)
-                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                # Back off, but never past half an interval: once Redis is back, the
+                # heartbeat must land before the broker counts this worker as gone.
+                pause = RECONNECT_BACKOFF.compute(failures)
+                await anyio.sleep(min(pause, self.heartbeat_interval / 2))
                 continue
             failures = 0
 

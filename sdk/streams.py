@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import anyio
 import structlog
@@ -28,9 +28,44 @@ from sdk.connection import (
     blocking_client,
     is_transient,
 )
+from sdk.wire import encode_json, printable
 
 Entry = tuple[str, dict[str, str] | None]
 Handler = Callable[[Sequence[Entry]], Awaitable[None]]
+
+#: An entry delivered more often than this without being acknowledged is poison: it is
+#: set aside (dead-lettered) instead of failing, or crashing its consumer, forever.
+MAX_DELIVERIES: Final = 5
+
+
+#: Approximate cap on the dead-letter stream.
+DEAD_LETTER_MAXLEN: Final = 100_000
+
+
+async def dead_letter(
+    redis: Redis,
+    stream: str,
+    entry_id: str,
+    fields: dict[str, str] | None,
+    *,
+    reason: str,
+    detail: str,
+    consumer: str,
+) -> None:
+    """Park an entry that cannot be handled, with the reason and the original fields."""
+    original = {printable(k): printable(v) for k, v in (fields or {}).items()}
+    await redis.xadd(
+        stream,
+        {
+            "reason": reason,
+            "detail": printable(detail[:2000]),
+            "entry_id": entry_id,
+            "fields": encode_json(original),
+            "consumer": consumer,
+        },
+        maxlen=DEAD_LETTER_MAXLEN,
+        approximate=True,
+    )
 
 
 async def create_group(redis: Redis, stream: str, group: str) -> None:
@@ -92,6 +127,8 @@ class GroupConsumer:
         block_ms: int = 5_000,
         batch: int = 100,
         claim_idle_ms: int = 30_000,
+        max_deliveries: int = MAX_DELIVERIES,
+        on_poison: Handler | None = None,
         log: Any = None,
     ) -> None:
         self.redis_url = redis_url
@@ -102,13 +139,23 @@ class GroupConsumer:
         self.block_ms = block_ms
         self.batch = batch
         self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self._on_poison = on_poison
         self._log = log or structlog.get_logger("sdk.streams")
         self._reread_pending = False
         self._next_claim = 0.0
+        self._stopping = False
+        self._read_scope: anyio.CancelScope | None = None
 
     def reread_pending(self) -> None:
         """Read this consumer's pending entries again (a handler left some unacknowledged)."""
         self._reread_pending = True
+
+    def stop(self) -> None:
+        """Stop reading; the batch being handled is finished, then :meth:`run` returns."""
+        self._stopping = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
 
     async def ack(self, *entry_ids: str) -> None:
         if entry_ids:
@@ -132,7 +179,7 @@ class GroupConsumer:
     async def run(
         self, handle: Handler, *, capacity: Callable[[], Awaitable[int]] | None = None
     ) -> None:
-        """Feed entries to ``handle`` forever. ``capacity`` waits for room and says how much."""
+        """Feed entries to ``handle`` until stopped. ``capacity`` waits for room, says how much."""
         reader = blocking_client(self.redis_url, self.block_ms)
         try:
             await self._loop(reader, handle, capacity)
@@ -146,34 +193,39 @@ class GroupConsumer:
     ) -> None:
         pending_from: str | None = "0"
         failures = 0
-        while True:
+        while not self._stopping:
             count = self.batch if capacity is None else max(1, min(self.batch, await capacity()))
             if self._reread_pending and pending_from is None:
                 self._reread_pending, pending_from = False, "0"
             try:
                 if pending_from is None and time.monotonic() >= self._next_claim:
                     await self._claim_idle(handle)
-                reply = await reader.xreadgroup(
-                    self.group,
-                    self.consumer,
-                    {self.stream: pending_from or ">"},
-                    count=count,
-                    block=None if pending_from else self.block_ms,
-                )
+                reply = None
+                with anyio.CancelScope() as self._read_scope:
+                    if self._stopping:
+                        break
+                    reply = await reader.xreadgroup(
+                        self.group,
+                        self.consumer,
+                        {self.stream: pending_from or ">"},
+                        count=count,
+                        block=None if pending_from else self.block_ms,
+                    )
+                self._read_scope = None
                 entries = _entries(reply)
                 if pending_from is not None:
+                    # Entries read again (after a crash or an error) may be poison.
                     pending_from = entries[-1][0] if entries else None
+                    entries = await self._without_poison(entries)
                 if entries:
                     await handle(entries)
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._log.warning("stream.group_missing", stream=self.stream, group=self.group)
-                await create_group(self.commands, self.stream, self.group)
-                continue
             except REDIS_ERRORS as exc:
-                # Whatever Redis says, a read loop backs off and carries on: a crash would
-                # only come back at the next start, with the entry that caused it.
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    self._log.warning("stream.group_missing", stream=self.stream, group=self.group)
+                    if await self._recreate_group():
+                        continue
+                # Whatever Redis says (an outage, NOPERM from a wrong ACL, OOM), a read loop
+                # backs off and carries on: a crash would only come back at the next start.
                 failures += 1
                 (self._log.warning if is_transient(exc) else self._log.error)(
                     "stream.retrying", stream=self.stream, error=repr(exc), attempt=failures
@@ -185,11 +237,19 @@ class GroupConsumer:
                 self._log.info("stream.recovered", stream=self.stream, attempts=failures)
                 failures = 0
 
+    async def _recreate_group(self) -> bool:
+        try:
+            await create_group(self.commands, self.stream, self.group)
+        except REDIS_ERRORS as exc:
+            self._log.error("stream.group_create_failed", stream=self.stream, error=repr(exc))
+            return False
+        return True
+
     async def _claim_idle(self, handle: Handler) -> None:
         """Take over entries a vanished consumer read but never acknowledged."""
         self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
         start = "0-0"
-        while True:
+        while not self._stopping:
             reply = await self.commands.xautoclaim(
                 self.stream, self.group, self.consumer, self.claim_idle_ms, start, count=self.batch
             )
@@ -197,6 +257,29 @@ class GroupConsumer:
             start, claimed = reply[0], [entry for entry in reply[1] if entry[0] is not None]
             if claimed:
                 self._log.info("stream.claimed", stream=self.stream, entries=len(claimed))
-                await handle(claimed)
+                claimed = await self._without_poison(claimed)
+                if claimed:
+                    await handle(claimed)
             if start == "0-0":
                 return
+
+    async def _without_poison(self, entries: list[Entry]) -> list[Entry]:
+        """Set aside entries delivered more than ``max_deliveries`` times (they keep failing)."""
+        if not entries or self._on_poison is None:
+            return entries
+        pending = await self.commands.xpending_range(
+            self.stream, self.group, entries[0][0], entries[-1][0], len(entries)
+        )
+        counts = {p["message_id"]: int(p["times_delivered"]) for p in pending}
+        poison = [e for e in entries if counts.get(e[0], 0) > self.max_deliveries]
+        if not poison:
+            return entries
+        self._log.error(
+            "stream.poison",
+            stream=self.stream,
+            entries=[entry_id for entry_id, _ in poison],
+            max_deliveries=self.max_deliveries,
+        )
+        await self._on_poison(poison)
+        await self.ack(*(entry_id for entry_id, _ in poison))
+        return [e for e in entries if counts.get(e[0], 0) <= self.max_deliveries]

@@ -20,7 +20,7 @@ from sdk.errors import DuplicateRunError, InvalidEventError
 from sdk.function import Function
 from sdk.keys import Keys
 from sdk.runner import Run, Runner
-from sdk.streams import Entry, GroupConsumer
+from sdk.streams import MAX_DELIVERIES, Entry, GroupConsumer, dead_letter
 from sdk.wire import Event, decode_event
 
 #: How long the blocking read waits before looping (it returns at once on new entries).
@@ -74,11 +74,27 @@ class FunctionTriggers:
             block_ms=TRIGGER_BLOCK_MS,
             batch=TRIGGER_BATCH,
             claim_idle_ms=TRIGGER_CLAIM_IDLE_MS,
+            on_poison=self._park_poison,
             log=log,
         )
 
     async def run(self) -> None:
         await self.consumer.run(self._dispatch, capacity=self._capacity)
+
+    async def _park_poison(self, entries: Sequence[Entry]) -> None:
+        """A trigger whose start keeps failing (or crashing workers) goes to the dead letters."""
+        keys = self.runner.store.keys
+        for entry_id, fields in entries:
+            await dead_letter(
+                self.runner.store.redis,
+                keys.dead_letters,
+                entry_id,
+                fields,
+                reason="poison",
+                detail=f"trigger of {self.function.id} delivered more than"
+                f" {MAX_DELIVERIES} times without starting a run",
+                consumer=self.consumer.consumer,
+            )
 
     async def _dispatch(self, entries: Sequence[Entry]) -> None:
         not_ours: list[str] = []

@@ -47,7 +47,7 @@ from sdk.errors import (
     WorkerNotStartedError,
 )
 from sdk.function import Function
-from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_name
+from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_id, check_name
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
@@ -232,6 +232,9 @@ class Worker:
             event = msgspec.structs.replace(
                 event, id=f"local-{uuid.uuid4().hex}", ts=event.ts or int(time.time() * 1000)
             )
+        check_id("event id", event.id)
+        if run_id is not None:
+            check_id("run id", run_id)
         runner = self._require_runner()
         run = await runner.register(fn, event, run_id or uuid.uuid4().hex)
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:

@@ -6,6 +6,7 @@ import pytest
 
 from broker.findings import is_cancel_like
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError, Worker
+from sdk.connection import redact_url
 from sdk.keys import Keys
 from sdk.rules import Path, index_entries, lookup_keys, value_token
 from sdk.wire import decode_event, encode_event
@@ -163,3 +164,12 @@ def test_send_refuses_what_the_broker_would_dead_letter(
 def test_cancel_like_event_names(name: str, cancel_like: bool) -> None:
     assert is_cancel_like(name) is cancel_like
     assert is_cancel_like("render/stop", frozenset({"render/stop"}))
+
+
+def test_logged_urls_hide_secrets() -> None:
+    assert redact_url("redis://broker:s3cret@host:6379/0") == "redis://broker:***@host:6379/0"
+    assert redact_url("redis://:s3cret@host/0") == "redis://:***@host/0"
+    assert redact_url("rediss://h:6380/0?ssl_password=pw&ssl_cert_reqs=required") == (
+        "rediss://h:6380/0?ssl_password=***&ssl_cert_reqs=required"
+    )
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"

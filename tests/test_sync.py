@@ -355,10 +355,14 @@ async def test_monitor_logs_each_finding_once_and_sets_gauges(
 
 
 async def test_sync_endpoint_serves_the_state(redis_url: str, namespace: str, redis: Redis) -> None:
-    async def provider() -> SyncState:
-        return await state_of(redis, namespace)
+    class Status:
+        async def sync_state(self) -> SyncState:
+            return await state_of(redis, namespace)
 
-    app = create_app(BrokerMetrics().registry, provider)
+        async def readiness(self) -> tuple[bool, str]:
+            return True, "ready"
+
+    app = create_app(BrokerMetrics().registry, Status())
     async with make_worker(redis_url, namespace, rules=()), make_worker(redis_url, namespace):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://broker") as web:

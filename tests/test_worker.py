@@ -13,6 +13,7 @@ from sdk import (
     Client,
     DuplicateRunError,
     Event,
+    InvalidIdError,
     RunCancelled,
     RunContext,
     UnknownFunctionError,
@@ -215,3 +216,15 @@ async def test_serve_runs_triggers_and_cancel_events_stop_them(
     (r2,) = await client.runs_for_event(e2)
     assert r2.status == "cancelled"
     assert r2.cancel_reason == "worker shutdown"
+
+
+async def test_ids_are_checked_before_they_become_keys(worker: Worker, client: Client) -> None:
+    with pytest.raises(InvalidIdError):
+        await client.get_run("run id with spaces")
+    with pytest.raises(InvalidIdError):
+        await client.cancel("x" * 200)
+    with pytest.raises(InvalidIdError):
+        await client.runs_for_event("*")
+    with pytest.raises(InvalidIdError):
+        async with worker.run("generate-report", report_event("r1"), run_id="a b"):
+            pass

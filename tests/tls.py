@@ -125,7 +125,7 @@ def tls_url(
     ca: bool = True,
 ) -> str:
     """A ``rediss://`` URL carrying every TLS option in its query string."""
-    params: dict[str, str] = {"ssl_cert_reqs": "required"}
+    params = {"ssl_cert_reqs": "required", "ssl_check_hostname": "true"}
     if ca:
         params["ssl_ca_certs"] = str(certs.ca)
     if client_cert:
@@ -186,8 +186,22 @@ class TlsRedis:
         assert self._server is not None
         return self._server.port
 
-    def url(self, **options: object) -> str:
-        return tls_url(self.tls_port, self.certs, **options)  # type: ignore[arg-type]
+    def url(
+        self,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        client_cert: bool = True,
+        ca: bool = True,
+    ) -> str:
+        return tls_url(
+            self.tls_port,
+            self.certs,
+            username=username,
+            password=password,
+            client_cert=client_cert,
+            ca=ca,
+        )
 
     def close(self) -> None:
         if self._server is not None:

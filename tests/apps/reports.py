@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from broker.logs import configure_logging
 from sdk import CancelOn, RunContext, Worker
@@ -35,13 +35,17 @@ worker = Worker(
     namespace=NAMESPACE,
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "30")),
     heartbeat_interval=float(os.environ.get("HEARTBEAT_INTERVAL", "5")),
+    concurrency=int(os.environ.get("CONCURRENCY", "100")),
 )
 CANCEL_RULES = (
     []
     if os.environ.get("REPORTS_VERSION") == "v1"
     else [CancelOn(event="report/cancel.requested", match="data.reportId")]
 )
-recorder = Redis.from_url(REDIS_URL, decode_responses=True)
+# A blocking pool: thousands of runs record at once in the fault tests.
+recorder = Redis.from_pool(
+    BlockingConnectionPool.from_url(REDIS_URL, decode_responses=True, max_connections=32)
+)
 log = structlog.get_logger("reports")
 
 

@@ -1,0 +1,234 @@
+"""Faults injected for real against real processes: kill -9, a stopped redis-server, SIGTERM.
+
+Each test asserts that no cancel was lost and none was applied twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from broker import Broker, EmbeddedRedis
+from sdk import Client
+from sdk.keys import Keys
+from sdk.streams import create_group
+from sdk.wire import encode_event
+from tests.conftest import wait_until
+from tests.processes import ProcessHandle, start_broker, start_worker
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+CLAIM_FAST = ("--claim-idle", "1s")
+
+
+async def start_runs(redis: Redis, namespace: str, count: int) -> None:
+    """``count`` report runs, r0 ... r{count-1}, all running (registered by the worker)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            body = encode_event("report/generate.requested", {"reportId": f"r{i}", "seconds": 300})
+            pipe.xadd(f"{namespace}:events", {"event": body})
+        await pipe.execute()
+
+    async def all_running() -> bool:
+        return await redis.zcard(Keys(namespace).active_runs) == count
+
+    await wait_until(all_running, timeout=60)
+
+
+async def send_cancels(redis: Redis, namespace: str, count: int) -> list[str]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(count):
+            body = encode_event("report/cancel.requested", {"reportId": f"r{i}"})
+            pipe.xadd(f"{namespace}:events", {"event": body})
+        return [str(entry_id) for entry_id in await pipe.execute()]
+
+
+async def broker_delivered(redis: Redis, namespace: str) -> tuple[int, int]:
+    """(last delivered id's milliseconds, pending entries) of the broker group."""
+    for group in await redis.xinfo_groups(f"{namespace}:events"):
+        if group["name"] == "broker":
+            return int(group["last-delivered-id"].split("-")[0]), int(group["pending"])
+    return 0, 0
+
+
+async def past(redis: Redis, namespace: str, entry_id: str) -> bool:
+    delivered, _ = await broker_delivered(redis, namespace)
+    return delivered >= int(entry_id.split("-")[0])
+
+
+async def assert_each_cancelled_once(redis: Redis, namespace: str, count: int) -> None:
+    keys = Keys(namespace)
+
+    async def all_finished() -> bool:
+        return await redis.zcard(keys.active_runs) == 0
+
+    await wait_until(all_finished, timeout=60)
+    statuses: collections.Counter[str] = collections.Counter()
+    workers: set[str] = set()
+    async for key in redis.scan_iter(match=f"{namespace}:run:*", count=1000):
+        status, worker_id = await redis.hmget(key, "status", "worker_id")
+        statuses[status] += 1
+        workers.add(worker_id)
+    assert statuses == {"cancelled": count}
+    (worker_id,) = workers
+    signals = collections.Counter(
+        fields["run_id"]
+        for _, fields in await redis.xrange(keys.signals(worker_id))
+        if fields.get("resent") != "1"
+    )
+    assert len(signals) == count
+    assert set(signals.values()) == {1}  # each run signalled exactly once
+
+
+@pytest.fixture
+async def worker(redis_url: str, namespace: str) -> AsyncIterator[ProcessHandle]:
+    handle = start_worker(redis_url, namespace, concurrency="6000", shutdown_timeout="1")
+    yield handle
+    handle.terminate()
+
+
+async def test_a_broker_killed_mid_burst_loses_and_repeats_nothing(
+    redis_url: str, namespace: str, redis: Redis, worker: ProcessHandle
+) -> None:
+    count = 5_000
+    first, _ = start_broker(redis_url, namespace, "--consumer", "first", *CLAIM_FAST)
+    try:
+        await start_runs(redis, namespace, count)
+        cancel_ids = await send_cancels(redis, namespace, count)
+        await wait_until(lambda: past(redis, namespace, cancel_ids[count // 5]), timeout=30)
+    finally:
+        first.kill()  # kill -9 with a batch in hand
+    _, pending = await broker_delivered(redis, namespace)
+    second, _ = start_broker(redis_url, namespace, "--consumer", "second", *CLAIM_FAST)
+    try:
+        await assert_each_cancelled_once(redis, namespace, count)
+        assert second.logs("stream.claimed") or pending == 0
+    finally:
+        assert second.terminate() == 0
+
+
+async def test_a_surviving_broker_finishes_the_work_of_a_killed_one(
+    redis_url: str, namespace: str, redis: Redis, worker: ProcessHandle
+) -> None:
+    count = 2_000
+    survivor, _ = start_broker(redis_url, namespace, "--consumer", "survivor", *CLAIM_FAST)
+    doomed, _ = start_broker(redis_url, namespace, "--consumer", "doomed", *CLAIM_FAST)
+    try:
+        await start_runs(redis, namespace, count)
+        cancel_ids = await send_cancels(redis, namespace, count)
+        await wait_until(lambda: past(redis, namespace, cancel_ids[count // 4]), timeout=30)
+        doomed.kill()
+        await assert_each_cancelled_once(redis, namespace, count)
+        consumers = await redis.xinfo_consumers(f"{namespace}:events", "broker")
+        assert {c["name"]: c["pending"] for c in consumers}.get("doomed", 0) == 0
+    finally:
+        doomed.kill()
+        assert survivor.terminate() == 0
+
+
+async def test_broker_sigterm_acknowledges_what_it_read_and_exits_quickly(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    broker, _ = start_broker(redis_url, namespace)
+    await send_cancels(redis, namespace, 3_000)
+    await anyio.sleep(0.05)
+    started = time.monotonic()
+    code = await anyio.to_thread.run_sync(broker.terminate)
+    assert code == 0, broker.output
+    assert time.monotonic() - started < 5
+    _, pending = await broker_delivered(redis, namespace)
+    assert pending == 0  # the batch in hand was finished and acknowledged
+    assert broker.logs("broker.stopped")
+
+
+async def test_redis_outage_is_survived_and_runs_stay_cancellable(namespace: str) -> None:
+    server = EmbeddedRedis(appendonly=True, extra_args=("--appendfsync", "always"))
+    server.start()
+    broker: ProcessHandle | None = None
+    worker: ProcessHandle | None = None
+    try:
+        broker, http = start_broker(server.url, namespace)
+        worker = start_worker(server.url, namespace, heartbeat_interval="1")
+        async with Client(server.url, namespace=namespace) as client:
+            event_id = await client.send("report/generate.requested", {"reportId": "r1"})
+            runs: list[str] = []
+
+            async def registered() -> bool:
+                runs[:] = [r.run_id for r in await client.runs_for_event(event_id)]
+                return bool(runs)
+
+            await wait_until(registered)
+            (run_id,) = runs
+
+            await anyio.to_thread.run_sync(server.stop)
+            async with httpx.AsyncClient(base_url=http, timeout=10) as web:
+                await anyio.sleep(2)
+                assert (await web.get("/healthz")).status_code == 200
+                not_ready = await web.get("/readyz")
+                assert not_ready.status_code == 503
+                assert "unreachable" in not_ready.json()["reason"]
+                await anyio.sleep(8)  # ten seconds of outage in all
+                assert broker.process.poll() is None
+                assert worker.process.poll() is None
+                await anyio.to_thread.run_sync(server.start)
+
+                async def ready() -> bool:
+                    return (await web.get("/readyz")).status_code == 200
+
+                await wait_until(ready, timeout=20, interval=0.2)
+
+            # The run registered before the outage is still there, and still cancellable.
+            info = await client.get_run(run_id)
+            assert info is not None
+            assert info.status == "running"
+            await client.send("report/cancel.requested", {"reportId": "r1"})
+
+            async def cancelled() -> bool:
+                info = await client.get_run(run_id)
+                return info is not None and info.status == "cancelled"
+
+            await wait_until(cancelled, timeout=20)
+        # A clear line each way, and backoff rather than a busy loop.
+        for handle in (broker, worker):
+            await anyio.to_thread.run_sync(handle.wait_for_log, "stream.recovered")
+            retries = handle.logs("stream.retrying")
+            assert retries, handle.output
+            assert len(retries) < 60, len(retries)
+    finally:
+        for handle in (worker, broker):
+            if handle is not None:
+                handle.terminate()
+        server.close()
+
+
+async def test_an_entry_that_keeps_failing_is_dead_lettered_as_poison(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    stream = f"{namespace}:events"
+    await create_group(redis, stream, "broker")
+    entry_id = await redis.xadd(stream, {"event": json.dumps({"name": "x/cancelled", "data": {}})})
+    # A broker took it and crashed with it, again and again (delivered seven times).
+    await redis.xreadgroup("broker", "crashing", {stream: ">"})
+    for _ in range(6):
+        await redis.xreadgroup("broker", "crashing", {stream: "0"})
+    await anyio.sleep(0.3)
+    broker = Broker(redis_url, namespace=namespace, claim_idle_ms=200)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.run)
+
+        async def parked() -> bool:
+            return await redis.xlen(f"{namespace}:events:dead") == 1
+
+        await wait_until(parked, timeout=10)
+        tg.cancel_scope.cancel()
+    ((_, letter),) = await redis.xrange(f"{namespace}:events:dead")
+    assert (letter["reason"], letter["entry_id"]) == ("poison", entry_id)
+    assert broker.metrics.dead_letters.labels(reason="poison")._value.get() == 1
+    assert broker.metrics.events.labels(result="ignored")._value.get() == 0  # never handled
