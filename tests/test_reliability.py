@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from broker import Broker
 from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
+from sdk.connection import blocking_client
 from sdk.keys import Keys
 from tests.conftest import count_keys, wait_until
 from tests.processes import start_worker
@@ -167,3 +168,18 @@ async def test_ten_thousand_finished_runs_leave_no_keys_behind(
         await anyio.sleep(2.1)  # records outlive their runs by the retention only
         assert await count_keys(redis, f"{namespace}:run:*") == 0
         assert await count_keys(redis, f"{namespace}:event-runs:*") == 0
+
+
+async def test_blocking_reads_cannot_time_out_into_a_resent_read(redis_url: str) -> None:
+    # redis-py's defaults (a 5 s socket timeout, retried) would re-send an XREADGROUP that
+    # blocks longer: entries the server handed to the abandoned read sit unseen in the
+    # pending list. Timing cannot show that race reliably, so check what prevents it: the
+    # socket outlives the BLOCK, and the reader never retries by itself.
+    for block_ms in (100, 5_000, 60_000):
+        reader = blocking_client(redis_url, block_ms)
+        try:
+            options = reader.connection_pool.connection_kwargs
+            assert options["socket_timeout"] > block_ms / 1000
+            assert options["retry"]._retries == 0
+        finally:
+            await reader.aclose()

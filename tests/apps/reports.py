@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -36,6 +37,7 @@ worker = Worker(
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "30")),
     heartbeat_interval=float(os.environ.get("HEARTBEAT_INTERVAL", "5")),
     concurrency=int(os.environ.get("CONCURRENCY", "100")),
+    retention=timedelta(seconds=float(os.environ.get("RETENTION", "86400"))),
 )
 CANCEL_RULES = (
     []
@@ -50,6 +52,8 @@ log = structlog.get_logger("reports")
 
 
 async def record(ctx: RunContext, what: str, **extra: Any) -> None:
+    if ctx.event.data.get("quiet"):
+        return  # the soak benchmark: nobody reads the observations
     entry = {"what": what, "run_id": ctx.run_id, "monotonic": time.monotonic(), **extra}
     with anyio.CancelScope(shield=True):
         key = f"{NAMESPACE}:test:observed:{ctx.event.data['reportId']}"
