@@ -25,7 +25,7 @@ from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
 from broker.metrics import BrokerMetrics
 from broker.sync import EventWatch, SyncMonitor, SyncRecorder
-from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS, command_client, is_transient
+from sdk.connection import REDIS_ERRORS, Backoff, command_client, is_transient
 from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
@@ -166,18 +166,15 @@ class Broker:
 
     async def _wait_for_redis(self, redis: Redis) -> None:
         """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
-        failures = 0
+        backoff = Backoff(self._log, "broker.startup")
         while True:
             try:
                 await create_group(redis, self.keys.events, BROKER_GROUP)
                 await create_group(redis, self.keys.syncs, BROKER_GROUP)
             except REDIS_ERRORS as exc:
-                failures += 1
-                self._log.warning("broker.waiting_for_redis", error=repr(exc), attempt=failures)
-                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                await backoff.failed(exc)
                 continue
-            if failures:
-                self._log.info("broker.redis_reachable", attempts=failures)
+            backoff.succeeded()
             return
 
     async def _handle(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> None:

@@ -161,6 +161,15 @@ class EventWatch:
         self._orphan_names = orphan_names
 
 
+def _who(finding: Finding) -> dict[str, str | None]:
+    return {
+        "kind": finding.kind,
+        "app_id": finding.app_id,
+        "function_id": finding.function_id,
+        "event_name": finding.event_name,
+    }
+
+
 def _served_configs(state: SyncState) -> list[Any]:
     hashes = {h for view in state.functions for h in view.served}
     return [state.configs[h] for h in hashes if h in state.configs]
@@ -215,23 +224,11 @@ class SyncMonitor:
         for key, finding in current.items():
             if key not in self._known:
                 self._log.warning(
-                    "sync.stale",
-                    kind=finding.kind,
-                    app_id=finding.app_id,
-                    function_id=finding.function_id,
-                    event_name=finding.event_name,
-                    message=finding.message,
-                    details=finding.details,
+                    "sync.stale", message=finding.message, details=finding.details, **_who(finding)
                 )
         for key, finding in self._known.items():
             if key not in current:
-                self._log.info(
-                    "sync.resolved",
-                    kind=finding.kind,
-                    app_id=finding.app_id,
-                    function_id=finding.function_id,
-                    event_name=finding.event_name,
-                )
+                self._log.info("sync.resolved", **_who(finding))
         self._known = current
         return state
 

@@ -14,9 +14,10 @@ UTF-8, and such an entry must become a dead letter, not an exception in a read l
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -60,6 +61,35 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (*CONNECTION_ERRORS, *_TRANSIENT_REPLIES)):
         return True
     return isinstance(exc, RedisError) and str(exc).startswith(_TRANSIENT_PREFIXES)
+
+
+class Backoff:
+    """The consecutive failures of one loop talking to Redis.
+
+    Each failure is logged (``{event}.retrying``) and followed by a jittered exponential
+    pause (50 ms doubling to 5 s, or ``cap``): no busy loop during an outage. The first
+    success after failures is logged once (``{event}.recovered``).
+    """
+
+    def __init__(self, log: Any, event: str, *, cap: float | None = None, **context: Any):
+        self._log = log
+        self._event = event
+        self._cap = cap
+        self._context = context
+        self.failures = 0
+
+    async def failed(self, exc: BaseException) -> None:
+        self.failures += 1
+        (self._log.warning if is_transient(exc) else self._log.error)(
+            f"{self._event}.retrying", error=repr(exc), attempt=self.failures, **self._context
+        )
+        pause = RECONNECT_BACKOFF.compute(self.failures)
+        await anyio.sleep(pause if self._cap is None else min(pause, self._cap))
+
+    def succeeded(self) -> None:
+        if self.failures:
+            self._log.info(f"{self._event}.recovered", attempts=self.failures, **self._context)
+            self.failures = 0
 
 
 def redact_url(url: str) -> str:

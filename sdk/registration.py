@@ -17,7 +17,7 @@ from typing import Any, Final
 import anyio
 from redis.asyncio import Redis
 
-from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS
+from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.function import Function
 from sdk.keys import Keys
 from sdk.version import __version__
@@ -106,9 +106,11 @@ class Registration:
         return info
 
     async def heartbeat_forever(self) -> None:
-        failures = 0
+        # Back off, but never past half an interval: once Redis is back, the heartbeat must
+        # land before the broker counts this worker as gone.
+        backoff = Backoff(self._log, "worker.heartbeat", cap=self.heartbeat_interval / 2)
         while True:
-            await anyio.sleep(self.heartbeat_interval if not failures else 0)
+            await anyio.sleep(self.heartbeat_interval if not backoff.failures else 0)
             try:
                 alive = await self._heartbeat(
                     keys=[self.keys.workers, self.keys.worker(self.worker_id)],
@@ -121,14 +123,9 @@ class Registration:
                     self._on_lost()
                     await self.sync(self._functions)
             except REDIS_ERRORS as exc:
-                failures += 1
-                self._log.warning("worker.heartbeat_failed", error=repr(exc), attempt=failures)
-                # Back off, but never past half an interval: once Redis is back, the
-                # heartbeat must land before the broker counts this worker as gone.
-                pause = RECONNECT_BACKOFF.compute(failures)
-                await anyio.sleep(min(pause, self.heartbeat_interval / 2))
+                await backoff.failed(exc)
                 continue
-            failures = 0
+            backoff.succeeded()
 
     async def leave(self) -> None:
         """Deregister (a clean stop): this worker no longer serves anything."""

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import anyio
 
-from sdk.connection import RECONNECT_BACKOFF, REDIS_ERRORS
+from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.context import CancelState, RunContext
 from sdk.errors import DuplicateRunError
 from sdk.function import Function
@@ -178,7 +178,7 @@ class Runner:
     async def _record(self, run: Run, outcome: Outcome, error: str | None) -> None:
         reason = run.state.reason if outcome == "cancelled" else None
         previous: str | None = None
-        failures = 0
+        backoff = Backoff(self._log, "run.finish", run_id=run.run_id)
         with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
             while True:
                 try:
@@ -193,9 +193,7 @@ class Runner:
                     )
                     break
                 except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again
-                    failures += 1
-                    self._log.warning("run.finish_retry", run_id=run.run_id, error=repr(exc))
-                    await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                    await backoff.failed(exc)
         if scope.cancelled_caught:
             self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)
         elif previous in TERMINAL_STATUSES:

@@ -23,10 +23,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from sdk.connection import (
-    RECONNECT_BACKOFF,
     REDIS_ERRORS,
+    Backoff,
     blocking_client,
-    is_transient,
 )
 from sdk.wire import encode_json, printable
 
@@ -192,7 +191,7 @@ class GroupConsumer:
         self, reader: Redis, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
     ) -> None:
         pending_from: str | None = "0"
-        failures = 0
+        backoff = Backoff(self._log, "stream", stream=self.stream)
         while not self._stopping:
             count = self.batch if capacity is None else max(1, min(self.batch, await capacity()))
             if self._reread_pending and pending_from is None:
@@ -226,16 +225,10 @@ class GroupConsumer:
                         continue
                 # Whatever Redis says (an outage, NOPERM from a wrong ACL, OOM), a read loop
                 # backs off and carries on: a crash would only come back at the next start.
-                failures += 1
-                (self._log.warning if is_transient(exc) else self._log.error)(
-                    "stream.retrying", stream=self.stream, error=repr(exc), attempt=failures
-                )
-                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                await backoff.failed(exc)
                 pending_from = "0"
                 continue
-            if failures:
-                self._log.info("stream.recovered", stream=self.stream, attempts=failures)
-                failures = 0
+            backoff.succeeded()
 
     async def _recreate_group(self) -> bool:
         try:

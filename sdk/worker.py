@@ -33,8 +33,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdk.connection import (
-    RECONNECT_BACKOFF,
     REDIS_ERRORS,
+    Backoff,
     blocking_client,
     command_client,
     resolve_url,
@@ -295,18 +295,14 @@ class Worker:
         # This stream is new with this worker id; reading from its start loses nothing,
         # and the last id carried across reconnects makes every signal arrive once.
         last_id = "0-0"
-        failures = 0
+        backoff = Backoff(self._log, "signals")
         while True:
             try:
                 reply = await reader.xread({stream: last_id}, count=100, block=SIGNAL_BLOCK_MS)
             except REDIS_ERRORS as exc:
-                failures += 1
-                self._log.warning("signals.reconnecting", error=repr(exc), attempt=failures)
-                await anyio.sleep(RECONNECT_BACKOFF.compute(failures))
+                await backoff.failed(exc)
                 continue
-            if failures:
-                self._log.info("signals.reconnected", attempts=failures)
-                failures = 0
+            backoff.succeeded()
             received: list[str] = []
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
                 for entry_id, fields in entries:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import anyio
 import pytest
 from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics, EmbeddedRedis
-from sdk import Client
+from sdk import CancelOn, Client, RunContext, Worker
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,34 @@ async def broker_drained(redis: Redis, namespace: str) -> bool:
         if group["name"] == "broker":
             return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
     return False
+
+
+RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
+
+
+def report_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
+    """An in-process report worker; its runs take ``data.seconds`` (default 60)."""
+    worker = Worker("reports", redis_url, namespace=namespace, **options)
+
+    @worker.function(id="generate-report", trigger="report/generate.requested", cancel_on=[RULE])
+    async def generate_report(ctx: RunContext) -> None:
+        await anyio.sleep(float(ctx.event.data.get("seconds", 60)))
+
+    return worker
+
+
+async def run_of(client: Client, event_id: str) -> str:
+    """The id of the run ``event_id`` started, once it is registered."""
+    found: list[str] = []
+
+    async def registered() -> bool:
+        found[:] = [run.run_id for run in await client.runs_for_event(event_id)]
+        return bool(found)
+
+    await wait_until(registered)
+    return found[0]
+
+
+async def status_is(client: Client, run_id: str, status: str) -> bool:
+    info = await client.get_run(run_id)
+    return info is not None and info.status == status

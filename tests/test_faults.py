@@ -20,7 +20,7 @@ from sdk import Client
 from sdk.keys import Keys
 from sdk.streams import create_group
 from sdk.wire import encode_event
-from tests.conftest import wait_until
+from tests.conftest import run_of, status_is, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -157,15 +157,9 @@ async def test_redis_outage_is_survived_and_runs_stay_cancellable(namespace: str
         broker, http = start_broker(server.url, namespace)
         worker = start_worker(server.url, namespace, heartbeat_interval="1")
         async with Client(server.url, namespace=namespace) as client:
-            event_id = await client.send("report/generate.requested", {"reportId": "r1"})
-            runs: list[str] = []
-
-            async def registered() -> bool:
-                runs[:] = [r.run_id for r in await client.runs_for_event(event_id)]
-                return bool(runs)
-
-            await wait_until(registered)
-            (run_id,) = runs
+            run_id = await run_of(
+                client, await client.send("report/generate.requested", {"reportId": "r1"})
+            )
 
             await anyio.to_thread.run_sync(server.stop)
             async with httpx.AsyncClient(base_url=http, timeout=10) as web:
@@ -190,11 +184,7 @@ async def test_redis_outage_is_survived_and_runs_stay_cancellable(namespace: str
             assert info.status == "running"
             await client.send("report/cancel.requested", {"reportId": "r1"})
 
-            async def cancelled() -> bool:
-                info = await client.get_run(run_id)
-                return info is not None and info.status == "cancelled"
-
-            await wait_until(cancelled, timeout=20)
+            await wait_until(lambda: status_is(client, run_id, "cancelled"), timeout=20)
         # A clear line each way, and backoff rather than a busy loop.
         for handle in (broker, worker):
             await anyio.to_thread.run_sync(handle.wait_for_log, "stream.recovered")

@@ -9,37 +9,14 @@ import pytest
 from redis.asyncio import Redis
 
 from broker import Broker
-from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
+from sdk import Client, Event, RunCancelled, RunContext
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON
 from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
-from tests.conftest import broker_drained, wait_until
+from tests.conftest import broker_drained, report_worker, run_of, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
-
-RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
-
-
-def report_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
-    worker = Worker("reports", redis_url, namespace=namespace, **options)
-
-    @worker.function(id="generate-report", trigger="report/generate.requested", cancel_on=[RULE])
-    async def generate_report(ctx: RunContext) -> None:
-        await anyio.sleep(float(ctx.event.data.get("seconds", 60)))
-
-    return worker
-
-
-async def run_of(client: Client, event_id: str) -> str:
-    found: list[str] = []
-
-    async def registered() -> bool:
-        found[:] = [run.run_id for run in await client.runs_for_event(event_id)]
-        return bool(found)
-
-    await wait_until(registered)
-    return found[0]
 
 
 async def status_of(client: Client, run_id: str) -> str | None:
@@ -60,7 +37,7 @@ async def test_bytes_that_are_not_utf8_are_dead_lettered_and_nothing_dies(
             event_id = await client.send("report/generate.requested", {"reportId": "r1"})
             run_id = await run_of(client, event_id)
             await client.send("report/cancel.requested", {"reportId": "r1"})
-            await wait_until(lambda: _status_is(client, run_id, "cancelled"))
+            await wait_until(lambda: status_is(client, run_id, "cancelled"))
             await wait_until(lambda: broker_drained(redis, namespace))
             tg.cancel_scope.cancel()
     finally:
@@ -68,10 +45,6 @@ async def test_bytes_that_are_not_utf8_are_dead_lettered_and_nothing_dies(
     letters = [fields for _, fields in await redis.xrange(f"{namespace}:events:dead")]
     assert [letter["reason"] for letter in letters] == ["invalid_encoding", "missing_field"]
     assert letters[0]["fields"] == '{"event":"\\\\xff\\\\xfe not utf8"}'
-
-
-async def _status_is(client: Client, run_id: str, status: str) -> bool:
-    return await status_of(client, run_id) == status
 
 
 async def test_a_cancel_older_than_the_trigger_does_not_cancel_the_run(
@@ -90,7 +63,7 @@ async def test_a_cancel_older_than_the_trigger_does_not_cancel_the_run(
         assert await status_of(client, run_id) == "running"
         # A cancel sent after the trigger does cancel it.
         await client.send("report/cancel.requested", {"reportId": "r1"})
-        await wait_until(lambda: _status_is(client, run_id, "cancelled"))
+        await wait_until(lambda: status_is(client, run_id, "cancelled"))
         tg.cancel_scope.cancel()
 
 
@@ -156,7 +129,7 @@ async def test_a_trigger_of_a_function_an_old_worker_lacks_is_never_dropped(
         ]
         for event_id in sent:  # every one ran, on the worker that has the function
             run_id = await run_of(client, event_id)
-            await wait_until(lambda run_id=run_id: _status_is(client, run_id, "completed"))
+            await wait_until(lambda run_id=run_id: status_is(client, run_id, "completed"))
         tg.cancel_scope.cancel()
 
 

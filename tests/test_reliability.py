@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from typing import Any
 
 import anyio
 import pytest
 from redis.asyncio import Redis
 
 from broker import Broker
-from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
+from sdk import Client, Event, RunCancelled
 from sdk.connection import blocking_client
 from sdk.keys import Keys
-from tests.conftest import count_keys, wait_until
+from tests.conftest import count_keys, report_worker, run_of, status_is, wait_until
 from tests.processes import start_worker
 
 pytestmark = pytest.mark.anyio
-
-RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
-
-
-def report_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
-    worker = Worker("reports", redis_url, namespace=namespace, **options)
-
-    @worker.function(id="generate-report", trigger="report/generate.requested", cancel_on=[RULE])
-    async def generate_report(ctx: RunContext) -> None:
-        await anyio.sleep(60)
-
-    return worker
-
-
-async def status_is(client: Client, run_id: str, status: str) -> bool:
-    info = await client.get_run(run_id)
-    return info is not None and info.status == status
 
 
 @pytest.mark.e2e
@@ -45,15 +27,9 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
     interval = 1.0
     worker = start_worker(redis_url, namespace, heartbeat_interval=str(interval))
     try:
-        event_id = await client.send("report/generate.requested", {"reportId": "r1"})
-        runs: list[str] = []
-
-        async def registered() -> bool:
-            runs[:] = [r.run_id for r in await client.runs_for_event(event_id)]
-            return bool(runs)
-
-        await wait_until(registered)
-        (run_id,) = runs
+        run_id = await run_of(
+            client, await client.send("report/generate.requested", {"reportId": "r1"})
+        )
         info = await client.get_run(run_id)
         assert info is not None
         worker_id = info.worker_id
