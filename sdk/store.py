@@ -167,11 +167,20 @@ class RunStore:
             for i in range(0, len(flat), 3)
         ]
 
-    async def acknowledge_signals(self, run_ids: Iterable[str]) -> None:
-        """The worker received the cancel signals for ``run_ids``: stop re-sending them."""
+    async def acknowledge_signals(
+        self, run_ids: Iterable[str], *, worker_id: str, read_up_to: str
+    ) -> None:
+        """A worker read its signals up to ``read_up_to`` and cancelled ``run_ids``.
+
+        Their signals are no longer re-sent, and the read entries leave the worker's signal
+        stream: Redis keeps only the signals not yet read.
+        """
         ordered = list(run_ids)
-        if ordered:
-            await self.redis.zrem(self.keys.cancelling_runs, *ordered)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if ordered:
+                pipe.zrem(self.keys.cancelling_runs, *ordered)
+            pipe.xtrim(self.keys.signals(worker_id), minid=read_up_to, approximate=True)
+            await pipe.execute()
 
     async def resend_signals(self, *, after_ms: int, limit: int = 1_000) -> list[str]:
         """Re-send cancel signals unacknowledged for ``after_ms``; returns those run ids."""

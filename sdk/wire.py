@@ -63,6 +63,8 @@ class Signal(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     event_id: str = ""
     sent_at: int = 0
+    #: Sent again because the first was not acknowledged in time.
+    resent: bool = False
 
 
 class RunInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -311,7 +311,9 @@ class Worker:
             if received:
                 # After the scopes are cancelled: acknowledging costs the cancel no latency.
                 try:
-                    await self._require_runner().store.acknowledge_signals(received)
+                    await self._require_runner().store.acknowledge_signals(
+                        received, worker_id=self.worker_id, read_up_to=last_id
+                    )
                 except REDIS_ERRORS as exc:  # unacknowledged: re-sent, and applied once
                     self._log.warning("signals.ack_failed", error=repr(exc))
 
@@ -327,7 +329,11 @@ class Worker:
             return [sig.run_id]
         lag_ms = int(time.time() * 1000) - sig.sent_at if sig.sent_at else None
         self._log.info(
-            "run.cancel_received", run_id=sig.run_id, event_id=sig.event_id, signal_lag_ms=lag_ms
+            "run.cancel_received",
+            run_id=sig.run_id,
+            event_id=sig.event_id,
+            signal_lag_ms=lag_ms,
+            resent=sig.resent,
         )
         return [sig.run_id]
 
