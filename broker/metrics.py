@@ -76,7 +76,7 @@ class BrokerMetrics:
         )
         self.live_workers = Gauge(
             "cancel_broker_live_workers",
-            "Workers whose last heartbeat is younger than three heartbeat intervals.",
+            "Workers whose last heartbeat is younger than 2.5 heartbeat intervals.",
             registry=self.registry,
         )
         self.build = Info(
