@@ -97,6 +97,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over events another broker read and left unacknowledged this long"
         " (it died) (env CANCEL_BROKER_CLAIM_IDLE; default 30s)",
     )
+    run.add_argument(
+        "--dead-letter-maxlen",
+        type=int,
+        default=int(_env("CANCEL_BROKER_DEAD_LETTER_MAXLEN", "100000")),
+        help="dead letters kept, about (env CANCEL_BROKER_DEAD_LETTER_MAXLEN; default 100000)",
+    )
+    run.add_argument(
+        "--history-length",
+        type=int,
+        default=int(_env("CANCEL_BROKER_HISTORY_LENGTH", "100")),
+        help="syncs kept in each app's history (env CANCEL_BROKER_HISTORY_LENGTH; default 100)",
+    )
     _add_windows(run)
     run.add_argument(
         "--cancel-event",
@@ -210,6 +222,8 @@ async def _serve(url: str, args: argparse.Namespace) -> None:
         windows=_windows(args),
         cancel_event_names=frozenset(args.cancel_event),
         claim_idle_ms=int(args.claim_idle * 1000),
+        dead_letter_maxlen=args.dead_letter_maxlen,
+        history_length=args.history_length,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)

@@ -120,11 +120,13 @@ class Housekeeping:
         return RESEND_INTERVAL_S
 
     async def trim_once(self) -> float:
-        try:
-            trimmed = await trim_acknowledged(self.redis, self.keys.events)
-        except REDIS_ERRORS as exc:
-            self._log.debug("events.trim_failed", error=repr(exc))
-        else:
-            if trimmed:
-                self._log.debug("events.trimmed", entries=trimmed)
+        """Drop what every consumer group has acknowledged, from each consumed stream."""
+        for stream in (self.keys.events, self.keys.syncs):
+            try:
+                trimmed = await trim_acknowledged(self.redis, stream)
+            except REDIS_ERRORS as exc:
+                self._log.debug("stream.trim_failed", stream=stream, error=repr(exc))
+            else:
+                if trimmed:
+                    self._log.debug("stream.trimmed", stream=stream, entries=trimmed)
         return TRIM_INTERVAL_S

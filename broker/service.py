@@ -24,13 +24,20 @@ from redis.asyncio import Redis
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
 from broker.metrics import BrokerMetrics
-from broker.sync import EventWatch, SyncMonitor, SyncRecorder
+from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from sdk.connection import REDIS_ERRORS, Backoff, command_client, is_transient
 from sdk.errors import InvalidEventError
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.rules import lookup_keys
 from sdk.store import RunStore
-from sdk.streams import MAX_DELIVERIES, Entry, GroupConsumer, create_group, dead_letter
+from sdk.streams import (
+    DEAD_LETTER_MAXLEN,
+    MAX_DELIVERIES,
+    Entry,
+    GroupConsumer,
+    create_group,
+    dead_letter,
+)
 from sdk.wire import MAX_EVENT_BYTES, decode_event
 
 BLOCK_MS: Final = 5_000
@@ -57,6 +64,8 @@ class Broker:
         claim_idle_ms: int = CLAIM_IDLE_MS,
         windows: Windows = DEFAULT_WINDOWS,
         cancel_event_names: frozenset[str] = frozenset(),
+        dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
+        history_length: int = HISTORY_MAXLEN,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(namespace)
@@ -65,6 +74,8 @@ class Broker:
         self.max_event_bytes = max_event_bytes
         self.claim_idle_ms = claim_idle_ms
         self.windows = windows
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.history_length = history_length
         self._log = structlog.get_logger(
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
@@ -104,7 +115,7 @@ class Broker:
                 for stream in (self.keys.events, self.keys.syncs)
             )
             self._events = events
-            recorder = SyncRecorder(redis, self.keys, self._log)
+            recorder = SyncRecorder(redis, self.keys, self._log, history_length=self.history_length)
             monitor = SyncMonitor(
                 redis, self.keys, self._watch, self.metrics, self.windows, self._log
             )
@@ -251,4 +262,5 @@ class Broker:
             reason=reason,
             detail=detail,
             consumer=self.consumer,
+            maxlen=self.dead_letter_maxlen,
         )

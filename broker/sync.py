@@ -42,11 +42,14 @@ SCAN_INTERVAL_S: Final = 5.0
 
 
 class SyncRecorder:
-    """Turns sync notices into per-app history entries."""
+    """Turns sync notices into per-app history entries (the last ``history_length``)."""
 
-    def __init__(self, redis: Redis, keys: Keys, log: Any) -> None:
+    def __init__(
+        self, redis: Redis, keys: Keys, log: Any, *, history_length: int = HISTORY_MAXLEN
+    ) -> None:
         self.redis = redis
         self.keys = keys
+        self.history_length = history_length
         self._log = log
 
     async def record(self, entries: Sequence[Entry]) -> None:
@@ -85,7 +88,7 @@ class SyncRecorder:
                         "removed": encode_json(removed),
                         "changed": encode_json(changed),
                     },
-                    maxlen=HISTORY_MAXLEN,
+                    maxlen=self.history_length,
                     approximate=False,
                 )
                 pipe.delete(self.keys.app_functions(info.app_id))

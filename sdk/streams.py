@@ -50,6 +50,7 @@ async def dead_letter(
     reason: str,
     detail: str,
     consumer: str,
+    maxlen: int = DEAD_LETTER_MAXLEN,
 ) -> None:
     """Park an entry that cannot be handled, with the reason and the original fields."""
     original = {printable(k): printable(v) for k, v in (fields or {}).items()}
@@ -62,7 +63,7 @@ async def dead_letter(
             "fields": encode_json(original),
             "consumer": consumer,
         },
-        maxlen=DEAD_LETTER_MAXLEN,
+        maxlen=maxlen,
         approximate=True,
     )
 

@@ -412,3 +412,23 @@ async def _both_started(outcomes: dict[str, str]) -> bool:
 
 async def _is(outcomes: dict[str, str], key: str, value: str) -> bool:
     return outcomes.get(key) == value
+
+
+async def test_sync_history_keeps_the_configured_number_of_syncs(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    broker = Broker(redis_url, namespace=namespace, history_length=2)
+    async with anyio.create_task_group() as tg:
+        await tg.start(broker.run)
+        for version in ("v1", "v2", "v3", "v4"):
+            async with make_worker(redis_url, namespace, app_version=version):
+                pass
+
+        async def last_recorded() -> bool:
+            history = await redis.xrevrange(Keys(namespace).app_history("reports"), count=1)
+            return bool(history) and history[0][1]["app_version"] == "v4"
+
+        await wait_until(last_recorded)
+        tg.cancel_scope.cancel()
+    history = (await state_of(redis, namespace)).history["reports"]
+    assert [entry.app_version for entry in history] == ["v4", "v3"]
