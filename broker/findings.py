@@ -105,6 +105,14 @@ class SyncState(msgspec.Struct, frozen=True, kw_only=True):
     def stale(self) -> bool:
         return bool(self.findings)
 
+    @property
+    def listened_events(self) -> frozenset[str]:
+        """Event names the rules of live workers' configurations listen to."""
+        served = {h for view in self.functions for h in view.served}
+        return frozenset(
+            rule.event for h in served if h in self.configs for rule in self.configs[h].cancel_on
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Windows:
@@ -149,7 +157,7 @@ def _short(config_hash: str) -> str:
     return config_hash[:12]
 
 
-async def _load_configs(redis: Redis, keys: Keys, hashes: set[str]) -> dict[str, FunctionConfig]:
+async def load_configs(redis: Redis, keys: Keys, hashes: set[str]) -> dict[str, FunctionConfig]:
     ordered = sorted(hashes)
     if not ordered:
         return {}
@@ -248,7 +256,7 @@ async def collect_state(
     hashes = {h for by_hash in served.values() for h in by_hash}
     hashes |= {h for per_fn in runs.values() for by_hash in per_fn.values() for h in by_hash}
     hashes |= {h for functions in synced.values() for h in functions.values()}
-    configs = await _load_configs(redis, keys, hashes)
+    configs = await load_configs(redis, keys, hashes)
 
     functions: list[FunctionView] = []
     findings: list[Finding] = []

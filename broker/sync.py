@@ -26,13 +26,13 @@ from broker.findings import (
     collect_state,
     config_changes,
     is_cancel_like,
+    load_configs,
 )
 from broker.metrics import BrokerMetrics
 from sdk.connection import REDIS_ERRORS
 from sdk.keys import Keys
-from sdk.registration import REGISTRATION_TTL, redis_now_ms
 from sdk.streams import Entry
-from sdk.wire import Event, decode_config, decode_worker, encode_json
+from sdk.wire import Event, decode_worker, encode_json
 
 #: Syncs kept per app.
 HISTORY_MAXLEN: Final = 100
@@ -64,8 +64,10 @@ class SyncRecorder:
             )
             after = info.functions
             changed_ids = sorted(f for f in set(before) & set(after) if before[f] != after[f])
-            configs = await self._configs(
-                {before[f] for f in changed_ids} | {after[f] for f in changed_ids}
+            configs = await load_configs(
+                self.redis,
+                self.keys,
+                {before[f] for f in changed_ids} | {after[f] for f in changed_ids},
             )
             changed = {
                 f: {
@@ -106,13 +108,6 @@ class SyncRecorder:
                     removed=removed,
                     changed=changed,
                 )
-
-    async def _configs(self, hashes: set[str]) -> dict[str, Any]:
-        ordered = sorted(hashes)
-        if not ordered:
-            return {}
-        raw = cast(list[str | None], await self.redis.mget([self.keys.config(h) for h in ordered]))
-        return {h: decode_config(body) for h, body in zip(ordered, raw, strict=True) if body}
 
 
 class EventWatch:
@@ -158,9 +153,7 @@ class EventWatch:
             await pipe.execute()
 
     def refresh(self, state: SyncState, orphan_names: set[str]) -> None:
-        self.rule_events = frozenset(
-            rule.event for config in _served_configs(state) for rule in config.cancel_on
-        )
+        self.rule_events = state.listened_events
         self._orphan_names = orphan_names
 
 
@@ -171,11 +164,6 @@ def _who(finding: Finding) -> dict[str, str | None]:
         "function_id": finding.function_id,
         "event_name": finding.event_name,
     }
-
-
-def _served_configs(state: SyncState) -> list[Any]:
-    hashes = {h for view in state.functions for h in view.served}
-    return [state.configs[h] for h in hashes if h in state.configs]
 
 
 class SyncMonitor:
@@ -236,12 +224,9 @@ class SyncMonitor:
         return state
 
     async def _tidy(self, state: SyncState) -> None:
-        """Forget orphan counts once a rule listens, and workers whose registration expired."""
-        now = await redis_now_ms(self.redis)
-        listened = {r.event for c in _served_configs(state) for r in c.cancel_on}
-        expired_before = now - int(REGISTRATION_TTL.total_seconds() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if listened:
-                pipe.hdel(self.keys.orphan_events, *listened)
-            pipe.zremrangebyscore(self.keys.workers, "-inf", expired_before)
-            await pipe.execute()
+        """Forget orphan counts once a live rule listens to the name.
+
+        (Workers that went silent are removed by the reaper in broker/housekeeping.py.)
+        """
+        if state.listened_events:
+            await self.redis.hdel(self.keys.orphan_events, *state.listened_events)
