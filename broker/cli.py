@@ -7,8 +7,10 @@ import json
 import os
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -23,7 +25,8 @@ from broker.logs import configure_logging
 from broker.metrics import BrokerMetrics
 from broker.report import format_status
 from broker.service import Broker
-from sdk import Client
+from sdk import OPERATOR, Client
+from sdk.client import Actor
 from sdk.connection import REDIS_URL_ENV, command_client, redact_url, resolve_url
 from sdk.durations import parse_duration
 from sdk.errors import CancelBrokerError
@@ -104,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="dead letters kept, about (env CANCEL_BROKER_DEAD_LETTER_MAXLEN; default 100000)",
     )
     run.add_argument(
+        "--tombstone-lookback",
+        type=_duration,
+        default=_duration(_env("CANCEL_BROKER_TOMBSTONE_LOOKBACK", "10m")),
+        help="a cancel event also cancels matching runs that register up to this long after it"
+        " was handled, if their trigger is older (env CANCEL_BROKER_TOMBSTONE_LOOKBACK;"
+        " default 10m; 0 turns it off)",
+    )
+    run.add_argument(
         "--history-length",
         type=int,
         default=int(_env("CANCEL_BROKER_HISTORY_LENGTH", "100")),
@@ -141,12 +152,52 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", parents=[common], help="cancel one run by id")
     cancel.add_argument("run_id")
     cancel.add_argument("--reason", default=None)
+    cancel.add_argument(
+        "--actor",
+        default=None,
+        help="cancel as this owner value (JSON, or a plain string); default: as an operator,"
+        " whatever owner the function declares",
+    )
     cancel.set_defaults(handler=_cancel)
+
+    many = commands.add_parser(
+        "cancel-many", parents=[common], help="cancel the unfinished runs of a function"
+    )
+    many.add_argument("function_id")
+    many.add_argument("--app", default=None, help="only this app's runs (default: every app)")
+    many.add_argument(
+        "--started-after",
+        type=_datetime,
+        default=None,
+        help="ISO 8601 time, e.g. 2026-11-25T10:00Z",
+    )
+    many.add_argument("--started-before", type=_datetime, default=None, help="ISO 8601 time")
+    many.add_argument(
+        "--if",
+        dest="if_",
+        default=None,
+        help="CEL over the trigger, e.g. 'event.data.tier == \"free\"'",
+    )
+    many.add_argument("--reason", default=None)
+    many.set_defaults(handler=_cancel_many)
+
+    wait = commands.add_parser("wait", parents=[common], help="wait for a run to finish")
+    wait.add_argument("run_id")
+    wait.add_argument("--timeout", type=_duration, default=None, help="e.g. 30s (default: none)")
+    wait.set_defaults(handler=_wait)
 
     get_run = commands.add_parser("get-run", parents=[common], help="show one run")
     get_run.add_argument("run_id")
     get_run.set_defaults(handler=_get_run)
     return parser
+
+
+def _datetime(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _csv_env(name: str) -> list[str]:
@@ -224,6 +275,7 @@ async def _serve(url: str, args: argparse.Namespace) -> None:
         claim_idle_ms=int(args.claim_idle * 1000),
         dead_letter_maxlen=args.dead_letter_maxlen,
         history_length=args.history_length,
+        tombstone_lookback_s=args.tombstone_lookback,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)
@@ -291,9 +343,40 @@ def _send(args: argparse.Namespace) -> int:
 
 
 def _cancel(args: argparse.Namespace) -> int:
-    result = _with_client(args, lambda client: client.cancel(args.run_id, args.reason))
+    actor: Actor = OPERATOR
+    if args.actor is not None:
+        try:
+            actor = json.loads(args.actor)
+        except json.JSONDecodeError:
+            actor = args.actor
+    result = _with_client(
+        args, lambda client: client.cancel(args.run_id, reason=args.reason, actor=actor)
+    )
     _print_json(result)
-    return 0 if result.outcome != "not_found" else 1
+    return 1 if result.outcome in ("not_found", "forbidden") else 0
+
+
+def _cancel_many(args: argparse.Namespace) -> int:
+    results = _with_client(
+        args,
+        lambda client: client.cancel_many(
+            args.function_id,
+            app_id=args.app,
+            started_after=args.started_after,
+            started_before=args.started_before,
+            if_=args.if_,
+            reason=args.reason,
+        ),
+    )
+    outcomes = Counter(result.outcome for result in results)
+    _print_json({"runs": len(results), "outcomes": dict(outcomes)})
+    return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    run = _with_client(args, lambda client: client.wait(args.run_id, args.timeout))
+    _print_json(run)
+    return 0
 
 
 def _sync_status(args: argparse.Namespace) -> int:

@@ -18,7 +18,13 @@ from redis.asyncio import Redis
 
 from sdk.keys import Keys
 from sdk.registration import LIVE_INTERVALS, redis_now_ms
-from sdk.wire import FunctionConfig, RuleConfig, decode_config, decode_worker
+from sdk.wire import (
+    SYSTEM_EVENT_PREFIX,
+    FunctionConfig,
+    RuleConfig,
+    decode_config,
+    decode_worker,
+)
 
 FindingKind = Literal["drift", "unsynced_run", "gone_function", "orphan_cancel_event", "dead_rule"]
 FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
@@ -38,6 +44,8 @@ HISTORY_SHOWN: Final = 10
 def is_cancel_like(name: str, extra_names: frozenset[str] = frozenset()) -> bool:
     if name in extra_names:
         return True
+    if name.startswith(SYSTEM_EVENT_PREFIX):
+        return False  # our own outcome events ("cancel/run.cancelled") ask for nothing
     for suffix in CANCEL_SUFFIXES:
         if name.endswith(suffix):
             head = name[: -len(suffix)]

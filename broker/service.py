@@ -1,10 +1,13 @@
 """The broker: reads cancel events, finds the runs they target, signals their workers.
 
 For each event: validate it (malformed entries go to the dead-letter stream with the
-reason), look up which match paths rules listen on for its name, turn those paths into
-index keys with the event's values, and let one Lua script move every running run under
-those keys to ``cancelling`` and signal its worker. Then acknowledge. Handling an event
-twice (after a crash) changes nothing: a run already cancelling is not signalled again.
+reason), read the selectors rules declared for its name, turn them into index keys with
+the event's values, and let one Lua script leave a tombstone under each (for runs that
+register later) and move every running run under those keys to ``cancelling``,
+signalling its worker. Runs under a rule with an expression come back as candidates: the
+broker evaluates the expression on each and cancels those it holds for. Then
+acknowledge. Handling an event twice (after a crash, or by two brokers) changes nothing:
+a run already cancelling is not signalled again.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from broker.housekeeping import Housekeeping
 from broker.metrics import BrokerMetrics
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from sdk.connection import REDIS_ERRORS, Backoff, command_client, is_transient
-from sdk.errors import InvalidEventError
+from sdk.errors import ConfigurationError, InvalidEventError
+from sdk.expressions import Expression, compile_rule_expression, describe_error, event_variable
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
-from sdk.rules import lookup_keys
-from sdk.store import RunStore
+from sdk.rules import lookups
+from sdk.store import MatchCandidate, RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
     MAX_DELIVERIES,
@@ -38,12 +42,33 @@ from sdk.streams import (
     create_group,
     dead_letter,
 )
-from sdk.wire import MAX_EVENT_BYTES, decode_event
+from sdk.wire import (
+    MAX_EVENT_BYTES,
+    CancelOutcome,
+    CancelResult,
+    Event,
+    decode_event,
+    entry_timestamp,
+)
 
 BLOCK_MS: Final = 5_000
 BATCH: Final = 200
 #: Entries a broker read and left unacknowledged this long are taken over by another.
 CLAIM_IDLE_MS: Final = 30_000
+#: How long a cancel event keeps cancelling runs that register after it was handled.
+TOMBSTONE_LOOKBACK_S: Final = 600.0
+#: Outcomes that mean the cancel event did target the run.
+MATCHED: Final[frozenset[CancelOutcome]] = frozenset(
+    {
+        "signalled",
+        "already_cancelling",
+        "already_completed",
+        "already_cancelled",
+        "already_failed",
+        "lost",
+    }
+)
+_EXPRESSIONS_CACHED: Final = 4096
 
 
 def default_consumer_name() -> str:
@@ -66,6 +91,7 @@ class Broker:
         cancel_event_names: frozenset[str] = frozenset(),
         dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
         history_length: int = HISTORY_MAXLEN,
+        tombstone_lookback_s: float = TOMBSTONE_LOOKBACK_S,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(namespace)
@@ -76,6 +102,8 @@ class Broker:
         self.windows = windows
         self.dead_letter_maxlen = dead_letter_maxlen
         self.history_length = history_length
+        self.tombstone_ms = max(0, round(tombstone_lookback_s * 1000))
+        self._expressions: dict[str, Expression | str] = {}
         self._log = structlog.get_logger(
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
@@ -216,39 +244,108 @@ class Broker:
             )
             await self._dead_letter(store.redis, entry_id, fields, exc.reason, exc.detail)
             return "dead_lettered"
-        paths = await store.listened_paths(event.name)
-        self._watch.observe(event, listened=bool(paths))
-        if not paths:
+        selectors = await store.declared_selectors(event.name)
+        self._watch.observe(event, listened=bool(selectors))
+        if not selectors:
             return "ignored"
         started = time.perf_counter()
-        index_keys = lookup_keys(event, paths, self.keys)
-        results = (
-            await store.request_cancel(
-                index_keys=index_keys,
-                event_id=event.id,
-                reason=f"cancel event {event.name}",
-                cancelled_by=event.id,
+        found = lookups(event, selectors, self.keys)
+        results: list[CancelResult] = []
+        if found:
+            results, candidates = await store.match_event(
+                event, found, tombstone_ms=self.tombstone_ms
             )
-            if index_keys
-            else []
-        )
+            if candidates:
+                results += await self._evaluate(store, event, candidates)
         outcomes = Counter(result.outcome for result in results)
-        matched = len(results) - sum(
-            outcomes[o] for o in ("not_found", "own_trigger", "started_after_cancel")
-        )
+        matched = sum(outcomes[o] for o in MATCHED)
         signalled = outcomes["signalled"]
+        cascaded = sum(len(result.cascaded) for result in results)
         self.metrics.runs_matched.inc(matched)
-        self.metrics.signals_sent.inc(signalled)
+        self.metrics.signals_sent.inc(signalled + cascaded)
         self._log.info(
             "cancel.decided",
             event_id=event.id,
             event_name=event.name,
             runs_matched=matched,
-            signals_sent=signalled,
+            signals_sent=signalled + cascaded,
+            cascaded=cascaded,
             outcomes=dict(outcomes),
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
         )
         return "matched" if matched else "unmatched"
+
+    async def _evaluate(
+        self,
+        store: RunStore,
+        event: Event,
+        candidates: Sequence[MatchCandidate],
+    ) -> list[CancelResult]:
+        """Evaluate each candidate's rule expression; cancel the runs it holds for.
+
+        An expression that fails to evaluate never matches: the error is recorded on the run.
+        """
+        cancel = event_variable(event)
+        matched: list[str] = []
+        final: dict[str, CancelOutcome] = {}
+        errors: dict[str, str] = {}
+        for candidate in candidates:
+            if candidate.run_id in matched:
+                continue  # another of its rules already holds
+            expression_id = candidate.lookup.selector.expression_id
+            assert expression_id is not None
+            expression = await self._expression(store, expression_id)
+            try:
+                if isinstance(expression, str):
+                    raise ConfigurationError(expression)
+                holds = expression.evaluate(
+                    {"event": event_variable(candidate.trigger), "async": cancel}
+                )
+            except Exception as exc:
+                errors[candidate.run_id] = (
+                    f"rule on {event.name} ({expression_id}), event {event.id}: "
+                    + describe_error(exc)
+                )
+                final.setdefault(candidate.run_id, "rule_error")
+                continue
+            if holds:
+                matched.append(candidate.run_id)
+            else:
+                final[candidate.run_id] = "condition_false"
+        await store.record_rule_errors(errors)
+        results = await store.request_cancel(
+            matched,
+            event_id=event.id,
+            reason=f"cancel event {event.name}",
+            cancelled_by=event.id,
+            cancel_at_ms=entry_timestamp(event.id),
+        )
+        return results + [
+            CancelResult(
+                run_id=run_id, outcome=outcome, status="running", previous_status="running"
+            )
+            for run_id, outcome in final.items()
+            if run_id not in matched
+        ]
+
+    async def _expression(self, store: RunStore, expression_id: str) -> Expression | str:
+        """A rule expression by id (as workers declared it), compiled once; or why not."""
+        cached = self._expressions.get(expression_id)
+        if cached is not None:
+            return cached
+        source = await store.redis.hget(self.keys.expressions, expression_id)
+        compiled: Expression | str
+        if source is None:
+            compiled = f"expression {expression_id} was never declared"
+        else:
+            try:
+                compiled = compile_rule_expression(str(source))
+            except ConfigurationError as exc:
+                compiled = str(exc)
+        if len(self._expressions) >= _EXPRESSIONS_CACHED:
+            self._expressions.clear()
+        self._expressions[expression_id] = compiled
+        return compiled
 
     async def _dead_letter(
         self, redis: Redis, entry_id: str, fields: dict[str, str] | None, reason: str, detail: str

@@ -3,7 +3,7 @@
 from sdk import Worker, Client, CancelOn, RunContext
 """
 
-from sdk.client import Client
+from sdk.client import OPERATOR, Client
 from sdk.context import RunContext
 from sdk.errors import (
     CancelBrokerError,
@@ -12,16 +12,20 @@ from sdk.errors import (
     InvalidEventError,
     InvalidIdError,
     RunCancelled,
+    RunNotFinishedError,
     UnknownFunctionError,
     WorkerNotStartedError,
 )
+from sdk.expressions import ExpressionError
 from sdk.function import Function
 from sdk.rules import CancelOn
 from sdk.version import __version__
-from sdk.wire import CancelResult, Event, RunInfo, RunStatus
+from sdk.wire import RUN_CANCELLED_EVENT, CancelResult, Event, RunInfo, RunStatus
 from sdk.worker import Worker
 
 __all__ = [
+    "OPERATOR",
+    "RUN_CANCELLED_EVENT",
     "CancelBrokerError",
     "CancelOn",
     "CancelResult",
@@ -29,12 +33,14 @@ __all__ = [
     "ConfigurationError",
     "DuplicateRunError",
     "Event",
+    "ExpressionError",
     "Function",
     "InvalidEventError",
     "InvalidIdError",
     "RunCancelled",
     "RunContext",
     "RunInfo",
+    "RunNotFinishedError",
     "RunStatus",
     "UnknownFunctionError",
     "Worker",

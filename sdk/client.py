@@ -1,14 +1,67 @@
-"""Publish events, read runs and cancel them by id."""
+"""Publish events, read runs, cancel them by id or in bulk, and wait for their end."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Final, Self, cast
+
+import anyio
+import structlog
 
 from sdk.connection import command_client, resolve_url
-from sdk.keys import DEFAULT_NAMESPACE, EVENT_FIELD, Keys, check_id
-from sdk.store import RunStore
-from sdk.wire import MAX_EVENT_BYTES, CancelResult, RunInfo, encode_event
+from sdk.errors import RunNotFinishedError
+from sdk.expressions import Expression, compile_trigger_filter, event_variable
+from sdk.keys import DEFAULT_NAMESPACE, EVENT_FIELD, Keys, check_id, check_name
+from sdk.rules import value_token
+from sdk.store import OPERATOR_ACTOR, RunStore
+from sdk.wire import (
+    MAX_EVENT_BYTES,
+    TERMINAL_STATUSES,
+    CancelResult,
+    RunInfo,
+    decode_stored_event,
+    encode_event,
+)
+
+#: Runs read, filtered and cancelled per round trip by :meth:`Client.cancel_many`.
+BULK_BATCH: Final = 500
+
+log = structlog.get_logger("sdk.client")
+
+
+class _Operator:
+    """The type of :data:`OPERATOR`."""
+
+    def __repr__(self) -> str:
+        return "OPERATOR"
+
+
+#: ``Client.cancel(run_id, actor=OPERATOR)``: cancel a run whatever owner its function
+#: declares (an operator or a back office, never the end user's own request).
+OPERATOR: Final = _Operator()
+
+Actor = str | int | _Operator | None
+
+
+def _actor_token(actor: Actor) -> str:
+    if actor is None:
+        return ""
+    if isinstance(actor, _Operator):
+        return OPERATOR_ACTOR
+    return value_token(actor) or ""
+
+
+def _ms(value: datetime) -> float:
+    if value.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone; pass an aware datetime")
+    return value.timestamp() * 1000
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class Client:
@@ -57,16 +110,105 @@ class Client:
         """The runs an event triggered."""
         return await self._store.runs_for_event(check_id("event id", event_id))
 
-    async def cancel(self, run_id: str, reason: str | None = None) -> CancelResult:
-        """Cancel one run by id.
+    async def cancel(
+        self, run_id: str, *, reason: str | None = None, actor: Actor = None
+    ) -> CancelResult:
+        """Cancel one run by id; the result has the run's previous and new status.
 
-        The result says what happened: ``signalled`` (its worker is stopping it),
-        ``already_cancelling``, ``already_finished`` (terminal states are final) or
-        ``not_found``.
+        ``outcome`` says what happened: ``signalled`` (its worker is stopping it),
+        ``already_cancelling``, ``already_completed``, ``already_cancelled``,
+        ``already_failed`` (terminal states are final), ``lost`` (its worker died),
+        ``not_found``, or ``forbidden``: the function declares an ``owner`` and ``actor``
+        is not that value (pass :data:`OPERATOR` to cancel any run).
         """
         (result,) = await self._store.request_cancel(
-            run_ids=[check_id("run id", run_id)],
+            [check_id("run id", run_id)],
             reason=reason or "cancelled by request",
             cancelled_by="api",
+            actor=_actor_token(actor),
         )
+        if result.outcome == "forbidden":
+            log.warning("cancel.forbidden", run_id=run_id, actor=repr(actor))
         return result
+
+    async def cancel_many(
+        self,
+        function_id: str,
+        *,
+        app_id: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+        if_: str | None = None,
+        reason: str | None = None,
+    ) -> list[CancelResult]:
+        """Cancel the unfinished runs of a function (of every app declaring it, or of
+        ``app_id``), optionally only those started in a time range or whose trigger
+        satisfies ``if_``, a CEL expression over ``event``. An operator's action: owner
+        checks do not apply. Returns one result per run considered.
+        """
+        check_name("function id", function_id)
+        condition = None if if_ is None else compile_trigger_filter(if_)
+        apps = (
+            [check_name("app id", app_id)]
+            if app_id
+            else sorted(cast(set[str], await self._redis.smembers(self.keys.apps)))
+        )
+        # Exclusive bounds ("after", "before"), as Inngest's bulk cancel.
+        low = "-inf" if started_after is None else f"({_ms(started_after)}"
+        high = "+inf" if started_before is None else f"({_ms(started_before)}"
+        results: list[CancelResult] = []
+        for app in apps:
+            key = self.keys.function_runs(app, function_id)
+            run_ids = cast(list[str], await self._redis.zrangebyscore(key, low, high))
+            for batch in _batches(run_ids, BULK_BATCH):
+                if condition is not None:
+                    batch = await self._filter(batch, condition)
+                results += await self._store.request_cancel(
+                    batch,
+                    reason=reason or f"bulk cancel of {function_id}",
+                    cancelled_by="api",
+                )
+        return results
+
+    async def _filter(self, run_ids: list[str], condition: Expression) -> list[str]:
+        """The runs whose trigger satisfies ``condition``; an error selects nothing."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                pipe.hget(self.keys.run(run_id), "event")
+            triggers = cast(list[str | None], await pipe.execute())
+        selected = []
+        for run_id, trigger in zip(run_ids, triggers, strict=True):
+            if trigger is None:
+                continue
+            try:
+                holds = condition.evaluate({"event": event_variable(decode_stored_event(trigger))})
+            except Exception:
+                continue
+            if holds:
+                selected.append(run_id)
+        return selected
+
+    # The timeout is part of the call (as in Inngest and asyncio.wait_for): a wait that
+    # raises a named error says which run did not finish, which a cancelled scope cannot.
+    async def wait(self, run_id: str, timeout: float | None = None) -> RunInfo:  # noqa: ASYNC109
+        """Wait until the run has a terminal status and return its record.
+
+        Raises :class:`~sdk.errors.RunNotFinishedError` after ``timeout`` seconds. A run
+        that does not exist yet is waited for too (it may still be queued).
+        """
+        check_id("run id", run_id)
+        pubsub = self._redis.pubsub()
+        try:
+            # Subscribed before reading: an end announced in between is not missed.
+            await pubsub.subscribe(self.keys.finished(run_id))
+            with anyio.move_on_after(timeout):
+                while True:
+                    info = await self._store.get(run_id)
+                    if info is not None and info.status in TERMINAL_STATUSES:
+                        return info
+                    # Also wakes up now and then: a record that expired, a lost notice.
+                    await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            raise RunNotFinishedError(run_id, timeout)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped

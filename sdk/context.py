@@ -50,10 +50,15 @@ class CancelState:
 
 
 Backstop = Callable[[], Awaitable[None]]
+Spawn = Callable[[str, "dict[str, Any] | None"], Awaitable[str]]
 
 
 async def _no_backstop() -> None:
     return None
+
+
+async def _no_spawn(name: str, data: dict[str, Any] | None) -> str:
+    raise RuntimeError("this run cannot spawn children")
 
 
 class Step:
@@ -108,13 +113,26 @@ class RunContext:
         event: Event,
         state: CancelState,
         backstop: Backstop = _no_backstop,
+        spawn: Spawn = _no_spawn,
+        parent_run_id: str | None = None,
     ) -> None:
         self.run_id = run_id
         self.app_id = app_id
         self.function_id = function_id
         self.event = event
+        #: The run this one was started inside, if any.
+        self.parent_run_id = parent_run_id
         self.step = Step(run_id, state, backstop)
         self._state = state
+        self._spawn = spawn
+
+    async def spawn(self, name: str, data: dict[str, Any] | None = None) -> str:
+        """Publish an event; the runs it triggers are this run's children.
+
+        Cancelling this run cancels them (and theirs), wherever they run; a child that
+        registers after this run was cancelled is cancelled at once. Returns the event id.
+        """
+        return await self._spawn(name, data)
 
     @property
     def cancelled(self) -> bool:

@@ -61,3 +61,12 @@ class RunCancelled(CancelBrokerError):
         super().__init__(f"run {run_id} was cancelled" + (f": {reason}" if reason else ""))
         self.run_id = run_id
         self.reason = reason
+
+
+class RunNotFinishedError(CancelBrokerError, TimeoutError):
+    """``Client.wait`` gave up: the run had not finished within the timeout."""
+
+    def __init__(self, run_id: str, timeout: float | None) -> None:
+        super().__init__(f"run {run_id} did not finish within {timeout} s")
+        self.run_id = run_id
+        self.timeout = timeout

@@ -11,11 +11,13 @@ from sdk.context import Handler, RunContext
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
-from sdk.rules import CancelOn, check_rules
+from sdk.rules import CancelOn, Path, check_rules
 from sdk.wire import FunctionConfig, RuleConfig, check_event_name, config_hash, encode_json
 
 
-def canonical_config(id: str, trigger: str, rules: tuple[CancelOn, ...]) -> FunctionConfig:
+def canonical_config(
+    id: str, trigger: str, rules: tuple[CancelOn, ...], *, owner: str | None = None
+) -> FunctionConfig:
     """The configuration as data; rule order does not change what a function does."""
     configs = (
         RuleConfig(
@@ -27,7 +29,9 @@ def canonical_config(id: str, trigger: str, rules: tuple[CancelOn, ...]) -> Func
         )
         for rule in rules
     )
-    return FunctionConfig(id=id, trigger=trigger, cancel_on=tuple(sorted(configs, key=encode_json)))
+    return FunctionConfig(
+        id=id, trigger=trigger, cancel_on=tuple(sorted(configs, key=encode_json)), owner=owner
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +42,21 @@ class Function:
     trigger: str
     cancel_on: tuple[CancelOn, ...]
     handler: Handler
+    #: Path in the trigger naming who owns a run: a cancel by run id must come from them.
+    owner: str | None
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
 
     @classmethod
     def declare(
-        cls, *, id: str, trigger: str, cancel_on: Iterable[CancelOn], handler: Handler
+        cls,
+        *,
+        id: str,
+        trigger: str,
+        cancel_on: Iterable[CancelOn],
+        handler: Handler,
+        owner: str | None = None,
     ) -> Function:
         try:
             check_name("function id", id)
@@ -57,12 +69,15 @@ class Function:
         if not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f"function {id!r}: the body must be an `async def`")
         rules = check_rules(tuple(cancel_on))
-        config = canonical_config(id, trigger, rules)
+        if owner is not None:
+            owner = Path.parse(owner).text
+        config = canonical_config(id, trigger, rules, owner=owner)
         return cls(
             id=id,
             trigger=trigger,
             cancel_on=rules,
             handler=handler,
+            owner=owner,
             config=config,
             config_hash=config_hash(config),
         )

@@ -91,13 +91,41 @@ class Keys:
         """Set of run ids one trigger event started."""
         return f"{self.namespace}:event-runs:{event_id}"
 
-    def listeners(self, event_name: str) -> str:
-        """Hash of match path -> number of active runs whose rule listens to this event."""
-        return f"{self.namespace}:listen:{event_name}"
+    def function_runs(self, app_id: str, function_id: str) -> str:
+        """Sorted set of one function's unfinished runs, scored by start time (ms)."""
+        return f"{self.namespace}:fn-runs:{app_id}/{function_id}"
 
-    def index(self, event_name: str, path: str, token: str) -> str:
-        """Set of run ids whose rule (event_name, path) has this value token."""
-        return f"{self.namespace}:idx:{event_name}:{path}:{token}"
+    def children(self, run_id: str) -> str:
+        """Set of the runs started inside this run: cancelling it cancels them too."""
+        return f"{self.namespace}:children:{run_id}"
+
+    def finished(self, run_id: str) -> str:
+        """Pub/Sub channel told when the run reaches a terminal status (``Client.wait``)."""
+        return f"{self.namespace}:finished:{run_id}"
+
+    # -- the cancel index ---------------------------------------------------------------
+
+    def rules(self, event_name: str) -> str:
+        """Hash of the selectors declared for this cancel event -> when last declared (ms)."""
+        return f"{self.namespace}:rules:{event_name}"
+
+    @property
+    def expressions(self) -> str:
+        """Hash of rule expression id -> its CEL source."""
+        return f"{self.namespace}:expressions"
+
+    def index(self, event_name: str, selector: str, token: str) -> str:
+        """Set of run ids whose rule (event_name, selector) has this value token."""
+        return f"{self.namespace}:idx:{event_name}:{selector}:{token}"
+
+    def tombstone(self, event_name: str, selector: str, token: str) -> str:
+        """Sorted set of recent cancel event ids for (event_name, selector, token), scored by
+        when each stops counting (ms): runs that register later are cancelled by them."""
+        return f"{self.namespace}:tomb:{event_name}:{selector}:{token}"
+
+    def tombstone_event(self, event_id: str) -> str:
+        """A tombstoned cancel event's JSON, for rules whose expression needs its data."""
+        return f"{self.namespace}:tomb-event:{event_id}"
 
     @property
     def signal_prefix(self) -> str:

@@ -16,10 +16,12 @@ from typing import Any, Final
 
 import anyio
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.function import Function
 from sdk.keys import Keys
+from sdk.rules import CancelOn
 from sdk.version import __version__
 from sdk.wire import WorkerInfo, encode_json
 
@@ -43,6 +45,18 @@ async def redis_now_ms(redis: Redis) -> int:
     """Redis server time: the one clock every process agrees on."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
+
+
+def declare_rules(pipe: Pipeline, keys: Keys, rules: Iterable[CancelOn], now: int) -> None:
+    """Tell the broker what to look up (and tombstone) for each rule's cancel event.
+
+    Part of the sync, so it is in Redis before the worker can read a trigger.
+    """
+    for rule in rules:
+        pipe.hsetnx(keys.rule_events, rule.event, now)
+        pipe.hset(keys.rules(rule.event), rule.selector.text, now)
+        if (expression := rule.expression) is not None:
+            pipe.hset(keys.expressions, expression.id, expression.source)
 
 
 class Registration:
@@ -90,8 +104,7 @@ class Registration:
         async with self.redis.pipeline(transaction=True) as pipe:
             for fn in self._functions:
                 pipe.set(self.keys.config(fn.config_hash), encode_json(fn.config), ex=CONFIG_TTL)
-                for rule in fn.cancel_on:
-                    pipe.hsetnx(self.keys.rule_events, rule.event, now)
+                declare_rules(pipe, self.keys, fn.cancel_on, now)
             pipe.hset(self.keys.worker(self.worker_id), mapping={"info": body, "heartbeat_at": now})
             pipe.expire(self.keys.worker(self.worker_id), REGISTRATION_TTL)
             pipe.zadd(self.keys.workers, {self.worker_id: now})

@@ -2,9 +2,14 @@
 
 A rule ``CancelOn(event="report/cancel.requested", match="data.reportId")`` means:
 an event named ``report/cancel.requested`` cancels the run when its ``data.reportId``
-equals the run trigger's ``data.reportId``. When a run registers, each rule becomes
-one index entry keyed by (event name, path, value); a cancel event costs one lookup
-per path that rules listen on, never a scan over running runs.
+equals the run trigger's ``data.reportId``. ``if_`` adds a CEL condition over both
+events, ``timeout`` bounds how long after the run started the rule listens.
+
+In Redis a rule is a :class:`Selector`: the match path (or ``*``), the id of its
+expression and its timeout, as one string. When a run registers, each rule becomes one
+index entry keyed by (event name, selector, the trigger's value at the path); a cancel
+event costs one lookup per selector declared for its name, never a scan over running
+runs. Expressions are evaluated only on the runs those lookups return.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any, Final
 
 import msgspec
 
+from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
+from sdk.expressions import Expression, compile_rule_expression
 from sdk.keys import Keys
 from sdk.wire import Event, check_event_name, encode_json
 
@@ -27,8 +34,10 @@ MAX_RULES_PER_FUNCTION: Final = 5
 MAX_TOKEN_CHARS: Final = 96
 
 _ROOTS: Final = ("data",)
-#: Path and token of the index entry an ``all_runs=True`` rule registers under.
+#: Path and token of the index entry of a rule without ``match``.
 ALL_RUNS: Final = "*"
+#: Separates the parts of a selector; never part of a path.
+_SELECTOR_SEPARATOR: Final = "|"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,7 @@ class Path:
             if not part:
                 raise ConfigurationError(_point(text, position, "empty path segment"))
             for offset, ch in enumerate(part):
-                if ch.isspace() or ord(ch) < 32 or ch in "[]:":
+                if ch.isspace() or ord(ch) < 32 or ch in "[]:|*":
                     raise ConfigurationError(
                         _point(
                             text, position + offset, f"character {ch!r} is not allowed in a path"
@@ -101,19 +110,28 @@ def value_token(value: Any) -> str | None:
     return token
 
 
-def _parse_timeout(value: float | timedelta | str | None) -> None:
-    if value is not None:
-        raise ConfigurationError(
-            "CancelOn(timeout=...) is not supported yet; rules listen for the whole run"
-        )
+def _timeout_seconds(value: float | timedelta | str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ConfigurationError(f"CancelOn(timeout={value!r}): {exc}") from None
+    if seconds <= 0:
+        raise ConfigurationError(f"CancelOn(timeout={value!r}): a timeout must be positive")
+    return seconds
 
 
 class CancelOn(msgspec.Struct, frozen=True):
     """Cancel a run when ``event`` arrives and matches it.
 
-    ``match`` is a dotted path (``data.reportId``) whose value must be equal in the
-    run's trigger and in the cancel event. A rule without ``match`` would cancel every
-    run of the function, so it is refused unless ``all_runs=True`` says that is meant.
+    - ``match``: a dotted path (``data.reportId``) whose value must be equal in the run's
+      trigger and in the cancel event (``event.data.reportId == async.data.reportId``).
+    - ``if_``: a CEL expression over ``event`` (the run's trigger) and ``async`` (the
+      cancel event) that must be true. With ``match``, both must hold.
+    - ``timeout``: seconds, a timedelta or ``"30m"``; the rule stops listening that long
+      after the run started.
+
+    A rule with neither ``match`` nor ``if_`` would cancel every run of the function, so it
+    is refused unless ``all_runs=True`` says that is meant.
     """
 
     event: str
@@ -127,30 +145,102 @@ class CancelOn(msgspec.Struct, frozen=True):
             check_event_name(self.event)
         except InvalidEventError as exc:
             raise ConfigurationError(f"CancelOn(event={self.event!r}): {exc.detail}") from None
-        if self.if_ is not None:
-            raise ConfigurationError(
-                "CancelOn(if_=...) is not supported yet; use match='data.<key>'"
-            )
-        _parse_timeout(self.timeout)
         if self.match is not None:
             Path.parse(self.match)
-            if self.all_runs:
-                raise ConfigurationError("CancelOn: all_runs=True contradicts match=...")
-        elif not self.all_runs:
+        if self.if_ is not None:
+            compile_rule_expression(self.if_)
+        if self.timeout is not None:
+            _timeout_seconds(self.timeout)
+        if self.all_runs and (self.match is not None or self.if_ is not None):
+            given = "match=..." if self.match is not None else "if_=..."
+            raise ConfigurationError(f"CancelOn: all_runs=True contradicts {given}")
+        if self.match is None and self.if_ is None and not self.all_runs:
             raise ConfigurationError(
-                f"CancelOn(event={self.event!r}) has no match, so it would cancel every run of the"
-                " function; pass match='data.<key>', or all_runs=True if that is what you want"
+                f"CancelOn(event={self.event!r}) has neither match nor if_, so it would cancel"
+                " every run of the function; pass match='data.<key>' or if_='<CEL>', or"
+                " all_runs=True if that is what you want"
             )
+
+    @property
+    def timeout_s(self) -> float | None:
+        return None if self.timeout is None else _timeout_seconds(self.timeout)
+
+    @property
+    def expression(self) -> Expression | None:
+        return None if self.if_ is None else compile_rule_expression(self.if_)
+
+    @property
+    def selector(self) -> Selector:
+        expression = self.expression
+        timeout_s = self.timeout_s
+        return Selector(
+            path=self.match,
+            expression_id=None if expression is None else expression.id,
+            timeout_ms=None if timeout_s is None else max(1, round(timeout_s * 1000)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Selector:
+    """What identifies a rule in the index: ``data.reportId``, ``*|if=3ef9597b4f8403b8``,
+    ``data.reportId|ttl=1800000`` (the path or ``*``, the expression id, the timeout in ms).
+    """
+
+    path: str | None
+    expression_id: str | None = None
+    timeout_ms: int | None = None
+
+    @property
+    def text(self) -> str:
+        parts = [self.path or ALL_RUNS]
+        if self.expression_id is not None:
+            parts.append(f"if={self.expression_id}")
+        if self.timeout_ms is not None:
+            parts.append(f"ttl={self.timeout_ms}")
+        return _SELECTOR_SEPARATOR.join(parts)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=4096)
+    def parse(text: str) -> Selector | None:
+        """The selector ``text`` spells, or None for one this SDK cannot read (a newer one)."""
+        head, *options = text.split(_SELECTOR_SEPARATOR)
+        path: str | None = None
+        if head != ALL_RUNS:
+            try:
+                path = parse_path(head).text
+            except ConfigurationError:
+                return None
+        expression_id: str | None = None
+        timeout_ms: int | None = None
+        for option in options:
+            name, _, value = option.partition("=")
+            if name == "if" and value.isalnum():
+                expression_id = value
+            elif name == "ttl" and value.isdigit():
+                timeout_ms = int(value)
+            else:
+                return None
+        return Selector(path=path, expression_id=expression_id, timeout_ms=timeout_ms)
+
+    def token(self, event: Event) -> str | None:
+        """The index token of ``event`` under this selector; None: it cannot match."""
+        if self.path is None:
+            return ALL_RUNS
+        return value_token(parse_path(self.path).lookup(event))
 
 
 @dataclass(frozen=True, slots=True)
 class IndexEntry:
-    """One (event, path, value) under which a run waits to be cancelled."""
+    """One (event, selector, value) under which a run waits to be cancelled."""
 
     event_name: str
-    path: str
+    selector: str
+    #: The index set holding the run.
     key: str
-    listeners_key: str
+    #: Where the broker leaves cancel events that arrived before a run could match them.
+    tombstone: str
+    #: The rule's expression, when a matching cancel event must also satisfy it.
+    expression: Expression | None = None
 
 
 def check_rules(rules: tuple[CancelOn, ...]) -> tuple[CancelOn, ...]:
@@ -168,31 +258,48 @@ def index_entries(rules: tuple[CancelOn, ...], trigger: Event, keys: Keys) -> li
     """The index entries a run with this trigger is registered under (deduplicated)."""
     entries: dict[str, IndexEntry] = {}
     for rule in rules:
-        token: str | None
-        if rule.match is None:  # all_runs=True, checked by CancelOn
-            path_text, token = ALL_RUNS, ALL_RUNS
-        else:
-            path_text = rule.match
-            token = value_token(parse_path(path_text).lookup(trigger))
+        selector = rule.selector
+        token = selector.token(trigger)
         if token is None:
-            continue
-        key = keys.index(rule.event, path_text, token)
-        entries[key] = IndexEntry(rule.event, path_text, key, keys.listeners(rule.event))
+            continue  # the trigger has no value at the path: nothing can match it
+        key = keys.index(rule.event, selector.text, token)
+        entries[key] = IndexEntry(
+            event_name=rule.event,
+            selector=selector.text,
+            key=key,
+            tombstone=keys.tombstone(rule.event, selector.text, token),
+            expression=rule.expression,
+        )
     return list(entries.values())
 
 
-def lookup_keys(event: Event, paths: list[str], keys: Keys) -> list[str]:
-    """Index keys a cancel event hits, given the paths rules listen on for its name."""
-    found: list[str] = []
-    for text in paths:
-        if text == ALL_RUNS:
-            found.append(keys.index(event.name, ALL_RUNS, ALL_RUNS))
-            continue
-        try:
-            path = parse_path(text)
-        except ConfigurationError:
-            continue  # written by a newer SDK with other path syntax: not ours to match
-        token = value_token(path.lookup(event))
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Where a cancel event looks for the runs of one selector."""
+
+    selector: Selector
+    key: str
+    tombstone: str
+
+
+def lookups(event: Event, selectors: list[str], keys: Keys) -> list[Lookup]:
+    """Index lookups a cancel event makes, given the selectors declared for its name.
+
+    Plain selectors come first: a run matched by a plain rule needs no expression.
+    """
+    found: list[Lookup] = []
+    for text in selectors:
+        selector = Selector.parse(text)
+        if selector is None:
+            continue  # written by a newer SDK: not ours to match
+        token = selector.token(event)
         if token is not None:
-            found.append(keys.index(event.name, path.text, token))
+            found.append(
+                Lookup(
+                    selector,
+                    keys.index(event.name, text, token),
+                    keys.tombstone(event.name, text, token),
+                )
+            )
+    found.sort(key=lambda lookup: lookup.selector.expression_id is not None)
     return found

@@ -18,10 +18,12 @@ import anyio
 from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.context import CancelState, RunContext
 from sdk.errors import DuplicateRunError
+from sdk.expressions import describe_error, event_variable
 from sdk.function import Function
-from sdk.rules import IndexEntry, index_entries
-from sdk.store import Outcome, RunStore
-from sdk.wire import TERMINAL_STATUSES, Event
+from sdk.keys import EVENT_FIELD
+from sdk.rules import IndexEntry, index_entries, parse_path, value_token
+from sdk.store import Outcome, Registration, RunStore
+from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
 #: Registering a run is one short script; longer means Redis is unreachable.
 REGISTER_TIMEOUT_S: Final = 10.0
@@ -38,7 +40,10 @@ class Run:
     function: Function
     event: Event
     entries: list[IndexEntry]
+    parent_run_id: str | None = None
     state: CancelState = field(default_factory=CancelState)
+    #: When the body stopped (monotonic), for the cancel latency recorded with the outcome.
+    stopped_at: float | None = None
 
 
 class Runner:
@@ -55,32 +60,95 @@ class Runner:
     def __len__(self) -> int:
         return len(self._runs)
 
-    async def register(self, fn: Function, event: Event, run_id: str) -> Run:
-        """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken."""
+    async def register(
+        self, fn: Function, event: Event, run_id: str, *, parent_run_id: str | None = None
+    ) -> Run:
+        """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken.
+
+        A run whose parent was cancelled, or that a cancel event published before it
+        registered matches (a tombstone), is returned already cancelled: its body stops at
+        its first await.
+        """
         if run_id in self._runs:
             raise DuplicateRunError(run_id, "running")
-        run = Run(run_id, fn, event, index_entries(fn.cancel_on, event, self.store.keys))
+        parent_run_id = parent_run_id or event.parent
+        entries = index_entries(fn.cancel_on, event, self.store.keys)
+        run = Run(run_id, fn, event, entries, parent_run_id)
         # In the registry before the script runs: a signal can arrive the moment it returns.
         self._runs[run_id] = run
         try:
             # Shielded: a run must not be half registered because its starter was cancelled.
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                status = await self.store.register(  # idempotent for this worker
+                registration = await self.store.register(  # idempotent for this worker
                     run_id=run_id,
                     app_id=self.app_id,
                     function_id=fn.id,
                     config_hash=fn.config_hash,
                     worker_id=self.worker_id,
                     event=event,
-                    entries=run.entries,
+                    entries=entries,
+                    parent_run_id=parent_run_id,
+                    owner=self._owner(fn, event),
                 )
+                if registration.outcome == "registered" and registration.tombstones:
+                    await self._apply_tombstones(run, registration)
         except BaseException:
             self._forget(run)
             raise
-        if status != "registered":
+        if registration.outcome == "taken":
             self._forget(run)
-            raise DuplicateRunError(run_id, status)
+            raise DuplicateRunError(run_id, registration.status)
+        if registration.outcome == "cancelled":
+            self._log.info(
+                "run.cancelled_on_registration",
+                run_id=run_id,
+                reason=registration.reason,
+                cancelled_by=registration.cancelled_by,
+            )
+            run.state.cancel(registration.reason)
         return run
+
+    @staticmethod
+    def _owner(fn: Function, event: Event) -> tuple[str, str | None] | None:
+        if fn.owner is None:
+            return None
+        return fn.owner, value_token(parse_path(fn.owner).lookup(event))
+
+    async def _apply_tombstones(self, run: Run, registration: Registration) -> None:
+        """Cancel events that arrived before the run registered, under rules with an
+        expression: the worker, which holds the compiled rule, decides."""
+        trigger = event_variable(run.event)
+        for entry, cancel in registration.tombstones:
+            assert entry.expression is not None
+            try:
+                matched = entry.expression.evaluate(
+                    {"event": trigger, "async": event_variable(cancel)}
+                )
+            except Exception as exc:  # an expression error never matches
+                self._log.warning("run.rule_error", run_id=run.run_id, error=describe_error(exc))
+                continue
+            if not matched:
+                continue
+            reason = f"cancel event {cancel.name} (it arrived before the run registered)"
+            (result,) = await self.store.request_cancel(
+                [run.run_id],
+                event_id=cancel.id,
+                reason=reason,
+                cancelled_by=cancel.id,
+                cancel_at_ms=entry_timestamp(cancel.id),
+                holder=self.worker_id,
+            )
+            if result.outcome in ("signalled", "already_cancelling"):
+                self._log.info(
+                    "run.cancelled_on_registration", run_id=run.run_id, cancelled_by=cancel.id
+                )
+                run.state.cancel(reason)
+                return
+
+    async def spawn(self, parent: Run, name: str, data: dict[str, Any] | None) -> str:
+        """Publish an event whose runs are children of ``parent`` (cancelled with it)."""
+        body = encode_event(name, data, parent=parent.run_id)
+        return str(await self.store.redis.xadd(self.store.keys.events, {EVENT_FIELD: body}))
 
     @asynccontextmanager
     async def running(
@@ -99,6 +167,8 @@ class Runner:
             event=run.event,
             state=state,
             backstop=lambda: self._check_cancel_requested(run),
+            spawn=lambda name, data: self.spawn(run, name, data),
+            parent_run_id=run.parent_run_id,
         )
         outcome: Outcome = "completed"
         error: str | None = None
@@ -108,10 +178,13 @@ class Runner:
         try:
             with state.scope:
                 yield ctx
+            run.stopped_at = time.monotonic()
         except Exception as exc:
+            run.stopped_at = time.monotonic()
             outcome, error = "failed", f"{type(exc).__name__}: {exc}"
             raise
         except BaseException:
+            run.stopped_at = time.monotonic()
             # Cancelled from outside the run (the worker is going away, or the caller of
             # ``worker.run`` was cancelled): never a silent end.
             if state.reason is None:
@@ -182,14 +255,17 @@ class Runner:
         with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
             while True:
                 try:
+                    stopped = run.stopped_at or time.monotonic()
                     previous = await self.store.finish(
                         run.run_id,
                         outcome,
-                        run.entries,
+                        [entry.key for entry in run.entries],
                         app_id=self.app_id,
+                        function_id=run.function.id,
                         worker_id=self.worker_id,
                         error=error,
                         cancel_reason=reason,
+                        stopped_ago_ms=(time.monotonic() - stopped) * 1000,
                     )
                     break
                 except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again

@@ -1,7 +1,7 @@
 """Run state in Redis: registration, cancel requests and outcomes.
 
-Every change of a run's status happens in one of three Lua scripts (``sdk/lua``), so
-each transition is atomic and terminal states are final whoever races whom.
+Every change of a run's status happens in a Lua script (``sdk/lua``), so each transition
+is atomic and terminal states are final whoever races whom.
 """
 
 from __future__ import annotations
@@ -9,22 +9,25 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import timedelta
 from importlib import resources
-from typing import Final, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import msgspec
 from redis.asyncio import Redis
 
-from sdk.keys import Keys
-from sdk.rules import IndexEntry
+from sdk.keys import EVENT_FIELD, Keys
+from sdk.rules import IndexEntry, Lookup
 from sdk.wire import (
+    RUN_CANCELLED_EVENT,
     CancelOutcome,
     CancelResult,
     Event,
     RunInfo,
     RunStatus,
     decode_run,
+    decode_stored_event,
     encode_json,
     encode_stored_event,
+    entry_timestamp,
 )
 
 #: How long a finished run's record stays readable (``Client.get_run``).
@@ -39,11 +42,51 @@ def _script(name: str) -> str:
     return (resources.files("sdk") / "lua" / name).read_text()
 
 
+#: Functions the scripts that cancel runs share (cancel_run, id_after, ...).
+_LIB: Final = _script("lib.lua")
+
 ScriptArg = str | int
+#: ``actor`` that may cancel any run, whatever owner its function declares.
+OPERATOR_ACTOR: Final = "*"
 
 
 def _pairs(fields: Mapping[str, str | None]) -> list[ScriptArg]:
     return [item for key, value in fields.items() if value is not None for item in (key, value)]
+
+
+def _results(replies: Sequence[Sequence[object]]) -> list[CancelResult]:
+    """The ``{run id, outcome, previous, status, cascaded}`` replies of the cancel scripts."""
+    return [
+        CancelResult(
+            run_id=str(run_id),
+            outcome=cast(CancelOutcome, outcome),
+            previous_status=cast(RunStatus, previous) or None,
+            status=cast(RunStatus, status) or None,
+            cascaded=tuple(str(child) for child in cast(list[str], cascaded)),
+        )
+        for run_id, outcome, previous, status, cascaded in replies
+    ]
+
+
+class Registration(msgspec.Struct, frozen=True):
+    """What registering a run did: ``registered``, ``cancelled`` at once, or the status of
+    another run that already has the id (``taken``)."""
+
+    outcome: Literal["registered", "cancelled", "taken"]
+    status: str = "running"
+    reason: str = ""
+    cancelled_by: str = ""
+    #: Tombstoned cancel events newer than the trigger, under entries with an expression:
+    #: (entry, cancel event). The worker evaluates them.
+    tombstones: tuple[tuple[IndexEntry, Event], ...] = ()
+
+
+class MatchCandidate(msgspec.Struct, frozen=True):
+    """A running run whose rule's key matched a cancel event; its expression must decide."""
+
+    run_id: str
+    lookup: Lookup
+    trigger: Event
 
 
 class RunStore:
@@ -53,10 +96,20 @@ class RunStore:
         self.redis = redis
         self.keys = keys
         self.retention_s = max(1, int(retention.total_seconds()))
-        self._register = redis.register_script(_script("register_run.lua"))
+        self._register = redis.register_script(_LIB + _script("register_run.lua"))
         self._finish = redis.register_script(_script("finish_run.lua"))
-        self._request_cancel = redis.register_script(_script("request_cancel.lua"))
+        self._request_cancel = redis.register_script(_LIB + _script("request_cancel.lua"))
+        self._match_event = redis.register_script(_LIB + _script("match_event.lua"))
         self._resend = redis.register_script(_script("resend_signals.lua"))
+
+    def _cancel_context(self) -> list[ScriptArg]:
+        """ARGV[1..4] of the cancelling scripts (``cancel_context`` in lib.lua)."""
+        return [
+            self.keys.run_prefix,
+            self.keys.signal_prefix,
+            self.keys.children(""),
+            SIGNAL_STREAM_MAXLEN,
+        ]
 
     async def register(
         self,
@@ -68,8 +121,13 @@ class RunStore:
         worker_id: str,
         event: Event,
         entries: Sequence[IndexEntry],
-    ) -> str:
-        """Register a running run. Returns ``registered`` or the status of the existing run."""
+        parent_run_id: str | None = None,
+        owner: tuple[str, str | None] | None = None,
+    ) -> Registration:
+        """Register a running run (cancelled at once if a tombstone or its parent says so).
+
+        ``owner``: the function's owner path and the trigger's value token there.
+        """
         fields = {
             "run_id": run_id,
             "app_id": app_id,
@@ -79,42 +137,61 @@ class RunStore:
             "event_id": event.id,
             "event": encode_stored_event(event).decode(),
             # Where the run waits in the index, so whoever reaps it can clean up after it.
-            "index": encode_json([[e.key, e.listeners_key, e.path] for e in entries]).decode(),
+            "index": encode_json([e.key for e in entries]).decode(),
+            "parent_run_id": parent_run_id,
+            "owned": None if owner is None else "1",
+            "owner": None if owner is None else owner[1],
         }
+        parent = parent_run_id or run_id
         keys = [
             self.keys.run(run_id),
             self.keys.active_runs,
             self.keys.event_runs(event.id),
             self.keys.run_configs(app_id),
             self.keys.worker_runs(worker_id),
-            *(e.key for e in entries),
-            *(e.listeners_key for e in entries),
+            self.keys.function_runs(app_id, function_id),
+            self.keys.run(parent),
+            self.keys.children(parent),
+            *(key for e in entries for key in (e.key, e.tombstone)),
         ]
         args: list[ScriptArg] = [
             run_id,
             f"{function_id}:{config_hash}",
             worker_id,
             len(entries),
-            *(e.path for e in entries),
             self.retention_s,
+            self.keys.tombstone_event(""),
+            parent_run_id or "",
+            *(arg for e in entries for arg in ("m" if e.expression is None else "c", e.event_name)),
             *_pairs(fields),
         ]
-        return str(await self._register(keys=keys, args=args))
+        reply = cast(list[Any], await self._register(keys=keys, args=args))
+        if reply[0] == "cancelled":
+            return Registration("cancelled", "cancelling", str(reply[1]), str(reply[2]))
+        if reply[0] != "registered":
+            return Registration("taken", str(reply[0]))
+        tombstones = tuple(
+            (entries[int(index) - 1], decode_stored_event(body)) for index, _id, body in reply[1]
+        )
+        return Registration("registered", tombstones=tombstones)
 
     async def finish(
         self,
         run_id: str,
         outcome: Outcome,
-        entries: Sequence[IndexEntry],
+        index_keys: Sequence[str],
         *,
         app_id: str,
+        function_id: str,
         worker_id: str,
         error: str | None = None,
         cancel_reason: str | None = None,
+        stopped_ago_ms: float | None = None,
     ) -> str | None:
         """Record the run's outcome; returns its previous status (None if unknown).
 
         A run already in a terminal state keeps it: the returned status tells.
+        ``stopped_ago_ms``: how long ago the body stopped (for the cancel latency).
         """
         keys = [
             self.keys.run(run_id),
@@ -122,49 +199,90 @@ class RunStore:
             self.keys.run_configs(app_id),
             self.keys.worker_runs(worker_id),
             self.keys.cancelling_runs,
-            *(e.key for e in entries),
-            *(e.listeners_key for e in entries),
+            self.keys.function_runs(app_id, function_id),
+            self.keys.children(run_id),
+            self.keys.events,
+            *index_keys,
         ]
-        extra = _pairs({"error": error, "cancel_reason": cancel_reason})
         args: list[ScriptArg] = [
             run_id,
             outcome,
             self.retention_s,
-            len(entries),
-            *(e.path for e in entries),
-            *extra,
+            "" if stopped_ago_ms is None else f"{stopped_ago_ms:.3f}",
+            self.keys.finished(run_id),
+            RUN_CANCELLED_EVENT,
+            EVENT_FIELD,
+            *_pairs({"error": error, "cancel_reason": cancel_reason}),
         ]
         previous = await self._finish(keys=keys, args=args)
         return None if previous is None else str(previous)
 
     async def request_cancel(
         self,
+        run_ids: Iterable[str],
         *,
-        index_keys: Iterable[str] = (),
-        run_ids: Iterable[str] = (),
         event_id: str = "",
         reason: str = "",
         cancelled_by: str,
+        cancel_at_ms: int | None = None,
+        actor: str = OPERATOR_ACTOR,
+        holder: str = "",
     ) -> list[CancelResult]:
-        """Move matching running runs to ``cancelling`` and signal their workers."""
+        """Move these runs, if running, to ``cancelling`` and signal their workers.
+
+        ``actor``: the canonical value token of who asks, checked against the owner of
+        functions that declare one; ``""`` for nobody, :data:`OPERATOR_ACTOR` for anyone.
+        ``holder``: the calling worker, which cancels the runs it holds itself (no signal).
+        """
         args: list[ScriptArg] = [
-            self.keys.run_prefix,
-            self.keys.signal_prefix,
+            *self._cancel_context(),
             event_id,
             reason,
             cancelled_by,
-            SIGNAL_STREAM_MAXLEN,
-            self.keys.cancelling_runs,
+            "" if cancel_at_ms is None else cancel_at_ms,
+            actor,
+            holder,
             *run_ids,
         ]
-        flat = await self._request_cancel(keys=list(index_keys), args=args)
-        return [
-            CancelResult(
-                run_id=flat[i],
-                outcome=cast(CancelOutcome, flat[i + 1]),
-                status=cast(RunStatus, flat[i + 2]) or None,
-            )
-            for i in range(0, len(flat), 3)
+        replies = await self._request_cancel(keys=[self.keys.cancelling_runs], args=args)
+        return _results(cast(list[list[object]], replies))
+
+    async def match_event(
+        self, event: Event, found: Sequence[Lookup], *, tombstone_ms: int
+    ) -> tuple[list[CancelResult], list[MatchCandidate]]:
+        """Leave tombstones for ``event`` and cancel the runs its lookups find.
+
+        Runs under a selector with an expression come back as candidates to evaluate.
+        """
+        with_expression = any(lookup.selector.expression_id for lookup in found)
+        keys = [
+            self.keys.cancelling_runs,
+            self.keys.tombstone_event(event.id),
+            *(key for lookup in found for key in (lookup.key, lookup.tombstone)),
+        ]
+        args: list[ScriptArg] = [
+            *self._cancel_context(),
+            event.id,
+            f"cancel event {event.name}",
+            entry_timestamp(event.id),
+            tombstone_ms,
+            encode_stored_event(event).decode() if with_expression else "",
+            len(found),
+            *(
+                arg
+                for lookup in found
+                for arg in (
+                    "m" if lookup.selector.expression_id is None else "c",
+                    lookup.selector.timeout_ms or "",
+                )
+            ),
+        ]
+        results, candidates = cast(list[Any], await self._match_event(keys=keys, args=args))
+        # 'evaluated': the candidates below, which the caller decides.
+        decided = [reply for reply in results if reply[1] != "evaluated"]
+        return _results(decided), [
+            MatchCandidate(str(run_id), found[int(index) - 1], decode_stored_event(trigger))
+            for run_id, index, trigger in candidates
         ]
 
     async def acknowledge_signals(
@@ -208,18 +326,31 @@ class RunStore:
         if not fields:
             await self.redis.srem(self.keys.worker_runs(worker_id), run_id)
             return None
-        entries = [
-            IndexEntry(event_name="", path=path, key=key, listeners_key=listeners)
-            for key, listeners, path in msgspec.json.decode(fields.get("index", "[]"))
-        ]
+        index_keys = msgspec.json.decode(fields.get("index", "[]"), type=list[str])
         return await self.finish(
-            run_id, "lost", entries, app_id=fields["app_id"], worker_id=worker_id, error=error
+            run_id,
+            "lost",
+            index_keys,
+            app_id=fields["app_id"],
+            function_id=fields["function_id"],
+            worker_id=worker_id,
+            error=error,
         )
 
-    async def listened_paths(self, event_name: str) -> list[str]:
-        """Match paths that rules of active runs listen on for this event name."""
+    async def declared_selectors(self, event_name: str) -> list[str]:
+        """Selectors of the rules workers declared for this cancel event name."""
         # The clients decode responses, so every reply string is a str.
-        return cast(list[str], await self.redis.hkeys(self.keys.listeners(event_name)))
+        return cast(list[str], await self.redis.hkeys(self.keys.rules(event_name)))
+
+    async def record_rule_errors(self, errors: Mapping[str, str]) -> None:
+        """Note on each run why its rule's expression could not be evaluated."""
+        if not errors:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id, error in errors.items():
+                # The run was running a moment ago; its record outlives it by the retention.
+                pipe.hset(self.keys.run(run_id), "rule_error", error)
+            await pipe.execute()
 
     async def get(self, run_id: str) -> RunInfo | None:
         fields = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))

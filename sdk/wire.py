@@ -15,8 +15,8 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from sdk.errors import InvalidEventError
-from sdk.keys import EVENT_FIELD
+from sdk.errors import InvalidEventError, InvalidIdError
+from sdk.keys import EVENT_FIELD, check_id
 
 #: The only event format version this release reads.
 EVENT_VERSION: Final = 1
@@ -31,20 +31,38 @@ TERMINAL_STATUSES: Final[frozenset[str]] = frozenset({"cancelled", "completed", 
 CancelOutcome = Literal[
     "signalled",  # the run was running; its worker has been told to stop it
     "already_cancelling",  # an earlier request is still being carried out
-    "already_finished",  # terminal state; nothing changes
+    "already_completed",  # terminal states are final: nothing changes
+    "already_cancelled",
+    "already_failed",
+    "lost",  # its worker died; the run was recorded lost
     "not_found",  # no such run (never registered, or its record expired)
+    "forbidden",  # the function declares an owner and the actor is not it
     "own_trigger",  # the cancel event is the run's own trigger, which never cancels it
     "started_after_cancel",  # the run's trigger is newer than the cancel event
+    "rule_expired",  # the rule's timeout had passed when the cancel event was published
+    "condition_false",  # the rule's expression did not hold
+    "rule_error",  # the rule's expression failed to evaluate (recorded on the run)
 ]
 
+#: Published (on the events stream) each time a run ends cancelled; functions may trigger
+#: on it, like Inngest's ``inngest/function.cancelled``.
+RUN_CANCELLED_EVENT: Final = "cancel/run.cancelled"
+#: Event names under this prefix are cancel-broker's own.
+SYSTEM_EVENT_PREFIX: Final = "cancel/"
 
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """One published event. ``id`` is its stream entry id, ``ts`` milliseconds since epoch."""
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One published event. ``id`` is its stream entry id, ``ts`` milliseconds since epoch.
+
+    ``parent`` is the id of the run that published it (``ctx.spawn``): the runs it triggers
+    are that run's children, and are cancelled with it.
+    """
 
     name: str
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     id: str = ""
     ts: int = 0
+    parent: str | None = None
 
 
 class _EventBody(msgspec.Struct, kw_only=True):
@@ -54,6 +72,7 @@ class _EventBody(msgspec.Struct, kw_only=True):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
     ts: int | None = None
     v: int = EVENT_VERSION
+    parent: str | None = None
 
 
 class Signal(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +104,12 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     #: The configuration the run's code declared; its rules are the ones that apply.
     config_hash: str | None = None
+    #: The run this one was started inside; cancelling that run cancels this one.
+    parent_run_id: str | None = None
+    #: For a cancelled run: from the cancel's publication to the body stopping (Redis clock).
+    cancel_latency_ms: float | None = None
+    #: The last error of a rule expression evaluated against this run (it did not match).
+    rule_error: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +119,10 @@ class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
     outcome: CancelOutcome
     #: The run's status after the request, None when the run does not exist.
     status: RunStatus | None
+    #: Its status before the request, None when the run does not exist.
+    previous_status: RunStatus | None = None
+    #: Runs started inside this one (at any depth) that the request cancelled with it.
+    cascaded: tuple[str, ...] = ()
 
     @property
     def accepted(self) -> bool:
@@ -166,10 +195,16 @@ def _check_depth(data: Any) -> None:
 
 
 def encode_event(
-    name: str, data: dict[str, Any] | None = None, *, max_bytes: int = MAX_EVENT_BYTES
+    name: str,
+    data: dict[str, Any] | None = None,
+    *,
+    max_bytes: int = MAX_EVENT_BYTES,
+    parent: str | None = None,
 ) -> bytes:
     """The ``event`` field for a new event, validated as the broker will validate it."""
     check_event_name(name)
+    if parent is not None:
+        check_id("parent run id", parent)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -178,7 +213,10 @@ def encode_event(
         )
     _check_depth(data)
     try:
-        body = encode_json({"name": name, "data": data, "v": EVENT_VERSION})
+        fields: dict[str, Any] = {"name": name, "data": data, "v": EVENT_VERSION}
+        if parent is not None:
+            fields["parent"] = parent
+        body = encode_json(fields)
     except (TypeError, msgspec.EncodeError) as exc:
         raise InvalidEventError("invalid_shape", f"data is not JSON-serializable: {exc}") from exc
     if len(body) > max_bytes:
@@ -227,8 +265,13 @@ def decode_event(
         )
     check_event_name(body.name)
     _check_depth(body.data)
+    if body.parent is not None:
+        try:
+            check_id("parent run id", body.parent)
+        except InvalidIdError as exc:
+            raise InvalidEventError("invalid_shape", str(exc)) from None
     ts = body.ts if body.ts is not None else entry_timestamp(entry_id)
-    return Event(name=body.name, data=body.data, id=entry_id, ts=ts)
+    return Event(name=body.name, data=body.data, id=entry_id, ts=ts, parent=body.parent)
 
 
 def encode_stored_event(event: Event) -> bytes:
@@ -237,6 +280,10 @@ def encode_stored_event(event: Event) -> bytes:
 
 
 _stored_event_decoder = msgspec.json.Decoder(Event)
+
+
+def decode_stored_event(raw: str | bytes) -> Event:
+    return _stored_event_decoder.decode(raw)
 
 
 def _ms_to_datetime(value: str | None) -> datetime | None:
@@ -262,6 +309,11 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         cancelled_by=fields.get("cancelled_by") or None,
         error=fields.get("error") or None,
         config_hash=fields.get("config_hash") or None,
+        parent_run_id=fields.get("parent_run_id") or None,
+        cancel_latency_ms=float(fields["cancel_latency_ms"])
+        if fields.get("cancel_latency_ms")
+        else None,
+        rule_error=fields.get("rule_error") or None,
     )
 
 

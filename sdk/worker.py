@@ -114,12 +114,23 @@ class Worker:
     # -- declaring functions -------------------------------------------------------
 
     def function(
-        self, *, id: str, trigger: str, cancel_on: Iterable[CancelOn] = ()
+        self,
+        *,
+        id: str,
+        trigger: str,
+        cancel_on: Iterable[CancelOn] = (),
+        owner: str | None = None,
     ) -> Callable[[Handler], Function]:
-        """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``."""
+        """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
+
+        ``owner``: a path in the trigger (``data.accountId``) naming who owns each run; a
+        cancel by run id must then give that value as its ``actor``.
+        """
 
         def register(handler: Handler) -> Function:
-            fn = Function.declare(id=id, trigger=trigger, cancel_on=cancel_on, handler=handler)
+            fn = Function.declare(
+                id=id, trigger=trigger, cancel_on=cancel_on, handler=handler, owner=owner
+            )
             if fn.id in self._functions:
                 raise ConfigurationError(f"function {fn.id!r} is declared twice")
             self._functions[fn.id] = fn
@@ -214,14 +225,20 @@ class Worker:
 
     @asynccontextmanager
     async def run(
-        self, function_id: str, event: Event, *, run_id: str | None = None
+        self,
+        function_id: str,
+        event: Event,
+        *,
+        run_id: str | None = None,
+        parent: RunContext | str | None = None,
     ) -> AsyncIterator[RunContext]:
         """Run a body that something else started under ``function_id``'s cancel rules.
 
         ``async with worker.run("generate-report", event) as ctx: ...``. A cancel
         interrupts the body at its current await; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
-        mistake a cancelled block for a finished one.
+        mistake a cancelled block for a finished one. ``parent`` (a run's context or id)
+        makes this run its child: cancelling the parent cancels it.
         """
         fn = self._functions.get(function_id)
         if fn is None:
@@ -235,8 +252,13 @@ class Worker:
         check_id("event id", event.id)
         if run_id is not None:
             check_id("run id", run_id)
+        parent_run_id = parent.run_id if isinstance(parent, RunContext) else parent
+        if parent_run_id is not None:
+            check_id("parent run id", parent_run_id)
         runner = self._require_runner()
-        run = await runner.register(fn, event, run_id or uuid.uuid4().hex)
+        run = await runner.register(
+            fn, event, run_id or uuid.uuid4().hex, parent_run_id=parent_run_id
+        )
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
             yield ctx
         if run.state.cancelled:

@@ -10,9 +10,10 @@ from redis.asyncio import Redis
 
 from broker import Broker, EmbeddedRedis
 from broker.embedded import free_port
-from sdk import CancelOn, Client, Event
+from sdk import CancelOn, CancelResult, Client, Event
 from sdk.keys import Keys
-from sdk.rules import index_entries
+from sdk.registration import declare_rules
+from sdk.rules import index_entries, lookups
 from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
 from tests.conftest import broker_drained, wait_until
@@ -36,7 +37,10 @@ async def register(
         data={"reportId": report_id},
         id=event_id or "1-0",
     )
-    status = await store.register(
+    async with store.redis.pipeline(transaction=True) as pipe:
+        declare_rules(pipe, store.keys, RULES, 0)  # what a worker's sync does
+        await pipe.execute()
+    registration = await store.register(
         run_id=run_id,
         app_id="reports",
         function_id="generate-report",
@@ -45,7 +49,19 @@ async def register(
         event=event,
         entries=index_entries(RULES, event, store.keys),
     )
-    assert status == "registered"
+    assert registration.outcome == "registered"
+
+
+def cancel_event(event_id: str, report_id: str = "r1") -> Event:
+    return Event(name="report/cancel.requested", data={"reportId": report_id}, id=event_id)
+
+
+async def match(store: RunStore, event: Event) -> list[CancelResult]:
+    results, candidates = await store.match_event(
+        event, lookups(event, ["data.reportId"], store.keys), tombstone_ms=60_000
+    )
+    assert candidates == []
+    return results
 
 
 @pytest.fixture
@@ -95,9 +111,8 @@ async def test_the_same_event_handled_twice_signals_once(
     store: RunStore, redis: Redis, namespace: str
 ) -> None:
     await register(store, "run-a", "r1")
-    keys = [Keys(namespace).index("report/cancel.requested", "data.reportId", '"r1"')]
-    first = await store.request_cancel(index_keys=keys, event_id="5-0", cancelled_by="5-0")
-    again = await store.request_cancel(index_keys=keys, event_id="5-0", cancelled_by="5-0")
+    first = await match(store, cancel_event("5-0"))
+    again = await match(store, cancel_event("5-0"))
     assert [r.outcome for r in first] == ["signalled"]
     assert [r.outcome for r in again] == ["already_cancelling"]
     assert len(await signals(redis, namespace)) == 1
@@ -109,8 +124,7 @@ async def test_the_triggering_event_never_cancels_its_own_run(
     # A function cancelled by the same event name that starts it (a "restart" pattern).
     await register(store, "old", "r1", event_id="1-0")
     await register(store, "new", "r1", event_id="2-0")
-    keys = [Keys(namespace).index("report/cancel.requested", "data.reportId", '"r1"')]
-    results = await store.request_cancel(index_keys=keys, event_id="2-0", cancelled_by="2-0")
+    results = await match(store, cancel_event("2-0"))
     assert {r.run_id: r.outcome for r in results} == {"old": "signalled", "new": "own_trigger"}
 
 

@@ -135,8 +135,8 @@ async def test_cancel_after_completion_changes_nothing(
     # The run left the index when it ended: nothing listens, nothing is signalled.
     assert await count_keys(redis, f"{namespace}:idx:*") == 0
     result = await client.cancel(run.run_id)
-    assert result.outcome == "already_finished"
-    assert result.status == "completed"
+    assert result.outcome == "already_completed"
+    assert (result.previous_status, result.status) == ("completed", "completed")
     after = await client.get_run(run.run_id)
     assert after == done
     assert [o["what"] for o in await observed(redis, namespace, "r4")] == ["started", "completed"]
@@ -188,9 +188,9 @@ async def test_registry_is_empty_after_runs_end(
         for i, run in enumerate(runs)
     ]
     assert len(finished) == 20
-    # The index, the listener counts and the active set are empty: nothing can leak.
+    # The index, the function's runs and the active set are empty: nothing can leak.
     assert await count_keys(redis, f"{namespace}:idx:*") == 0
-    assert await count_keys(redis, f"{namespace}:listen:*") == 0
+    assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
     assert await redis.zcard(f"{namespace}:runs:active") == 0
     # Finished run records stay readable for a while, then expire.
     run_keys = [key async for key in redis.scan_iter(match=f"{namespace}:run:*")]

@@ -24,5 +24,5 @@ def test_demo_cancels_one_report_and_completes_the_other() -> None:
     out = result.stdout
     assert "r1 is cancelled after" in out
     assert "r2 is completed" in out
-    assert "-> already_finished, status cancelled" in out
+    assert "-> already_cancelled, status cancelled" in out
     assert '"signals_sent": 1' in out

@@ -48,14 +48,14 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
     assert f"worker {worker_id} stopped heartbeating" in lost.error
     # Nothing of the dead worker or its run is left to match, signal or count.
     assert await count_keys(redis, f"{namespace}:idx:*") == 0
-    assert await count_keys(redis, f"{namespace}:listen:*") == 0
+    assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
     assert await redis.zcard(keys.active_runs) == 0
     for key in (keys.worker(worker_id), keys.worker_runs(worker_id), keys.signals(worker_id)):
         assert not await redis.exists(key), key
     assert await redis.zscore(keys.workers, worker_id) is None
     # A cancel for a lost run answers "lost", not silence.
     result = await client.cancel(run_id)
-    assert (result.outcome, result.status) == ("already_finished", "lost")
+    assert (result.outcome, result.status) == ("lost", "lost")
     assert broker.metrics.runs_lost._value.get() == 1
 
 
@@ -137,7 +137,7 @@ async def test_ten_thousand_finished_runs_leave_no_keys_behind(
                 for i in range(batch * 100, batch * 100 + 100):
                     tg.start_soon(one, i)
         assert await count_keys(redis, f"{namespace}:idx:*") == 0
-        assert await count_keys(redis, f"{namespace}:listen:*") == 0
+        assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
         assert await redis.zcard(keys.active_runs) == 0
         assert await redis.scard(keys.worker_runs(worker.worker_id)) == 0
         assert await redis.hlen(keys.run_configs("reports")) == 0

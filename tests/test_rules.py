@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from broker.findings import is_cancel_like
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError, Worker
 from sdk.connection import redact_url
+from sdk.expressions import (
+    MAX_EXPRESSION_CHARS,
+    ExpressionError,
+    compile_rule_expression,
+    compile_trigger_filter,
+)
 from sdk.keys import Keys
-from sdk.rules import Path, index_entries, lookup_keys, value_token
+from sdk.rules import Path, Selector, index_entries, lookups, value_token
 from sdk.wire import decode_event, encode_event
 
 
@@ -17,9 +25,11 @@ def test_match_rule_indexes_the_trigger_value() -> None:
     trigger = Event(name="report/generate.requested", data={"reportId": "r1"}, id="1-0")
     (entry,) = index_entries(rules, trigger, Keys("ns"))
     assert entry.key == 'ns:idx:report/cancel.requested:data.reportId:"r1"'
-    assert entry.listeners_key == "ns:listen:report/cancel.requested"
+    assert entry.tombstone == 'ns:tomb:report/cancel.requested:data.reportId:"r1"'
+    assert entry.expression is None
     cancel = Event(name="report/cancel.requested", data={"reportId": "r1"}, id="2-0")
-    assert lookup_keys(cancel, ["data.reportId"], Keys("ns")) == [entry.key]
+    (lookup,) = lookups(cancel, ["data.reportId"], Keys("ns"))
+    assert (lookup.key, lookup.tombstone) == (entry.key, entry.tombstone)
 
 
 def test_nested_paths_and_missing_values() -> None:
@@ -61,9 +71,12 @@ def test_rule_without_match_is_refused_unless_all_runs() -> None:
     rule = CancelOn(event="app/shutdown", all_runs=True)
     (entry,) = index_entries((rule,), Event(name="x"), Keys("ns"))
     assert entry.key == "ns:idx:app/shutdown:*:*"
-    assert lookup_keys(Event(name="app/shutdown"), ["*"], Keys("ns")) == [entry.key]
-    with pytest.raises(ConfigurationError, match="contradicts"):
+    (lookup,) = lookups(Event(name="app/shutdown"), ["*"], Keys("ns"))
+    assert lookup.key == entry.key
+    with pytest.raises(ConfigurationError, match="contradicts match"):
         CancelOn(event="app/shutdown", match="data.id", all_runs=True)
+    with pytest.raises(ConfigurationError, match="contradicts if_"):
+        CancelOn(event="app/shutdown", if_="async.data.all", all_runs=True)
 
 
 @pytest.mark.parametrize(
@@ -86,11 +99,83 @@ def test_error_message_points_at_the_column() -> None:
     assert str(caught.value).splitlines()[1:] == ["  data..id", "       ^"]
 
 
-def test_unsupported_options_are_refused_not_ignored() -> None:
-    with pytest.raises(ConfigurationError, match="if_"):
-        CancelOn(event="x/cancel", match="data.id", if_="event.data.a == async.data.a")
-    with pytest.raises(ConfigurationError, match="timeout"):
-        CancelOn(event="x/cancel", match="data.id", timeout="30m")
+def test_a_rule_becomes_a_selector_with_its_expression_and_timeout() -> None:
+    keys = Keys("ns")
+    trigger = Event(name="x/start", data={"id": "a", "plan": "pro"}, id="1-0")
+    rule = CancelOn(
+        event="x/cancel", match="data.id", if_="async.data.plan == event.data.plan", timeout="30m"
+    )
+    expression = compile_rule_expression("async.data.plan == event.data.plan")
+    assert rule.selector == Selector("data.id", expression.id, 1_800_000)
+    assert rule.selector.text == f"data.id|if={expression.id}|ttl=1800000"
+    assert Selector.parse(rule.selector.text) == rule.selector
+    (entry,) = index_entries((rule,), trigger, keys)
+    assert entry.key == f'ns:idx:x/cancel:data.id|if={expression.id}|ttl=1800000:"a"'
+    assert entry.expression == expression
+    # A rule with only an expression listens under "*": every run of the function.
+    only_if = CancelOn(event="x/cancel", if_="async.data.plan == event.data.plan")
+    (entry,) = index_entries((only_if,), trigger, keys)
+    assert entry.key == f"ns:idx:x/cancel:*|if={expression.id}:*"
+    # Timeouts: seconds, timedelta, or text; never zero or negative.
+    assert CancelOn(event="x/cancel", match="data.id", timeout=90).selector.timeout_ms == 90_000
+    assert CancelOn(event="x/cancel", match="data.id", timeout=timedelta(hours=2)).timeout_s == 7200
+    for bad in ("soon", 0, -5):
+        with pytest.raises(ConfigurationError, match="timeout"):
+            CancelOn(event="x/cancel", match="data.id", timeout=bad)
+
+
+def test_selectors_written_by_a_newer_sdk_are_skipped_not_misread() -> None:
+    assert Selector.parse("data.id|unknown=1") is None
+    assert Selector.parse("not a path") is None
+    assert Selector.parse("*") == Selector(None)
+    event = Event(name="x/cancel", data={"id": 1}, id="5-0")
+    found = lookups(event, ["data.id|whatever", "data.id", "*|if=abc"], Keys("ns"))
+    # Plain selectors first: their runs need no expression.
+    assert [lookup.selector.text for lookup in found] == ["data.id", "*|if=abc"]
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("event.data.x ==", "(?s)1:16: Syntax error.*\\^"),
+        ("evnt.data.x == 1", "unknown variable 'evnt' .* at position 0"),
+        ("event.data.x == asink.data.x", "unknown variable 'asink' .* at position 16"),
+        ("lower(event.data.x) == 'a'", "'lower' is not a standard CEL function at position 0"),
+        (
+            "event.data.a.exists(x, async.data.b.exists(y, y == x))",
+            "a comprehension nested in another at position 42",
+        ),
+        ("1 == " + "1" * MAX_EXPRESSION_CHARS, "at most 1024"),
+        ("", "non-empty"),
+    ],
+)
+def test_invalid_expressions_fail_at_definition_with_the_position(
+    source: str, message: str
+) -> None:
+    with pytest.raises(ExpressionError, match=message):
+        CancelOn(event="x/cancel", if_=source)
+
+
+def test_expressions_evaluate_over_both_events_and_only_true_matches() -> None:
+    rule = compile_rule_expression(
+        "event.data.user == async.data.user && async.data.reason in ['abuse', 'refund']"
+        " && event.data.tags.exists(t, t == 'video')"
+    )
+    trigger = {"data": {"user": "u1", "tags": ["video"]}}
+    assert rule.evaluate({"event": trigger, "async": {"data": {"user": "u1", "reason": "abuse"}}})
+    assert not rule.evaluate({"event": trigger, "async": {"data": {"user": "u2", "reason": "x"}}})
+    # A missing field is an evaluation error, never a match.
+    with pytest.raises(KeyError):
+        rule.evaluate({"event": trigger, "async": {"data": {"user": "u1"}}})
+    # Strings inside literals are not mistaken for variables or comprehensions.
+    assert compile_rule_expression("async.data.note == 'evnt.all(x, y.all(z, 1))'")
+    # A non-boolean result is not a match.
+    assert not compile_rule_expression("async.data.user").evaluate(
+        {"event": {}, "async": {"data": {"user": "u1"}}}
+    )
+    # Bulk cancel filters see only the trigger.
+    with pytest.raises(ExpressionError, match="unknown variable 'async'"):
+        compile_trigger_filter("async.data.x == 1")
 
 
 def test_function_declarations_are_checked() -> None:
@@ -159,6 +244,7 @@ def test_send_refuses_what_the_broker_would_dead_letter(
         ("report/generate.requested", False),
         ("notcancelled", False),
         ("report/cancellation.requested", False),
+        ("cancel/run.cancelled", False),  # our own outcome event
     ],
 )
 def test_cancel_like_event_names(name: str, cancel_like: bool) -> None:

@@ -422,8 +422,10 @@ async def test_publisher_can_only_append_events(acl_server: AclServer, admin: Re
 @pytest.mark.parametrize(
     ("role", "what", "command"),
     [
-        ("worker", "publish an event", ("XADD", "cancel:events", "*", "event", "{}")),
+        # (A worker does publish events: the outcome of a cancelled run, ctx.spawn.)
         ("worker", "forge a signal", ("XADD", "cancel:signals:w2", "*", "run_id", "r")),
+        ("worker", "change a tombstone it only reads", ("SET", "cancel:tomb-event:1-0", "x")),
+        ("worker", "listen to another channel", ("SUBSCRIBE", "cancel:finished:r")),
         ("worker", "read another's registration", ("HGETALL", "cancel:worker:w2")),
         ("worker", "send code", ("EVAL", "return 1", "0")),
         ("broker", "publish an event", ("XADD", "cancel:events", "*", "event", "{}")),
@@ -432,6 +434,7 @@ async def test_publisher_can_only_append_events(acl_server: AclServer, admin: Re
         ("broker", "send code", ("EVAL", "return 1", "0")),
         ("operator", "read events", ("XRANGE", "cancel:events", "-", "+")),
         ("operator", "change the index", ("SREM", "cancel:idx:a:data.b:1", "r")),
+        ("operator", "forge an outcome", ("PUBLISH", "cancel:finished:r", "cancelled")),
         ("publisher", "write outside its namespace", ("XADD", "other:events", "*", "a", "b")),
     ],
 )

@@ -189,7 +189,9 @@ async def test_a_run_with_a_configuration_no_live_worker_declares(
         assert unsynced.details["config_hash"] == "f" * 64
         assert unsynced.details["active_runs"] == 1
         assert unsynced.details["served"] == [worker.functions["generate-report"].config_hash]
-        await store.finish("r1", "completed", [], app_id="reports", worker_id="elsewhere")
+        await store.finish(
+            "r1", "completed", [], app_id="reports", function_id="f", worker_id="elsewhere"
+        )
         assert findings(await state_of(redis, namespace), "unsynced_run") == []
 
 
@@ -212,7 +214,9 @@ async def test_runs_of_a_function_the_app_no_longer_declares(
         (gone,) = findings(await state_of(redis, namespace), "gone_function")
         assert (gone.app_id, gone.function_id) == ("reports", "old-export")
         assert gone.details["active_runs"] == 1
-        await store.finish("r9", "completed", [], app_id="reports", worker_id="elsewhere")
+        await store.finish(
+            "r9", "completed", [], app_id="reports", function_id="f", worker_id="elsewhere"
+        )
         assert not findings(await state_of(redis, namespace), "gone_function")
 
 

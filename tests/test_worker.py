@@ -119,7 +119,7 @@ async def test_completed_run_is_final(worker: Worker, client: Client) -> None:
     async with worker.run("generate-report", report_event("r1")) as ctx:
         pass
     result = await client.cancel(ctx.run_id)
-    assert result.outcome == "already_finished"
+    assert result.outcome == "already_completed"
     assert result.status == "completed"
     assert not result.accepted
     info = await client.get_run(ctx.run_id)

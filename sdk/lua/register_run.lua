@@ -1,37 +1,50 @@
--- Register a run and its index entries, atomically.
+-- Register a run and its index entries, atomically; lib.lua is loaded in front.
+-- A run is cancelled at once, in this same script, when the run it was started inside has
+-- been cancelled, or when a cancel event that arrived before it registered (a tombstone,
+-- see match_event.lua) matches it and is newer than its trigger.
 -- KEYS[1]  run hash
 -- KEYS[2]  active runs (zset)
 -- KEYS[3]  runs of the trigger event (set)
 -- KEYS[4]  the app's active runs per function configuration (hash)
 -- KEYS[5]  the worker's unfinished runs (set)
--- KEYS[6 .. 5+n]      index sets, one per (event, path, value) the run listens on
--- KEYS[6+n .. 5+2n]   listener hashes of those index entries
+-- KEYS[6]  the function's unfinished runs (zset)
+-- KEYS[7]  the parent run's hash (the run's own hash when it has no parent)
+-- KEYS[8]  the parent run's children (set; the run's own when it has no parent)
+-- KEYS[8 + 2i - 1], KEYS[8 + 2i]  index set and tombstone of entry i (i = 1 .. n)
 -- ARGV[1]  run id
 -- ARGV[2]  'function_id:config_hash' (the field counted in KEYS[4])
 -- ARGV[3]  worker id
 -- ARGV[4]  n
--- ARGV[5 .. 4+n]      match paths, aligned with the index sets
--- ARGV[5+n]           record retention in seconds (applied to the event-runs set)
--- ARGV[6+n ..]        run hash fields, as field/value pairs
--- Returns 'registered', or the existing run's status when the id is taken (a trigger
--- delivered twice never starts a second run). A retry by the worker that registered the
--- run (its first reply was lost) gets 'registered' again: the registration is its own.
-local existing = redis.call('HMGET', KEYS[1], 'status', 'worker_id')
+-- ARGV[5]  record retention in seconds (applied to the event-runs set)
+-- ARGV[6]  prefix of tombstoned events' JSON
+-- ARGV[7]  the parent run's id, or ''
+-- ARGV[8 + 2(i-1)], ARGV[9 + 2(i-1)]  entry i: 'm' or 'c' (an expression decides), and
+--          its cancel event's name
+-- ARGV[8 + 2n ..]  run hash fields, as field/value pairs
+-- Returns {'registered', hits} or {'cancelled', reason, cancelled_by}, or {status} when
+-- the id is taken by another run (a trigger delivered twice never starts a second run).
+-- hits: {i, cancel event id, its JSON} for each tombstone under an entry with an
+-- expression, newer than the trigger: the worker evaluates them.
+-- A retry by the worker that registered the run (its first reply was lost) gets the same
+-- answer again: the registration is its own.
+local existing = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'cancel_reason',
+  'cancelled_by')
 if existing[1] then
-  if existing[1] == 'running' and existing[2] == ARGV[3] then
-    return 'registered'
+  if existing[2] == ARGV[3] and existing[1] == 'running' then
+    return {'registered', {}}
+  elseif existing[2] == ARGV[3] and existing[1] == 'cancelling' then
+    return {'cancelled', existing[3] or '', existing[4] or ''}
   end
-  return existing[1]
+  return {existing[1]}
 end
-local run_id = ARGV[1]
+local run_id, worker_id, parent_id = ARGV[1], ARGV[3], ARGV[7]
 local n = tonumber(ARGV[4])
-local retention = ARGV[5 + n]
-local now = redis.call('TIME')
-local now_ms = string.format('%.0f', now[1] * 1000 + math.floor(now[2] / 1000))
+local retention = ARGV[5]
+local now = clock_ms()
 
-local fields = {'status', 'running', 'started_at', now_ms}
+local fields = {'status', 'running', 'started_at', ms(now)}
 local event_id
-for i = 6 + n, #ARGV, 2 do
+for i = 8 + 2 * n, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]
   fields[#fields + 1] = ARGV[i + 1]
   if ARGV[i] == 'event_id' then
@@ -40,20 +53,66 @@ for i = 6 + n, #ARGV, 2 do
 end
 -- Where the run stands in the order of events: its trigger's stream id, or for a run
 -- whose trigger did not come through the stream, the moment it registered.
-local trigger_seq = now_ms .. '-0'
+local trigger_seq = ms(now) .. '-0'
 if event_id and string.match(event_id, '^%d+%-%d+$') then
   trigger_seq = event_id
 end
 fields[#fields + 1] = 'trigger_seq'
 fields[#fields + 1] = trigger_seq
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('ZADD', KEYS[2], now_ms, run_id)
+redis.call('ZADD', KEYS[2], now, run_id)
 redis.call('SADD', KEYS[3], run_id)
 redis.call('EXPIRE', KEYS[3], retention)
 redis.call('HINCRBY', KEYS[4], ARGV[2], 1)
 redis.call('SADD', KEYS[5], run_id)
+redis.call('ZADD', KEYS[6], now, run_id)
 for i = 1, n do
-  redis.call('SADD', KEYS[5 + i], run_id)
-  redis.call('HINCRBY', KEYS[5 + n + i], ARGV[4 + i], 1)
+  redis.call('SADD', KEYS[7 + 2 * i], run_id)
 end
-return 'registered'
+
+local cancel
+if parent_id ~= '' then
+  redis.call('SADD', KEYS[8], run_id)
+  local parent_status = redis.call('HGET', KEYS[7], 'status')
+  if parent_status and parent_status ~= 'running' and parent_status ~= 'cancelling' then
+    redis.call('EXPIRE', KEYS[8], retention) -- the parent is over: no one cascades any more
+  end
+  if parent_status == 'cancelling' or parent_status == 'cancelled' then
+    cancel = {'parent run ' .. parent_id .. ' was cancelled', 'parent:' .. parent_id, '', now}
+  end
+end
+
+local hits = {}
+if not cancel then
+  for i = 1, n do
+    local mode, event_name = ARGV[8 + 2 * (i - 1)], ARGV[9 + 2 * (i - 1)]
+    local newest
+    for _, cancel_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8 + 2 * i], now, '+inf')) do
+      if id_after(cancel_id, trigger_seq) then
+        if mode == 'm' then
+          if not newest or id_after(cancel_id, newest) then
+            newest = cancel_id
+          end
+        else
+          local body = redis.call('GET', ARGV[6] .. cancel_id)
+          if body then
+            hits[#hits + 1] = {i, cancel_id, body}
+          end
+        end
+      end
+    end
+    if newest then
+      cancel = {'cancel event ' .. event_name .. ' (it arrived before the run registered)',
+        newest, newest, id_ms(newest)}
+      break
+    end
+  end
+end
+
+if cancel then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancel_reason', cancel[1],
+    'cancelled_by', cancel[2], 'cancel_event_id', cancel[3], 'cancel_requested_at', ms(now),
+    'cancel_event_at', ms(cancel[4]))
+  return {'cancelled', cancel[1], cancel[2]}
+end
+return {'registered', hits}

@@ -14,9 +14,9 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[
 local resent = {}
 for _, run_id in ipairs(due) do
   local run = redis.call('HMGET', ARGV[1] .. run_id, 'status', 'worker_id', 'cancel_reason',
-    'cancelled_by')
+    'cancel_event_id')
   if run[1] == 'cancelling' then
-    local event_id = run[4] == 'api' and '' or (run[4] or '')
+    local event_id = run[4] or ''
     redis.call('XADD', ARGV[2] .. run[2], 'MAXLEN', '~', ARGV[5], '*',
       'run_id', run_id, 'reason', run[3] or '', 'event_id', event_id,
       'sent_at', string.format('%.0f', now_ms), 'resent', '1')
