@@ -19,8 +19,8 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
 from datetime import timedelta
 from types import TracebackType
 from typing import Final, Self, cast
@@ -59,6 +59,18 @@ from sdk.wire import Event, Signal, decode_signal
 DEFAULT_CONCURRENCY: Final = 100
 #: How long the signal read waits before looping (it returns at once on a signal).
 SIGNAL_BLOCK_MS: Final = 5_000
+
+
+@contextmanager
+def _os_signals() -> Iterator[AsyncIterator[signal.Signals] | None]:
+    """SIGTERM and SIGINT as they arrive, or None off the main thread (the host app's)."""
+    with ExitStack() as stack:
+        signals: AsyncIterator[signal.Signals] | None
+        try:
+            signals = stack.enter_context(anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT))
+        except (NotImplementedError, ValueError, RuntimeError):
+            signals = None
+        yield signals
 
 
 def _default_worker_id() -> str:
@@ -213,15 +225,19 @@ class Worker:
         them. Every run's outcome is recorded before ``serve`` returns.
         ``await task_group.start(worker.serve)`` returns once the worker is listening.
         """
-        async with self:
-            consuming = anyio.CancelScope()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._handle_os_signals, consuming)
-                task_status.started()
-                with consuming:
-                    await self._consume_triggers()
-                await self._drain()
-                tg.cancel_scope.cancel()
+        # Installed before anything else: a SIGTERM from the first moment on (a deploy
+        # rolled back as it starts) is a clean stop, never the default action's kill.
+        with _os_signals() as signals:
+            async with self:
+                consuming = anyio.CancelScope()
+                async with anyio.create_task_group() as tg:
+                    if signals is not None:
+                        tg.start_soon(self._handle_os_signals, signals, consuming)
+                    task_status.started()
+                    with consuming:
+                        await self._consume_triggers()
+                    await self._drain()
+                    tg.cancel_scope.cancel()
 
     @asynccontextmanager
     async def run(
@@ -296,19 +312,16 @@ class Worker:
         runner.cancel_all(SHUTDOWN_REASON)
         await runner.wait_empty()
 
-    async def _handle_os_signals(self, consuming: anyio.CancelScope) -> None:
-        try:
-            receiver = anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT)
-            with receiver as signals:
-                async for signum in signals:
-                    if not consuming.cancel_called:
-                        self._log.info("worker.stopping", signal=signum.name)
-                        consuming.cancel()
-                    else:
-                        self._log.info("worker.cancelling_runs", signal=signum.name)
-                        self._require_runner().cancel_all(SHUTDOWN_REASON)
-        except (NotImplementedError, ValueError, RuntimeError):
-            return  # not the main thread: the host application handles signals
+    async def _handle_os_signals(
+        self, signals: AsyncIterator[signal.Signals], consuming: anyio.CancelScope
+    ) -> None:
+        async for signum in signals:
+            if not consuming.cancel_called:
+                self._log.info("worker.stopping", signal=signum.name)
+                consuming.cancel()
+            else:
+                self._log.info("worker.cancelling_runs", signal=signum.name)
+                self._require_runner().cancel_all(SHUTDOWN_REASON)
 
     # -- the signal loop -----------------------------------------------------------
 
