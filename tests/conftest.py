@@ -3,6 +3,7 @@ fresh key namespace per test so tests cannot see each other's keys."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics, EmbeddedRedis
-from sdk import CancelOn, Client, RunContext, Worker
+from sdk import CancelOn, Client, RunContext, RunInfo, Worker
 
 
 @pytest.fixture(scope="session")
@@ -113,3 +114,34 @@ async def run_of(client: Client, event_id: str) -> str:
 async def status_is(client: Client, run_id: str, status: str) -> bool:
     info = await client.get_run(run_id)
     return info is not None and info.status == status
+
+
+# -- what a worker process observed (tests/apps record it in Redis) ------------------------
+
+
+async def observed(redis: Redis, namespace: str, report_id: str) -> list[dict[str, Any]]:
+    raw = await redis.lrange(f"{namespace}:test:observed:{report_id}", 0, -1)
+    return [json.loads(item) for item in raw]
+
+
+async def wait_for_observation(
+    redis: Redis, namespace: str, report_id: str, what: str, timeout: float = 10.0
+) -> dict[str, Any]:
+    async def seen() -> bool:
+        return any(o["what"] == what for o in await observed(redis, namespace, report_id))
+
+    await wait_until(seen, timeout=timeout)
+    return next(o for o in await observed(redis, namespace, report_id) if o["what"] == what)
+
+
+async def wait_for_status(
+    client: Client, run_id: str, status: str, timeout: float = 10.0
+) -> RunInfo:
+    async def reached() -> bool:
+        info = await client.get_run(run_id)
+        return info is not None and info.status == status
+
+    await wait_until(reached, timeout=timeout)
+    info = await client.get_run(run_id)
+    assert info is not None
+    return info

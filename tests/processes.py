@@ -98,10 +98,12 @@ def start_broker(redis_url: str, namespace: str, *extra: str) -> tuple[ProcessHa
     return handle, str(ready["http"])
 
 
-def start_worker(redis_url: str, namespace: str, **env: str) -> ProcessHandle:
-    """The report worker of ``tests/apps/reports.py``."""
+def start_worker(
+    redis_url: str, namespace: str, *, app: str = "reports", **env: str
+) -> ProcessHandle:
+    """A worker process running ``tests/apps/{app}.py`` (the report worker by default)."""
     handle = ProcessHandle(
-        [sys.executable, "-m", "tests.apps.reports", redis_url, namespace],
+        [sys.executable, "-m", f"tests.apps.{app}", redis_url, namespace],
         env={key.upper(): value for key, value in env.items()},
     )
     handle.wait_for_log("worker.started")

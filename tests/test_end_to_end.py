@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,7 +12,14 @@ import pytest
 from redis.asyncio import Redis
 
 from sdk import Client, RunInfo
-from tests.conftest import broker_drained, count_keys, wait_until
+from tests.conftest import (
+    broker_drained,
+    count_keys,
+    observed,
+    wait_for_observation,
+    wait_for_status,
+    wait_until,
+)
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -33,11 +39,6 @@ def worker_process(redis_url: str, namespace: str) -> Iterator[ProcessHandle]:
     assert handle.terminate() == 0, handle.output
 
 
-async def observed(redis: Redis, namespace: str, report_id: str) -> list[dict[str, Any]]:
-    raw = await redis.lrange(f"{namespace}:test:observed:{report_id}", 0, -1)
-    return [json.loads(item) for item in raw]
-
-
 async def start_report(client: Client, report_id: str, **data: Any) -> RunInfo:
     event_id = await client.send("report/generate.requested", {"reportId": report_id, **data})
     runs: list[RunInfo] = []
@@ -49,29 +50,6 @@ async def start_report(client: Client, report_id: str, **data: Any) -> RunInfo:
     await wait_until(registered)
     (run,) = runs
     return run
-
-
-async def wait_for_observation(
-    redis: Redis, namespace: str, report_id: str, what: str, timeout: float = 10.0
-) -> dict[str, Any]:
-    async def seen() -> bool:
-        return any(o["what"] == what for o in await observed(redis, namespace, report_id))
-
-    await wait_until(seen, timeout=timeout)
-    return next(o for o in await observed(redis, namespace, report_id) if o["what"] == what)
-
-
-async def wait_for_status(
-    client: Client, run_id: str, status: str, timeout: float = 10.0
-) -> RunInfo:
-    async def reached() -> bool:
-        info = await client.get_run(run_id)
-        return info is not None and info.status == status
-
-    await wait_until(reached, timeout=timeout)
-    info = await client.get_run(run_id)
-    assert info is not None
-    return info
 
 
 @pytest.mark.usefixtures("broker_process", "worker_process")

@@ -25,7 +25,7 @@ from broker import EmbeddedRedis
 from sdk import Client, RunInfo
 from sdk.keys import Keys
 from sdk.streams import trim_acknowledged
-from tests.conftest import broker_drained, wait_until
+from tests.conftest import broker_drained, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 from tests.tls import (
     Certificates,
@@ -127,18 +127,6 @@ def tls_server(certificates: Certificates) -> Iterator[TlsRedis]:
         yield server
     finally:
         server.close()
-
-
-async def wait_for_status(client: Client, run_id: str, status: str) -> RunInfo:
-    found: list[RunInfo] = []
-
-    async def reached() -> bool:
-        info = await client.get_run(run_id)
-        found[:] = [info] if info is not None else []
-        return info is not None and info.status == status
-
-    await wait_until(reached, timeout=10)
-    return found[0]
 
 
 async def start_report(publisher: Client, reader: Client, report_id: str) -> RunInfo:

@@ -1,0 +1,105 @@
+"""A worker app for the end-to-end semantics tests: rules with expressions and timeouts,
+owners, cascades and a function triggered by the outcome event.
+
+Each run appends what its body observed to ``{namespace}:test:observed:{key}`` (``key``
+is the trigger's ``reportId``, ``projectId`` or ``assetId``), so another process can check
+what really happened. ``seconds`` in the trigger's data is how long a body works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+
+from broker.logs import configure_logging
+from sdk import RUN_CANCELLED_EVENT, CancelOn, RunContext, Worker
+
+REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
+
+worker = Worker(
+    "studio",
+    REDIS_URL,
+    namespace=NAMESPACE,
+    shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "0.2")),
+    concurrency=int(os.environ.get("CONCURRENCY", "100")),
+)
+recorder = Redis.from_url(REDIS_URL, decode_responses=True)
+
+
+async def record(key: str, what: str, ctx: RunContext, **extra: Any) -> None:
+    entry = {"what": what, "run_id": ctx.run_id, "monotonic": time.monotonic(), **extra}
+    with anyio.CancelScope(shield=True):
+        await recorder.rpush(f"{NAMESPACE}:test:observed:{key}", json.dumps(entry))
+
+
+async def work(ctx: RunContext, key: str) -> None:
+    await record(key, "started", ctx)
+    try:
+        await ctx.step.run("work", anyio.sleep, float(ctx.event.data.get("seconds", 60)))
+    except anyio.get_cancelled_exc_class():
+        await record(key, "cancelled", ctx, reason=ctx.cancel_reason)
+        raise
+    await record(key, "completed", ctx)
+
+
+@worker.function(
+    id="generate-report",
+    trigger="report/generate.requested",
+    cancel_on=[
+        CancelOn(event="report/cancel.requested", match="data.reportId"),
+        # Cancel an account's runs of one tier: an expression only.
+        CancelOn(
+            event="account/cancel-all",
+            if_="event.data.accountId == async.data.accountId"
+            " && async.data.tier == event.data.tier",
+        ),
+        # Only within 2 s of the start: a "stop early" button.
+        CancelOn(event="report/stop.early", match="data.reportId", timeout="2s"),
+    ],
+    owner="data.accountId",
+)
+async def generate_report(ctx: RunContext) -> None:
+    await work(ctx, ctx.event.data["reportId"])
+
+
+@worker.function(
+    id="project",
+    trigger="project/start.requested",
+    cancel_on=[CancelOn(event="project/cancel.requested", match="data.projectId")],
+)
+async def project(ctx: RunContext) -> None:
+    project_id = ctx.event.data["projectId"]
+    for asset in ctx.event.data.get("assets", []):
+        await ctx.spawn("asset/generate.requested", {"assetId": asset, "projectId": project_id})
+    await work(ctx, project_id)
+
+
+@worker.function(id="generate-asset", trigger="asset/generate.requested")
+async def generate_asset(ctx: RunContext) -> None:
+    await work(ctx, ctx.event.data["assetId"])
+
+
+@worker.function(id="on-cancelled", trigger=RUN_CANCELLED_EVENT)
+async def on_cancelled(ctx: RunContext) -> None:
+    """Cleanup triggered by the outcome event: here it records what it was told."""
+    data = ctx.event.data
+    await record(f"outcome:{data['run_id']}", "outcome", ctx, data=data)
+
+
+async def main() -> None:
+    configure_logging("info", "json")
+    try:
+        await worker.serve()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await recorder.aclose()
+
+
+if __name__ == "__main__":
+    anyio.run(main)
