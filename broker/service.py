@@ -245,7 +245,7 @@ class Broker:
             await self._dead_letter(store.redis, entry_id, fields, exc.reason, exc.detail)
             return "dead_lettered"
         selectors = await store.declared_selectors(event.name)
-        self._watch.observe(event, listened=bool(selectors))
+        self._watch.observe(event)
         if not selectors:
             return "ignored"
         started = time.perf_counter()

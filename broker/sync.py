@@ -124,13 +124,19 @@ class EventWatch:
         self._log = log
         self._capped = False
 
-    def observe(self, event: Event, *, listened: bool) -> None:
-        """Note one consumed event; ``listened``: some active run's rule listens to its name."""
+    def observe(self, event: Event) -> None:
+        """Note one consumed event.
+
+        An orphan is a cancel-like event no *live* rule listens to. Selectors declared by
+        workers that are gone linger in Redis, so whether the broker found selectors says
+        nothing here. A rule a worker declared moments ago may not be in ``rule_events``
+        yet: the count it adds is forgotten at the next scan (``SyncMonitor._tidy``).
+        """
         cancel_like = is_cancel_like(event.name, self.cancel_event_names)
         if not cancel_like and event.name not in self.rule_events:
             return
         self._last_seen[event.name] = max(event.ts, self._last_seen.get(event.name, 0))
-        if cancel_like and not listened and event.name not in self.rule_events:
+        if cancel_like and event.name not in self.rule_events:
             if event.name in self._orphan_names or len(self._orphan_names) < MAX_ORPHAN_NAMES:
                 self._orphan_names.add(event.name)
                 self._orphans[event.name] += 1

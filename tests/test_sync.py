@@ -295,6 +295,37 @@ async def test_cancel_events_nobody_listens_to_are_reported(
         await wait_until(cleared)
 
 
+async def test_cancel_events_become_orphans_again_when_a_deploy_drops_the_rule(
+    redis_url: str, namespace: str, redis: Redis, client: Client, fast_broker: Broker
+) -> None:
+    """The rule's selector stays declared in Redis after its last worker left; what
+    decides is whether a live worker's rule listens."""
+    async with make_worker(redis_url, namespace):
+        await fast_broker_scanned(fast_broker, "report/cancel.requested", listened=True)
+    assert await redis.hkeys(Keys(namespace).rules("report/cancel.requested"))
+    async with make_worker(redis_url, namespace, rules=()):  # the deploy without cancel_on
+        await fast_broker_scanned(fast_broker, "report/cancel.requested", listened=False)
+        await client.send("report/cancel.requested", {"reportId": "r1"})
+
+        async def reported() -> bool:
+            names = [
+                f.event_name
+                for f in findings(await fast_broker.sync_state(), "orphan_cancel_event")
+            ]
+            return names == ["report/cancel.requested"]
+
+        await wait_until(reported)
+
+
+async def fast_broker_scanned(broker: Broker, event_name: str, *, listened: bool) -> None:
+    """Wait until the broker's monitor knows whether a live rule listens to ``event_name``."""
+
+    async def known() -> bool:
+        return (event_name in broker._watch.rule_events) is listened
+
+    await wait_until(known)
+
+
 async def test_a_rule_whose_event_never_arrives_is_dead_with_a_suggestion(
     redis_url: str, namespace: str, client: Client, fast_broker: Broker
 ) -> None:
