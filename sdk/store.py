@@ -111,6 +111,8 @@ class RunStore:
         worker_id: str,
         error: str | None = None,
         cancel_reason: str | None = None,
+        abandoned_thread: bool = False,
+        on_cancel_error: str | None = None,
     ) -> str | None:
         """Record the run's outcome; returns its previous status (None if unknown).
 
@@ -125,7 +127,14 @@ class RunStore:
             *(e.key for e in entries),
             *(e.listeners_key for e in entries),
         ]
-        extra = _pairs({"error": error, "cancel_reason": cancel_reason})
+        extra = _pairs(
+            {
+                "error": error,
+                "cancel_reason": cancel_reason,
+                "abandoned_thread": "1" if abandoned_thread else None,
+                "on_cancel_error": on_cancel_error,
+            }
+        )
         args: list[ScriptArg] = [
             run_id,
             outcome,

@@ -85,6 +85,10 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     #: The configuration the run's code declared; its rules are the ones that apply.
     config_hash: str | None = None
+    #: A cancelled run's thread step ignored the cancel past the grace and was left running.
+    abandoned_thread: bool = False
+    #: How the ``on_cancel`` hook failed (``"ValueError: boom"``), None if it did not.
+    on_cancel_error: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -262,6 +266,8 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         cancelled_by=fields.get("cancelled_by") or None,
         error=fields.get("error") or None,
         config_hash=fields.get("config_hash") or None,
+        abandoned_thread=fields.get("abandoned_thread") == "1",
+        on_cancel_error=fields.get("on_cancel_error") or None,
     )
 
 
