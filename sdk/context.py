@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -28,25 +29,43 @@ def _is_async_callable(fn: object) -> bool:
     )
 
 
-class CancelState:
-    """The cancel scope a run executes in, and why it was cancelled.
+CancelMode = Literal["immediate", "between_steps"]
+CANCEL_MODES: Final[tuple[CancelMode, ...]] = ("immediate", "between_steps")
 
-    anyio cancel scopes are level-triggered: once cancelled, every later await in the
-    scope raises again, so a body that catches the cancellation cannot carry on.
+
+class CancelState:
+    """The cancel scope a run executes in, whether a cancel was received, and why.
+
+    A received cancel *interrupts* the run (cancels its scope) at once in ``immediate``
+    mode, and at the next step boundary in ``between_steps`` mode. anyio cancel scopes
+    are level-triggered: once interrupted, every later await in the scope raises again,
+    so a body that catches the cancellation cannot carry on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mode: CancelMode = "immediate") -> None:
         self.scope = anyio.CancelScope()
+        self.mode: CancelMode = mode
         self.reason: str | None = None
+        # Read by thread steps (ctx.cancelled, ctx.check()): an Event is safe across threads.
+        self._received = threading.Event()
+        #: Until the body starts, nothing of the user's can be cut short: any mode interrupts.
+        self.body_started = False
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, *, interrupt: bool = False) -> None:
+        """Receive a cancel; interrupt now if the mode says so, or if ``interrupt``."""
         if self.reason is None:
             self.reason = reason
+        self._received.set()
+        if interrupt or self.mode == "immediate" or not self.body_started:
+            self.scope.cancel()
+
+    def interrupt(self) -> None:
+        """Cancel the run's scope: its current (or next) await raises."""
         self.scope.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self.scope.cancel_called
+        return self._received.is_set()
 
 
 Backstop = Callable[[], Awaitable[None]]
@@ -79,8 +98,11 @@ class Step:
         the run is cancelled. Plain functions run in a worker thread; a cancel stops the
         run at once while the thread's result is discarded (Python cannot stop a thread).
         """
-        # A cancel whose signal never arrived is still seen here, then any cancel stops us.
+        # A cancel whose signal never arrived is still seen here, then any cancel stops us:
+        # a step boundary is where a between_steps run is interrupted.
         await self._backstop()
+        if self._state.cancelled:
+            self._state.interrupt()
         await anyio.lowlevel.checkpoint()
         self.current = name
         log.debug("step.started", run_id=self._run_id, step=name)
@@ -118,7 +140,10 @@ class RunContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once a cancel for this run has been received."""
+        """True once a cancel for this run has been received, in either mode.
+
+        Safe to read from a thread step.
+        """
         return self._state.cancelled
 
     @property

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sdk.context import Handler, RunContext
+from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
@@ -15,7 +15,9 @@ from sdk.rules import CancelOn, check_rules
 from sdk.wire import FunctionConfig, RuleConfig, check_event_name, config_hash, encode_json
 
 
-def canonical_config(id: str, trigger: str, rules: tuple[CancelOn, ...]) -> FunctionConfig:
+def canonical_config(
+    id: str, trigger: str, rules: tuple[CancelOn, ...], cancel_mode: CancelMode = "immediate"
+) -> FunctionConfig:
     """The configuration as data; rule order does not change what a function does."""
     configs = (
         RuleConfig(
@@ -27,7 +29,12 @@ def canonical_config(id: str, trigger: str, rules: tuple[CancelOn, ...]) -> Func
         )
         for rule in rules
     )
-    return FunctionConfig(id=id, trigger=trigger, cancel_on=tuple(sorted(configs, key=encode_json)))
+    return FunctionConfig(
+        id=id,
+        trigger=trigger,
+        cancel_on=tuple(sorted(configs, key=encode_json)),
+        cancel_mode=cancel_mode,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +45,20 @@ class Function:
     trigger: str
     cancel_on: tuple[CancelOn, ...]
     handler: Handler
+    cancel_mode: CancelMode
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
 
     @classmethod
     def declare(
-        cls, *, id: str, trigger: str, cancel_on: Iterable[CancelOn], handler: Handler
+        cls,
+        *,
+        id: str,
+        trigger: str,
+        cancel_on: Iterable[CancelOn],
+        handler: Handler,
+        cancel_mode: CancelMode = "immediate",
     ) -> Function:
         try:
             check_name("function id", id)
@@ -56,13 +70,19 @@ class Function:
             raise ConfigurationError(f"function {id!r}: trigger {exc.detail}") from None
         if not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f"function {id!r}: the body must be an `async def`")
+        if cancel_mode not in CANCEL_MODES:
+            raise ConfigurationError(
+                f"function {id!r}: cancel_mode must be one of"
+                f" {', '.join(map(repr, CANCEL_MODES))}, not {cancel_mode!r}"
+            )
         rules = check_rules(tuple(cancel_on))
-        config = canonical_config(id, trigger, rules)
+        config = canonical_config(id, trigger, rules, cancel_mode)
         return cls(
             id=id,
             trigger=trigger,
             cancel_on=rules,
             handler=handler,
+            cancel_mode=cancel_mode,
             config=config,
             config_hash=config_hash(config),
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
@@ -38,7 +38,7 @@ class Run:
     function: Function
     event: Event
     entries: list[IndexEntry]
-    state: CancelState = field(default_factory=CancelState)
+    state: CancelState
 
 
 class Runner:
@@ -59,7 +59,8 @@ class Runner:
         """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken."""
         if run_id in self._runs:
             raise DuplicateRunError(run_id, "running")
-        run = Run(run_id, fn, event, index_entries(fn.cancel_on, event, self.store.keys))
+        entries = index_entries(fn.cancel_on, event, self.store.keys)
+        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode))
         # In the registry before the script runs: a signal can arrive the moment it returns.
         self._runs[run_id] = run
         try:
@@ -114,8 +115,7 @@ class Runner:
         except BaseException:
             # Cancelled from outside the run (the worker is going away, or the caller of
             # ``worker.run`` was cancelled): never a silent end.
-            if state.reason is None:
-                state.reason = interrupted_reason
+            state.cancel(interrupted_reason, interrupt=True)
             outcome = "cancelled"
             raise
         finally:
@@ -133,12 +133,16 @@ class Runner:
                     duration_ms=round((time.monotonic() - started) * 1000, 3),
                 )
 
-    def cancel(self, run_id: str, reason: str) -> bool:
-        """Cancel a run this process holds; False if it holds no such run (any more)."""
+    def cancel(self, run_id: str, reason: str, *, interrupt: bool = False) -> bool:
+        """Cancel a run this process holds; False if it holds no such run (any more).
+
+        The run's ``cancel_mode`` decides when the body is interrupted; ``interrupt=True``
+        interrupts it now whatever the mode.
+        """
         run = self._runs.get(run_id)
         if run is None:
             return False
-        run.state.cancel(reason)
+        run.state.cancel(reason, interrupt=interrupt)
         return True
 
     async def _check_cancel_requested(self, run: Run) -> None:
@@ -154,9 +158,14 @@ class Runner:
             self._log.warning("run.cancel_seen_at_step", run_id=run.run_id)
             run.state.cancel(reason or "cancelled")
 
-    def cancel_all(self, reason: str) -> None:
+    def cancel_all(self, reason: str, *, interrupt: bool = False) -> None:
+        """Cancel every run this process holds (``interrupt`` as for :meth:`cancel`).
+
+        The worker passes ``interrupt=True`` when it is going away (shutdown, declared
+        lost): a between_steps run cannot wait for a step boundary that may never come.
+        """
         for run in list(self._runs.values()):
-            run.state.cancel(reason)
+            run.state.cancel(reason, interrupt=interrupt)
 
     async def changed(self) -> None:
         """Wait until a run ends or a slot is released."""

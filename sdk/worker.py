@@ -39,7 +39,7 @@ from sdk.connection import (
     command_client,
     resolve_url,
 )
-from sdk.context import Handler, RunContext
+from sdk.context import CancelMode, Handler, RunContext
 from sdk.errors import (
     ConfigurationError,
     RunCancelled,
@@ -114,12 +114,28 @@ class Worker:
     # -- declaring functions -------------------------------------------------------
 
     def function(
-        self, *, id: str, trigger: str, cancel_on: Iterable[CancelOn] = ()
+        self,
+        *,
+        id: str,
+        trigger: str,
+        cancel_on: Iterable[CancelOn] = (),
+        cancel_mode: CancelMode = "immediate",
     ) -> Callable[[Handler], Function]:
-        """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``."""
+        """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
+
+        ``cancel_mode``: ``"immediate"`` interrupts the body at its current await;
+        ``"between_steps"`` lets the step in flight finish and stops the run at its next
+        ``ctx.step.run``.
+        """
 
         def register(handler: Handler) -> Function:
-            fn = Function.declare(id=id, trigger=trigger, cancel_on=cancel_on, handler=handler)
+            fn = Function.declare(
+                id=id,
+                trigger=trigger,
+                cancel_on=cancel_on,
+                handler=handler,
+                cancel_mode=cancel_mode,
+            )
             if fn.id in self._functions:
                 raise ConfigurationError(f"function {fn.id!r} is declared twice")
             self._functions[fn.id] = fn
@@ -163,7 +179,7 @@ class Worker:
                 app_version=self.app_version,
                 heartbeat_interval=self.heartbeat_interval,
                 log=self._log,
-                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON),
+                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON, interrupt=True),
             )
             await registration.sync(self._functions.values())
             stack.push_async_callback(registration.leave)
@@ -219,7 +235,7 @@ class Worker:
         """Run a body that something else started under ``function_id``'s cancel rules.
 
         ``async with worker.run("generate-report", event) as ctx: ...``. A cancel
-        interrupts the body at its current await; after the block,
+        interrupts the block as the function's ``cancel_mode`` says; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
         mistake a cancelled block for a finished one.
         """
@@ -238,6 +254,7 @@ class Worker:
         runner = self._require_runner()
         run = await runner.register(fn, event, run_id or uuid.uuid4().hex)
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
+            run.state.body_started = True
             yield ctx
         if run.state.cancelled:
             raise RunCancelled(run.run_id, run.state.reason)
@@ -257,6 +274,7 @@ class Worker:
             # The run's scope is entered before it waits for a slot: a cancel (or the
             # worker's shutdown) while it waits is recorded like any other.
             async with runner.running(run) as ctx, self._limiter:
+                run.state.body_started = True
                 await run.function.handler(ctx)
         except Exception:
             self._log.exception("run.body_failed", run_id=run.run_id)
@@ -271,7 +289,7 @@ class Worker:
             self._log.info("worker.draining", runs=len(runner), timeout=self.shutdown_timeout)
             with anyio.move_on_after(self.shutdown_timeout):
                 await runner.wait_empty()
-        runner.cancel_all(SHUTDOWN_REASON)
+        runner.cancel_all(SHUTDOWN_REASON, interrupt=True)
         await runner.wait_empty()
 
     async def _handle_os_signals(self, consuming: anyio.CancelScope) -> None:
@@ -284,7 +302,7 @@ class Worker:
                         consuming.cancel()
                     else:
                         self._log.info("worker.cancelling_runs", signal=signum.name)
-                        self._require_runner().cancel_all(SHUTDOWN_REASON)
+                        self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
         except (NotImplementedError, ValueError, RuntimeError):
             return  # not the main thread: the host application handles signals
 

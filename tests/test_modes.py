@@ -3,14 +3,29 @@ hook, thread steps, and runs that are never resumed. In-process worker, real Red
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
 import pytest
 from redis.asyncio import Redis
 
-from sdk import Event
+from sdk import CancelOn, Client, ConfigurationError, Event, RunCancelled, RunContext, Worker
+from sdk.context import CANCEL_MODES
+from sdk.function import canonical_config
 from sdk.keys import Keys
+from sdk.runner import SHUTDOWN_REASON
 from sdk.store import RunStore
+from sdk.wire import config_hash
+from tests.conftest import status_is, wait_until
 
 pytestmark = pytest.mark.anyio
+
+TRIGGER = "report/generate.requested"
+RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
 
 
 async def test_the_record_carries_abandoned_thread_and_on_cancel_error(
@@ -44,3 +59,171 @@ async def test_the_record_carries_abandoned_thread_and_on_cancel_error(
     assert marked is not None
     assert (plain.abandoned_thread, plain.on_cancel_error) == (False, None)
     assert (marked.abandoned_thread, marked.on_cancel_error) == (True, "ValueError: boom")
+
+
+# -- cancel modes ---------------------------------------------------------------------
+
+
+def modes_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
+    """A worker declaring ``immediate`` and ``between-steps``, same trigger and rule."""
+    worker = Worker("reports", redis_url, namespace=namespace, **options)
+    for mode in CANCEL_MODES:
+
+        @worker.function(
+            id=mode.replace("_", "-"), trigger=TRIGGER, cancel_on=[RULE], cancel_mode=mode
+        )
+        async def body(ctx: RunContext) -> None:
+            await anyio.sleep(60)
+
+    return worker
+
+
+@pytest.fixture
+async def worker(redis_url: str, namespace: str) -> AsyncIterator[Worker]:
+    async with modes_worker(redis_url, namespace) as worker:
+        yield worker
+
+
+def report_event(report_id: str = "r1") -> Event:
+    return Event(name=TRIGGER, data={"reportId": report_id})
+
+
+async def cancel_when(
+    client: Client, ctx: RunContext, ready: Callable[[], bool], reason: str = "user"
+) -> None:
+    """Cancel the run by id (no broker needed) once ``ready()``, and wait until received."""
+    await wait_until(lambda: _now(ready()))
+    await client.cancel(ctx.run_id, reason=reason)
+    await wait_until(lambda: _now(ctx.cancelled))
+
+
+async def _now(value: bool) -> bool:
+    return value
+
+
+async def test_cancel_mode_is_checked_and_is_part_of_the_config_hash() -> None:
+    worker = Worker("reports", "redis://localhost:1/0")
+    for mode in CANCEL_MODES:
+        fn = worker.function(id=f"f-{mode}", trigger=TRIGGER, cancel_mode=mode)(_sleep_body)
+        assert (fn.cancel_mode, fn.config.cancel_mode) == (mode, mode)
+    immediate, between = (canonical_config("f", TRIGGER, (), mode) for mode in CANCEL_MODES)
+    assert config_hash(immediate) != config_hash(between)
+    # The default is today's behaviour, with today's hash.
+    assert config_hash(canonical_config("f", TRIGGER, ())) == config_hash(immediate)
+    with pytest.raises(ConfigurationError, match="cancel_mode"):
+        worker.function(id="f", trigger=TRIGGER, cancel_mode="later")(_sleep_body)  # type: ignore[arg-type]
+
+
+async def _sleep_body(ctx: RunContext) -> None:
+    await anyio.sleep(60)
+
+
+async def test_immediate_mode_interrupts_the_awaited_step_within_milliseconds(
+    worker: Worker, client: Client
+) -> None:
+    sent_at: list[float] = []
+
+    async def cancel_in_step(ctx: RunContext) -> None:
+        await wait_until(lambda: _now(ctx.step.current == "llm"))
+        sent_at.append(time.monotonic())
+        await client.cancel(ctx.run_id)
+
+    with pytest.raises(RunCancelled):
+        async with (
+            worker.run("immediate", report_event()) as ctx,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(cancel_in_step, ctx)
+            try:
+                await ctx.step.run("llm", anyio.sleep, 60)
+            finally:
+                stopped_at = time.monotonic()
+    # A request to Redis, a signal back: milliseconds, nowhere near the step's 60 s.
+    assert stopped_at - sent_at[0] < 0.1
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_between_steps_finishes_the_step_in_flight_and_stops_at_the_next(
+    worker: Worker, client: Client
+) -> None:
+    done: list[str] = []
+    seen_by_next: list[BaseException] = []
+
+    async def first(ctx: RunContext) -> str:
+        await anyio.sleep(0.3)  # the cancel arrives meanwhile
+        done.append(f"first finished, cancelled={ctx.cancelled}")
+        return "draft"
+
+    async def second() -> None:
+        done.append("second ran")  # pragma: no cover - must not run
+
+    with pytest.raises(RunCancelled) as caught:
+        async with (
+            worker.run("between-steps", report_event()) as ctx,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(cancel_when, client, ctx, lambda: ctx.step.current == "first")
+            assert await ctx.step.run("first", first, ctx) == "draft"
+            try:
+                await ctx.step.run("second", second)
+            except BaseException as exc:
+                seen_by_next.append(exc)
+                raise
+    assert done == ["first finished, cancelled=True"]
+    assert isinstance(seen_by_next[0], anyio.get_cancelled_exc_class())
+    assert caught.value.reason == "user"
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_between_steps_leaves_awaits_outside_steps_and_a_return_is_cancelled(
+    worker: Worker, client: Client
+) -> None:
+    slept = False
+    with pytest.raises(RunCancelled):
+        async with worker.run("between-steps", report_event()) as ctx:
+            await client.cancel(ctx.run_id)
+            await wait_until(lambda: _now(ctx.cancelled))
+            await anyio.sleep(0.05)  # not a step: not interrupted
+            slept = True
+            # Returns without another step: received the cancel, so never "completed".
+    assert slept
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_between_steps_runs_are_interrupted_at_once_when_the_worker_shuts_down(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    worker = modes_worker(redis_url, namespace, shutdown_timeout=0.05)
+    default = signal.getsignal(signal.SIGTERM)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.serve)
+            event_id = await client.send(TRIGGER, {"reportId": "r1"})
+
+            async def both_running() -> bool:
+                runs = await client.runs_for_event(event_id)
+                return len(runs) == 2 and all(run.status == "running" for run in runs)
+
+            await wait_until(both_running)
+            # serve()'s SIGTERM handler must be installed before the signal is sent.
+            await wait_until(lambda: _now(signal.getsignal(signal.SIGTERM) is not default))
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert time.monotonic() - started < 1  # the 60 s steps were not let finish
+    runs = await client.runs_for_event(event_id)
+    assert sorted(run.function_id for run in runs) == ["between-steps", "immediate"]
+    for run in runs:
+        assert (run.status, run.cancel_reason) == ("cancelled", SHUTDOWN_REASON)
+
+
+async def test_ctx_cancelled_is_true_on_receipt_in_both_modes(
+    worker: Worker, client: Client
+) -> None:
+    for function_id in ("immediate", "between-steps"):
+        with pytest.raises(RunCancelled):
+            async with worker.run(function_id, report_event()) as ctx:
+                assert not ctx.cancelled
+                with anyio.CancelScope(shield=True):  # observe without being interrupted
+                    await client.cancel(ctx.run_id, reason="r")
+                    await wait_until(lambda: _now(ctx.cancelled))
+                assert ctx.cancel_reason == "r"
