@@ -6,7 +6,7 @@ import functools
 import inspect
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -14,7 +14,6 @@ import structlog
 
 from sdk.wire import Event
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 log = structlog.get_logger("sdk.run")
@@ -85,18 +84,34 @@ class Step:
         #: Name of the step in progress, if any.
         self.current: str | None = None
 
+    @overload
     async def run(
         self,
         name: str,
-        fn: Callable[P, Awaitable[T]] | Callable[P, T],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        shield: bool = False,
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., T], /, *args: Any, shield: bool = False, **kwargs: Any
+    ) -> T: ...
+
+    async def run(
+        self, name: str, fn: Callable[..., Any], /, *args: Any, shield: bool = False, **kwargs: Any
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` as step ``name`` and return its result.
 
         Coroutine functions are awaited and are interrupted at their current await when
         the run is cancelled. Plain functions run in a worker thread; a cancel stops the
         run at once while the thread's result is discarded (Python cannot stop a thread).
+
+        ``shield=True`` lets the step run to its end whatever cancel arrives meanwhile (a
+        payment must not be cut in half); the cancel takes effect as soon as it returns.
+        ``shield`` is reserved: it is never passed on to ``fn``.
         """
         # A cancel whose signal never arrived is still seen here, then any cancel stops us:
         # a step boundary is where a between_steps run is interrupted.
@@ -105,17 +120,26 @@ class Step:
             self._state.interrupt()
         await anyio.lowlevel.checkpoint()
         self.current = name
-        log.debug("step.started", run_id=self._run_id, step=name)
+        log.debug("step.started", run_id=self._run_id, step=name, shield=shield)
         try:
-            if _is_async_callable(fn):
-                return await cast(Callable[P, Awaitable[T]], fn)(*args, **kwargs)
-            call = functools.partial(cast(Callable[P, Any], fn), *args, **kwargs)
-            result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
-            if inspect.isawaitable(result):  # a lambda or wrapper that returned a coroutine
-                return cast(T, await result)
-            return cast(T, result)
+            if not shield:
+                return await self._call(fn, args, kwargs)
+            with anyio.CancelScope(shield=True):
+                result = await self._call(fn, args, kwargs)
+            # The cancel the shield held back takes effect now that the step is done.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return result
         finally:
             self.current = None
+
+    async def _call(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
+        if _is_async_callable(fn):
+            return await fn(*args, **kwargs)
+        call = functools.partial(fn, *args, **kwargs)
+        result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+        if inspect.isawaitable(result):  # a lambda or wrapper that returned a coroutine
+            return await result
+        return result
 
 
 class RunContext:

@@ -227,3 +227,45 @@ async def test_ctx_cancelled_is_true_on_receipt_in_both_modes(
                     await client.cancel(ctx.run_id, reason="r")
                     await wait_until(lambda: _now(ctx.cancelled))
                 assert ctx.cancel_reason == "r"
+
+
+# -- shielded steps ---------------------------------------------------------------------
+
+
+async def test_a_shielded_step_completes_and_the_cancel_takes_effect_when_it_returns(
+    worker: Worker, client: Client
+) -> None:
+    events: list[str] = []
+
+    async def charge(amount: int) -> str:
+        await anyio.sleep(0.3)  # the cancel arrives meanwhile
+        events.append(f"charged {amount}")
+        return "receipt"
+
+    started = time.monotonic()
+    with pytest.raises(RunCancelled):
+        async with (
+            worker.run("immediate", report_event()) as ctx,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(cancel_when, client, ctx, lambda: ctx.step.current == "pay")
+            try:
+                await ctx.step.run("pay", charge, 42, shield=True)
+                events.append("after the step")  # pragma: no cover - must not run
+            except anyio.get_cancelled_exc_class():
+                events.append(f"cancelled on return, cancelled={ctx.cancelled}")
+                raise
+    assert events == ["charged 42", "cancelled on return, cancelled=True"]
+    assert 0.3 <= time.monotonic() - started < 1.5
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_step_keywords_go_to_the_function_except_shield(worker: Worker) -> None:
+    def echo(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        return args, kwargs
+
+    async with worker.run("immediate", report_event()) as ctx:
+        # ``name`` and ``fn`` are positional-only: a step function may take them as keywords.
+        got = await ctx.step.run("echo", echo, 1, name="n", fn="f", shield=True)
+        assert got == ((1,), {"name": "n", "fn": "f"})
+        assert await ctx.step.run("echo", echo, shield=False) == ((), {})
