@@ -19,7 +19,7 @@ T = TypeVar("T")
 log = structlog.get_logger("sdk.run")
 
 
-def _is_async_callable(fn: object) -> bool:
+def is_async_callable(fn: object) -> bool:
     """Coroutine functions, partials of them, and objects with an ``async def __call__``."""
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -133,7 +133,7 @@ class Step:
             self.current = None
 
     async def _call(self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any]) -> Any:
-        if _is_async_callable(fn):
+        if is_async_callable(fn):
             return await fn(*args, **kwargs)
         call = functools.partial(fn, *args, **kwargs)
         result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, overload
 
-from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext
+from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
@@ -37,6 +38,26 @@ def canonical_config(
     )
 
 
+OnCancelHook = Callable[[RunContext, str], Awaitable[None]]
+#: Seconds an ``on_cancel`` hook gets unless ``@fn.on_cancel(timeout=...)`` says otherwise.
+DEFAULT_ON_CANCEL_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class OnCancel:
+    """A function's cleanup after a cancelled run, and how long it may take."""
+
+    hook: OnCancelHook
+    timeout: float
+
+
+@dataclass(slots=True)
+class _Hooks:
+    # Hooks are attached after the function is declared (``@fn.on_cancel``); a mutable
+    # holder keeps the rest of the declaration (and its config hash) frozen.
+    on_cancel: OnCancel | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Function:
     """What ``@worker.function(...)`` returns; calling it calls the body."""
@@ -49,6 +70,7 @@ class Function:
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
+    _hooks: _Hooks = field(default_factory=_Hooks, init=False, repr=False, compare=False)
 
     @classmethod
     def declare(
@@ -89,3 +111,45 @@ class Function:
 
     async def __call__(self, ctx: RunContext) -> Any:
         return await self.handler(ctx)
+
+    @property
+    def cancel_hook(self) -> OnCancel | None:
+        """The ``on_cancel`` hook, if one is attached."""
+        return self._hooks.on_cancel
+
+    @overload
+    def on_cancel(self, hook: OnCancelHook, /) -> OnCancelHook: ...
+
+    @overload
+    def on_cancel(
+        self, hook: None = None, /, *, timeout: float = DEFAULT_ON_CANCEL_TIMEOUT
+    ) -> Callable[[OnCancelHook], OnCancelHook]: ...
+
+    def on_cancel(
+        self, hook: OnCancelHook | None = None, /, *, timeout: float = DEFAULT_ON_CANCEL_TIMEOUT
+    ) -> OnCancelHook | Callable[[OnCancelHook], OnCancelHook]:
+        """Attach ``async def cleanup(ctx, reason)``, run after a cancelled run's body stopped.
+
+        ``@fn.on_cancel`` or ``@fn.on_cancel(timeout=10)``. The hook runs shielded from
+        cancellation, for at most ``timeout`` seconds; its failure is recorded in the
+        run's ``on_cancel_error`` and never changes the outcome from ``cancelled``.
+        """
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+        ):
+            raise ConfigurationError(
+                f"function {self.id!r}: on_cancel timeout must be a positive number of"
+                f" seconds, not {timeout!r}"
+            )
+
+        def attach(hook: OnCancelHook) -> OnCancelHook:
+            if not is_async_callable(hook):
+                raise ConfigurationError(
+                    f"function {self.id!r}: the on_cancel hook must be an `async def`"
+                )
+            if self._hooks.on_cancel is not None:
+                raise ConfigurationError(f"function {self.id!r} already has an on_cancel hook")
+            self._hooks.on_cancel = OnCancel(hook, float(timeout))
+            return hook
+
+        return attach if hook is None else attach(hook)

@@ -121,17 +121,43 @@ class Runner:
         finally:
             if state.cancelled:
                 outcome = "cancelled"
+            on_cancel_error: str | None = None
             try:
-                await self._record(run, outcome, error)
+                if outcome == "cancelled":
+                    on_cancel_error = await self._run_on_cancel(run, ctx, log)
             finally:
-                self._forget(run)
-                log.info(
-                    "run.finished",
-                    outcome=outcome,
-                    reason=state.reason,
-                    error=error,
-                    duration_ms=round((time.monotonic() - started) * 1000, 3),
-                )
+                # Recorded after the hook: whoever waits for the final state sees its result.
+                try:
+                    await self._record(run, outcome, error, on_cancel_error=on_cancel_error)
+                finally:
+                    self._forget(run)
+                    log.info(
+                        "run.finished",
+                        outcome=outcome,
+                        reason=state.reason,
+                        error=error,
+                        on_cancel_error=on_cancel_error,
+                        duration_ms=round((time.monotonic() - started) * 1000, 3),
+                    )
+
+    async def _run_on_cancel(self, run: Run, ctx: RunContext, log: Any) -> str | None:
+        """Run the function's ``on_cancel`` hook; returns how it failed, None if it did not."""
+        on_cancel = run.function.cancel_hook
+        if on_cancel is None:
+            return None
+        error: str | None = None
+        # Shielded: the run's cancel (or the worker's shutdown) is why the hook runs, and
+        # must not stop it; only its own deadline does.
+        with anyio.move_on_after(on_cancel.timeout, shield=True) as deadline:
+            try:
+                await on_cancel.hook(ctx, run.state.reason or "cancelled")
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if deadline.cancelled_caught:
+            error = f"TimeoutError: on_cancel did not finish within {on_cancel.timeout:g} s"
+        if error is not None:
+            log.error("run.on_cancel_failed", error=error)
+        return error
 
     def cancel(self, run_id: str, reason: str, *, interrupt: bool = False) -> bool:
         """Cancel a run this process holds; False if it holds no such run (any more).
@@ -184,7 +210,9 @@ class Runner:
             del self._runs[run.run_id]
         self.notify()
 
-    async def _record(self, run: Run, outcome: Outcome, error: str | None) -> None:
+    async def _record(
+        self, run: Run, outcome: Outcome, error: str | None, *, on_cancel_error: str | None = None
+    ) -> None:
         reason = run.state.reason if outcome == "cancelled" else None
         previous: str | None = None
         backoff = Backoff(self._log, "run.finish", run_id=run.run_id)
@@ -199,6 +227,7 @@ class Runner:
                         worker_id=self.worker_id,
                         error=error,
                         cancel_reason=reason,
+                        on_cancel_error=on_cancel_error,
                     )
                     break
                 except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again

@@ -17,10 +17,10 @@ from sdk import CancelOn, Client, ConfigurationError, Event, RunCancelled, RunCo
 from sdk.context import CANCEL_MODES
 from sdk.function import canonical_config
 from sdk.keys import Keys
-from sdk.runner import SHUTDOWN_REASON
+from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.store import RunStore
 from sdk.wire import config_hash
-from tests.conftest import status_is, wait_until
+from tests.conftest import run_of, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -269,3 +269,148 @@ async def test_step_keywords_go_to_the_function_except_shield(worker: Worker) ->
         got = await ctx.step.run("echo", echo, 1, name="n", fn="f", shield=True)
         assert got == ((1,), {"name": "n", "fn": "f"})
         assert await ctx.step.run("echo", echo, shield=False) == ((), {})
+
+
+# -- the on_cancel hook -----------------------------------------------------------------
+
+
+def hooked_worker(
+    redis_url: str, namespace: str, hook: Any, **on_cancel: float
+) -> tuple[Worker, list[str]]:
+    """A worker whose ``generate-report`` body sleeps 60 s (noting when it stops)."""
+    worker = Worker("reports", redis_url, namespace=namespace)
+    log: list[str] = []
+
+    @worker.function(id="generate-report", trigger=TRIGGER, cancel_on=[RULE])
+    async def generate_report(ctx: RunContext) -> None:
+        try:
+            await ctx.step.run("llm", anyio.sleep, 60)
+        finally:
+            log.append("body stopped")
+
+    generate_report.on_cancel(**on_cancel)(hook)
+    return worker, log
+
+
+async def test_on_cancel_runs_with_ctx_and_reason_after_the_body_and_before_the_record(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        await anyio.sleep(0.05)  # shielded: the run's cancel does not stop the hook
+        info = await client.get_run(ctx.run_id)
+        assert info is not None
+        log.append(f"cleanup {ctx.function_id} {reason!r}, run is {info.status}")
+
+    worker, log = hooked_worker(redis_url, namespace, cleanup)
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.serve)  # a triggered run: the worker's own execution path
+        run_id = await run_of(client, await client.send(TRIGGER, {"reportId": "r1"}))
+        await wait_until(lambda: _now(bool(worker.active_runs)))
+        await client.cancel(run_id, reason="user clicked cancel")
+        await wait_until(lambda: status_is(client, run_id, "cancelled"), timeout=2)
+        tg.cancel_scope.cancel()
+    assert log == [
+        "body stopped",
+        # Still "cancelling" while the hook runs: the outcome is recorded after it.
+        "cleanup generate-report 'user clicked cancel', run is cancelling",
+    ]
+    info = await client.get_run(run_id)
+    assert info is not None
+    assert info.on_cancel_error is None
+
+
+async def test_a_failing_on_cancel_is_recorded_and_the_run_stays_cancelled(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        raise ValueError("boom")
+
+    worker, _ = hooked_worker(redis_url, namespace, cleanup)
+    async with worker:
+        with pytest.raises(RunCancelled):  # not the hook's ValueError
+            async with worker.run("generate-report", report_event()) as ctx:
+                await client.cancel(ctx.run_id)
+                await anyio.sleep(60)
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.on_cancel_error) == ("cancelled", "ValueError: boom")
+
+
+async def test_an_on_cancel_past_its_deadline_is_recorded_and_the_run_stays_cancelled(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        await anyio.sleep(60)
+
+    worker, _ = hooked_worker(redis_url, namespace, cleanup, timeout=0.1)
+    started = time.monotonic()
+    async with worker:
+        with pytest.raises(RunCancelled):
+            async with worker.run("generate-report", report_event()) as ctx:
+                await client.cancel(ctx.run_id)
+                await anyio.sleep(60)
+    assert time.monotonic() - started < 1
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert info.status == "cancelled"
+    assert info.on_cancel_error == "TimeoutError: on_cancel did not finish within 0.1 s"
+
+
+async def test_on_cancel_runs_for_a_block_cancelled_from_outside(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    reasons: list[str] = []
+
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        await anyio.sleep(0.01)  # shielded from the outer cancel too
+        reasons.append(reason)
+
+    worker, _ = hooked_worker(redis_url, namespace, cleanup)
+    async with worker:
+        with anyio.move_on_after(0.05):  # e.g. a request timeout around the block
+            async with worker.run("generate-report", report_event()) as ctx:
+                await anyio.sleep(60)
+    assert reasons == [INTERRUPTED_REASON]
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_on_cancel_does_not_run_for_runs_that_were_not_cancelled(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        log.append("cleanup")  # pragma: no cover - must not run
+
+    worker, log = hooked_worker(redis_url, namespace, cleanup)
+    async with worker:
+        async with worker.run("generate-report", report_event()):
+            pass
+        with pytest.raises(ZeroDivisionError):
+            async with worker.run("generate-report", report_event()):
+                _ = 1 / 0
+    assert log == []
+
+
+def test_on_cancel_is_checked_at_definition() -> None:
+    worker = Worker("reports", "redis://localhost:1/0")
+    fn = worker.function(id="f", trigger=TRIGGER)(_sleep_body)
+
+    async def cleanup(ctx: RunContext, reason: str) -> None:
+        pass
+
+    assert fn.on_cancel(cleanup) is cleanup  # the bare form returns the hook
+    assert fn.cancel_hook is not None
+    assert (fn.cancel_hook.hook, fn.cancel_hook.timeout) == (cleanup, 30.0)
+    with pytest.raises(ConfigurationError, match="already has an on_cancel hook"):
+        fn.on_cancel(timeout=5)(cleanup)
+
+    other = worker.function(id="g", trigger=TRIGGER)(_sleep_body)
+    with pytest.raises(ConfigurationError, match="async def"):
+        other.on_cancel(lambda ctx, reason: None)  # type: ignore[arg-type,return-value]
+    for timeout in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ConfigurationError, match="timeout"):
+            other.on_cancel(timeout=timeout)
+    other.on_cancel(timeout=10)(cleanup)
+    assert other.cancel_hook is not None
+    assert other.cancel_hook.timeout == 10.0
+    # Attaching a hook changes nothing of what the function declares.
+    assert other.config_hash == config_hash(canonical_config("g", TRIGGER, ()))
