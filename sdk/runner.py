@@ -16,8 +16,8 @@ from typing import Any, Final
 import anyio
 
 from sdk.connection import REDIS_ERRORS, Backoff
-from sdk.context import CancelState, RunContext
-from sdk.errors import DuplicateRunError
+from sdk.context import DEFAULT_THREAD_GRACE, CancelState, RunContext
+from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.function import Function
 from sdk.rules import IndexEntry, index_entries
 from sdk.store import Outcome, RunStore
@@ -41,13 +41,26 @@ class Run:
     state: CancelState
 
 
+def _stopped_by_its_cancel(exc: Exception, run: Run) -> bool:
+    return isinstance(exc, RunCancelled) and exc.run_id == run.run_id and run.state.cancelled
+
+
 class Runner:
     """Registers, executes and records the runs of one worker process."""
 
-    def __init__(self, store: RunStore, *, app_id: str, worker_id: str, log: Any) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        app_id: str,
+        worker_id: str,
+        log: Any,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
+    ) -> None:
         self.store = store
         self.app_id = app_id
         self.worker_id = worker_id
+        self.thread_grace = thread_grace
         self._log = log
         self._runs: dict[str, Run] = {}
         self._changed = anyio.Event()
@@ -100,6 +113,7 @@ class Runner:
             event=run.event,
             state=state,
             backstop=lambda: self._check_cancel_requested(run),
+            thread_grace=self.thread_grace,
         )
         outcome: Outcome = "completed"
         error: str | None = None
@@ -110,8 +124,11 @@ class Runner:
             with state.scope:
                 yield ctx
         except Exception as exc:
-            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            raise
+            if not _stopped_by_its_cancel(exc, run):
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+                raise
+            # ``ctx.check()`` outside a step: the body stopped because of its cancel. Not
+            # re-raised; ``worker.run`` raises RunCancelled after any cancelled block.
         except BaseException:
             # Cancelled from outside the run (the worker is going away, or the caller of
             # ``worker.run`` was cancelled): never a silent end.
@@ -227,6 +244,7 @@ class Runner:
                         worker_id=self.worker_id,
                         error=error,
                         cancel_reason=reason,
+                        abandoned_thread=run.state.abandoned_thread,
                         on_cancel_error=on_cancel_error,
                     )
                     break

@@ -39,7 +39,7 @@ from sdk.connection import (
     command_client,
     resolve_url,
 )
-from sdk.context import CancelMode, Handler, RunContext
+from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
 from sdk.errors import (
     ConfigurationError,
     RunCancelled,
@@ -86,6 +86,7 @@ class Worker:
         worker_id: str | None = None,
         app_version: str | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -95,12 +96,16 @@ class Worker:
             raise ConfigurationError(str(exc)) from None
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
+        if not thread_grace >= 0:  # NaN too
+            raise ConfigurationError(f"thread_grace must be 0 or more seconds, not {thread_grace}")
         self.redis_url = resolve_url(redis_url)
         self.concurrency = concurrency
         self.shutdown_timeout = shutdown_timeout
         self.retention = retention
         self.app_version = app_version
         self.heartbeat_interval = heartbeat_interval
+        #: Seconds a cancelled run's thread step gets to return before it is abandoned.
+        self.thread_grace = thread_grace
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -169,6 +174,7 @@ class Worker:
                 app_id=self.app_id,
                 worker_id=self.worker_id,
                 log=self._log,
+                thread_grace=self.thread_grace,
             )
             await self._create_groups(redis)
             registration = Registration(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -414,3 +415,152 @@ def test_on_cancel_is_checked_at_definition() -> None:
     assert other.cancel_hook.timeout == 10.0
     # Attaching a hook changes nothing of what the function declares.
     assert other.config_hash == config_hash(canonical_config("g", TRIGGER, ()))
+
+
+# -- thread steps -----------------------------------------------------------------------
+
+
+def polls_check(ctx: RunContext, seen: list[str]) -> str:
+    """A CPU-bound loop in the shape of the seeds' ``shouldCancel`` polling."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen.append(f"cancelled={ctx.cancelled}") if not seen else None  # read in the thread
+        try:
+            ctx.check()
+        except RunCancelled:
+            seen.append(f"stopped, cancelled={ctx.cancelled}")
+            raise
+        time.sleep(0.005)
+    return "ran to the end"  # pragma: no cover - the cancel must stop it
+
+
+@pytest.mark.parametrize("function_id", ["immediate", "between-steps"])
+async def test_a_thread_step_polling_check_stops_and_the_body_sees_the_cancellation(
+    redis_url: str, namespace: str, client: Client, function_id: str
+) -> None:
+    # In between_steps mode nothing interrupts the step: only the thread's own
+    # RunCancelled, which must still reach the body as the cancellation.
+    seen: list[str] = []
+    caught: list[BaseException] = []
+    async with modes_worker(redis_url, namespace, thread_grace=5) as worker:
+        started = time.monotonic()
+        with pytest.raises(RunCancelled):
+            async with (
+                worker.run(function_id, report_event()) as ctx,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(cancel_when, client, ctx, lambda: bool(seen))
+                try:
+                    await ctx.step.run("crunch", polls_check, ctx, seen)
+                except Exception as exc:  # pragma: no cover - the trap
+                    pytest.fail(f"the thread's RunCancelled surfaced as {exc!r}")
+                except BaseException as exc:
+                    caught.append(exc)
+                    raise
+    assert time.monotonic() - started < 1  # within the grace, not after it
+    assert seen == ["cancelled=False", "stopped, cancelled=True"]
+    assert isinstance(caught[0], anyio.get_cancelled_exc_class())
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.abandoned_thread, info.error) == ("cancelled", False, None)
+
+
+async def test_a_thread_that_ignores_the_cancel_is_abandoned_after_the_grace(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    release = threading.Event()  # lets the abandoned thread end with the test
+    results: list[str] = []
+    sent_at: list[float] = []
+
+    def ignores_cancel() -> str:
+        release.wait(10)
+        results.append("returned")
+        return "late"
+
+    async def cancel_in_step(ctx: RunContext) -> None:
+        await wait_until(lambda: _now(ctx.step.current == "x"))
+        sent_at.append(time.monotonic())
+        await client.cancel(ctx.run_id)
+
+    try:
+        async with modes_worker(redis_url, namespace, thread_grace=0.2) as worker:
+            with pytest.raises(RunCancelled):
+                async with (
+                    worker.run("immediate", report_event()) as ctx,
+                    anyio.create_task_group() as tg,
+                ):
+                    tg.start_soon(cancel_in_step, ctx)
+                    await ctx.step.run("x", ignores_cancel)
+                    pytest.fail("the run carried on after a cancel")  # pragma: no cover
+            stopped = time.monotonic()
+    finally:
+        release.set()
+    assert 0.2 <= stopped - sent_at[0] < 1  # waited the grace, then let the thread go
+    assert results == []  # abandoned while still running
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.abandoned_thread) == ("cancelled", True)
+
+
+async def test_a_thread_step_that_returns_within_the_grace_is_not_abandoned(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    async with modes_worker(redis_url, namespace, thread_grace=2) as worker:
+        started = time.monotonic()
+        with pytest.raises(RunCancelled):
+            async with (
+                worker.run("immediate", report_event()) as ctx,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(cancel_when, client, ctx, lambda: ctx.step.current == "x")
+                await ctx.step.run("x", time.sleep, 0.3)  # does not poll, but ends in time
+    assert 0.3 <= time.monotonic() - started < 1.5
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.abandoned_thread) == ("cancelled", False)
+
+
+async def test_between_steps_a_thread_step_runs_to_its_end(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    done: list[str] = []
+
+    def work(ctx: RunContext) -> str:
+        time.sleep(0.4)  # past the grace: in between_steps mode there is no grace to run out
+        done.append(f"finished, cancelled={ctx.cancelled}")
+        return "result"
+
+    async with modes_worker(redis_url, namespace, thread_grace=0.05) as worker:
+        with pytest.raises(RunCancelled):
+            async with (
+                worker.run("between-steps", report_event()) as ctx,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(cancel_when, client, ctx, lambda: ctx.step.current == "x")
+                assert await ctx.step.run("x", work, ctx) == "result"
+                await ctx.step.run("next", anyio.sleep, 0)
+    assert done == ["finished, cancelled=True"]
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.abandoned_thread) == ("cancelled", False)
+
+
+async def test_check_outside_a_step_ends_the_run_cancelled_not_failed(
+    worker: Worker, client: Client
+) -> None:
+    with pytest.raises(RunCancelled):
+        async with worker.run("between-steps", report_event()) as ctx:
+            ctx.check()  # nothing received yet: no-op
+            await client.cancel(ctx.run_id)
+            await wait_until(lambda: _now(ctx.cancelled))
+            ctx.check()
+    info = await client.get_run(ctx.run_id)
+    assert info is not None
+    assert (info.status, info.error) == ("cancelled", None)
+
+
+def test_thread_grace_is_checked() -> None:
+    for grace in (-1, float("nan")):
+        with pytest.raises(ConfigurationError, match="thread_grace"):
+            Worker("reports", "redis://localhost:1/0", thread_grace=grace)
+    assert Worker("reports", "redis://localhost:1/0", thread_grace=0).thread_grace == 0
