@@ -12,14 +12,25 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 from redis.asyncio import Redis
 
-from sdk import CancelOn, Client, ConfigurationError, Event, RunCancelled, RunContext, Worker
+from sdk import (
+    CancelOn,
+    Client,
+    ConfigurationError,
+    DuplicateRunError,
+    Event,
+    RunCancelled,
+    RunContext,
+    Worker,
+)
 from sdk.context import CANCEL_MODES
 from sdk.function import canonical_config
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.store import RunStore
+from sdk.triggers import triggered_run_id
 from sdk.wire import config_hash
 from tests.conftest import run_of, status_is, wait_until
 
@@ -564,3 +575,106 @@ def test_thread_grace_is_checked() -> None:
         with pytest.raises(ConfigurationError, match="thread_grace"):
             Worker("reports", "redis://localhost:1/0", thread_grace=grace)
     assert Worker("reports", "redis://localhost:1/0", thread_grace=0).thread_grace == 0
+
+
+# -- level-triggered, never resumed -----------------------------------------------------
+
+
+@pytest.mark.parametrize("function_id", ["immediate", "between-steps"])
+async def test_a_body_that_swallows_the_cancel_is_cancelled_again(
+    worker: Worker, client: Client, function_id: str
+) -> None:
+    swallowed = 0
+    with pytest.raises(RunCancelled):
+        async with worker.run(function_id, report_event()) as ctx:
+            with anyio.CancelScope(shield=True):  # receive it before the first step
+                await client.cancel(ctx.run_id)
+                await wait_until(lambda: _now(ctx.cancelled))
+            for _ in range(3):
+                try:
+                    await ctx.step.run("llm", anyio.sleep, 60)
+                except BaseException:
+                    swallowed += 1
+            # Level-triggered, in between_steps mode too once interrupted: not a step,
+            # and it raises all the same.
+            await anyio.sleep(60)
+            pytest.fail("the run carried on after a cancel")  # pragma: no cover
+    assert swallowed == 3
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+@pytest.mark.parametrize("function_id", ["immediate", "between-steps"])
+async def test_a_body_that_swallows_the_cancel_and_returns_is_recorded_cancelled(
+    worker: Worker, client: Client, function_id: str
+) -> None:
+    with pytest.raises(RunCancelled):
+        async with worker.run(function_id, report_event()) as ctx:
+            with anyio.CancelScope(shield=True):
+                await client.cancel(ctx.run_id)
+                await wait_until(lambda: _now(ctx.cancelled))
+            try:
+                await ctx.step.run("llm", anyio.sleep, 60)
+            except BaseException:
+                pass  # and returns
+    assert await status_is(client, ctx.run_id, "cancelled")
+
+
+async def test_a_cancelled_run_id_cannot_be_started_again(
+    redis_url: str, namespace: str, worker: Worker, client: Client
+) -> None:
+    with pytest.raises(RunCancelled):
+        async with worker.run("immediate", report_event(), run_id="job-1") as ctx:
+            await client.cancel(ctx.run_id)
+            await anyio.sleep(60)
+    with pytest.raises(DuplicateRunError) as caught:
+        async with worker.run("immediate", report_event(), run_id="job-1"):
+            pytest.fail("a cancelled run was resumed")  # pragma: no cover
+    assert caught.value.status == "cancelled"
+    # Nor by another worker (a retry elsewhere, after a restart).
+    async with modes_worker(redis_url, namespace) as other:
+        with pytest.raises(DuplicateRunError) as caught:
+            async with other.run("between-steps", report_event(), run_id="job-1"):
+                pytest.fail("a cancelled run was resumed")  # pragma: no cover
+    assert caught.value.status == "cancelled"
+    assert await status_is(client, "job-1", "cancelled")
+
+
+async def test_a_trigger_delivered_again_after_its_run_was_cancelled_starts_no_run(
+    redis_url: str, namespace: str, client: Client, redis: Redis
+) -> None:
+    worker = Worker("reports", redis_url, namespace=namespace)
+    started: list[str] = []
+
+    @worker.function(id="generate-report", trigger=TRIGGER, cancel_on=[RULE])
+    async def generate_report(ctx: RunContext) -> None:
+        started.append(ctx.event.data["reportId"])
+        await anyio.sleep(60)
+
+    keys = Keys(namespace)
+    group = keys.function_group("reports", "generate-report")
+
+    async def all_acknowledged() -> bool:
+        return bool((await redis.xpending(keys.events, group))["pending"] == 0)
+
+    with structlog.testing.capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            await tg.start(worker.serve)
+            first = await client.send(TRIGGER, {"reportId": "r1"})
+            run_id = await run_of(client, first)
+            assert run_id == triggered_run_id(keys, "reports", "generate-report", first)
+            await wait_until(lambda: _now(started == ["r1"]))
+            await client.cancel(run_id)
+            await wait_until(lambda: status_is(client, run_id, "cancelled"))
+            # Deliver the trigger again, as a reset or restored consumer group would; a
+            # new trigger wakes the worker's blocked read, which then gets both.
+            await redis.xgroup_setid(keys.events, group, "0")
+            second = await client.send(TRIGGER, {"reportId": "r2"})
+            await run_of(client, second)
+            await wait_until(all_acknowledged)
+            tg.cancel_scope.cancel()
+    runs = await client.runs_for_event(first)
+    assert [(run.run_id, run.status) for run in runs] == [(run_id, "cancelled")]
+    assert started == ["r1", "r2"]
+    assert {"event": "run.duplicate_trigger", "run_id": run_id, "status": "cancelled"} in [
+        {key: entry.get(key) for key in ("event", "run_id", "status")} for entry in logs
+    ]
