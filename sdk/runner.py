@@ -102,6 +102,9 @@ class Runner:
     ) -> AsyncIterator[RunContext]:
         """Execute a registered run's body in its cancel scope and record the outcome.
 
+        A cancelled run's ``on_cancel`` hook runs after the body stopped and before the
+        outcome is recorded.
+
         ``interrupted_reason`` is recorded when the body is cancelled from outside its own
         scope (by whoever runs it) rather than by a cancel request.
         """
