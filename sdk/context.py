@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, Final, Literal, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
 import structlog
 
+from sdk.errors import RunCancelled
+from sdk.threads import run_in_thread
 from sdk.wire import Event
 
-P = ParamSpec("P")
 T = TypeVar("T")
 
 log = structlog.get_logger("sdk.run")
 
 
-def _is_async_callable(fn: object) -> bool:
+def is_async_callable(fn: object) -> bool:
     """Coroutine functions, partials of them, and objects with an ``async def __call__``."""
     while isinstance(fn, functools.partial):
         fn = fn.func
@@ -28,25 +30,48 @@ def _is_async_callable(fn: object) -> bool:
     )
 
 
-class CancelState:
-    """The cancel scope a run executes in, and why it was cancelled.
+CancelMode = Literal["immediate", "between_steps"]
+CANCEL_MODES: Final[tuple[CancelMode, ...]] = ("immediate", "between_steps")
+#: Seconds a thread step gets to return (or raise ``RunCancelled``) once its run is
+#: interrupted, before it is abandoned (``Worker(thread_grace=...)``).
+DEFAULT_THREAD_GRACE: Final = 5.0
 
-    anyio cancel scopes are level-triggered: once cancelled, every later await in the
-    scope raises again, so a body that catches the cancellation cannot carry on.
+
+class CancelState:
+    """The cancel scope a run executes in, whether a cancel was received, and why.
+
+    A received cancel *interrupts* the run (cancels its scope) at once in ``immediate``
+    mode, and at the next step boundary in ``between_steps`` mode. anyio cancel scopes
+    are level-triggered: once interrupted, every later await in the scope raises again,
+    so a body that catches the cancellation cannot carry on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, mode: CancelMode = "immediate") -> None:
         self.scope = anyio.CancelScope()
+        self.mode: CancelMode = mode
         self.reason: str | None = None
+        # Read by thread steps (ctx.cancelled, ctx.check()): an Event is safe across threads.
+        self._received = threading.Event()
+        #: Until the body starts, nothing of the user's can be cut short: any mode interrupts.
+        self.body_started = False
+        #: A thread step ignored the interruption past its grace and was left running.
+        self.abandoned_thread = False
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, *, interrupt: bool = False) -> None:
+        """Receive a cancel; interrupt now if the mode says so, or if ``interrupt``."""
         if self.reason is None:
-            self.reason = reason
+            self.reason = reason  # before the flag: a thread that sees the flag sees why
+        self._received.set()
+        if interrupt or self.mode == "immediate" or not self.body_started:
+            self.scope.cancel()
+
+    def interrupt(self) -> None:
+        """Cancel the run's scope: its current (or next) await raises."""
         self.scope.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self.scope.cancel_called
+        return self._received.is_set()
 
 
 Backstop = Callable[[], Awaitable[None]]
@@ -64,41 +89,100 @@ async def _no_spawn(name: str, data: dict[str, Any] | None) -> str:
 class Step:
     """Named units of work inside a run: ``await ctx.step.run("outline", fn, *args)``."""
 
-    def __init__(self, run_id: str, state: CancelState, backstop: Backstop = _no_backstop) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        state: CancelState,
+        backstop: Backstop = _no_backstop,
+        *,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
+    ) -> None:
         self._run_id = run_id
         self._state = state
         self._backstop = backstop
+        self._thread_grace = thread_grace
         #: Name of the step in progress, if any.
         self.current: str | None = None
 
+    @overload
     async def run(
         self,
         name: str,
-        fn: Callable[P, Awaitable[T]] | Callable[P, T],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
+        fn: Callable[..., Awaitable[T]],
+        /,
+        *args: Any,
+        shield: bool = False,
+        **kwargs: Any,
+    ) -> T: ...
+
+    @overload
+    async def run(
+        self, name: str, fn: Callable[..., T], /, *args: Any, shield: bool = False, **kwargs: Any
+    ) -> T: ...
+
+    async def run(
+        self, name: str, fn: Callable[..., Any], /, *args: Any, shield: bool = False, **kwargs: Any
+    ) -> Any:
         """Run ``fn(*args, **kwargs)`` as step ``name`` and return its result.
 
         Coroutine functions are awaited and are interrupted at their current await when
-        the run is cancelled. Plain functions run in a worker thread; a cancel stops the
-        run at once while the thread's result is discarded (Python cannot stop a thread).
+        the run is interrupted. Plain functions run in a worker thread, which gets the
+        worker's ``thread_grace`` to return (or raise ``RunCancelled`` from
+        ``ctx.check()``) before it is abandoned (Python cannot stop a thread).
+
+        ``shield=True`` lets the step run to its end whatever cancel arrives meanwhile (a
+        payment must not be cut in half); the cancel takes effect as soon as it returns.
+        ``shield`` is reserved: it is never passed on to ``fn``.
         """
-        # A cancel whose signal never arrived is still seen here, then any cancel stops us.
+        # A cancel whose signal never arrived is still seen here, then any cancel stops us:
+        # a step boundary is where a between_steps run is interrupted.
         await self._backstop()
+        if self._state.cancelled:
+            self._state.interrupt()
         await anyio.lowlevel.checkpoint()
         self.current = name
-        log.debug("step.started", run_id=self._run_id, step=name)
+        log.debug("step.started", run_id=self._run_id, step=name, shield=shield)
         try:
-            if _is_async_callable(fn):
-                return await cast(Callable[P, Awaitable[T]], fn)(*args, **kwargs)
-            call = functools.partial(cast(Callable[P, Any], fn), *args, **kwargs)
-            result = await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
-            if inspect.isawaitable(result):  # a lambda or wrapper that returned a coroutine
-                return cast(T, await result)
-            return cast(T, result)
+            if not shield:
+                return await self._call(fn, args, kwargs, shielded=False)
+            with anyio.CancelScope(shield=True):
+                result = await self._call(fn, args, kwargs, shielded=True)
+            # The cancel the shield held back takes effect now that the step is done.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            return result
+        except RunCancelled as exc:
+            if exc.run_id != self._run_id or not self._state.cancelled:
+                raise
+            # The step stopped itself because of this run's cancel (``ctx.check()``): the
+            # body must see the cancellation, which ``except Exception`` cannot swallow.
+            self._state.interrupt()
+            await anyio.lowlevel.checkpoint()
+            raise  # only outside the run's scope (an on_cancel hook)
         finally:
             self.current = None
+
+    async def _call(
+        self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], *, shielded: bool
+    ) -> Any:
+        if is_async_callable(fn):
+            return await fn(*args, **kwargs)
+        call = functools.partial(fn, *args, **kwargs)
+        if shielded:  # nothing can cancel it: no grace to give
+            result = await anyio.to_thread.run_sync(call)
+        else:
+            result = await run_in_thread(call, grace=self._thread_grace, on_abandon=self._abandoned)
+        if inspect.isawaitable(result):  # a lambda or wrapper that returned a coroutine
+            return await result
+        return result
+
+    def _abandoned(self) -> None:
+        self._state.abandoned_thread = True
+        log.warning(
+            "step.thread_abandoned",
+            run_id=self._run_id,
+            step=self.current,
+            grace_s=self._thread_grace,
+        )
 
 
 class RunContext:
@@ -115,6 +199,7 @@ class RunContext:
         backstop: Backstop = _no_backstop,
         spawn: Spawn = _no_spawn,
         parent_run_id: str | None = None,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
     ) -> None:
         self.run_id = run_id
         self.app_id = app_id
@@ -122,7 +207,7 @@ class RunContext:
         self.event = event
         #: The run this one was started inside, if any.
         self.parent_run_id = parent_run_id
-        self.step = Step(run_id, state, backstop)
+        self.step = Step(run_id, state, backstop, thread_grace=thread_grace)
         self._state = state
         self._spawn = spawn
 
@@ -136,12 +221,25 @@ class RunContext:
 
     @property
     def cancelled(self) -> bool:
-        """True once a cancel for this run has been received."""
+        """True once a cancel for this run has been received, in either mode.
+
+        Safe to read from a thread step.
+        """
         return self._state.cancelled
 
     @property
     def cancel_reason(self) -> str | None:
         return self._state.reason
+
+    def check(self) -> None:
+        """Raise :class:`~sdk.errors.RunCancelled` if a cancel for this run was received.
+
+        For code that cannot be interrupted at an await, typically a plain function
+        running as a step in a thread: call it in its loop. Raised in a step, it reaches
+        the body as the cancellation itself, and the run ends ``cancelled``.
+        """
+        if self._state.cancelled:
+            raise RunCancelled(self.run_id, self._state.reason)
 
     def __repr__(self) -> str:
         return f"RunContext(run_id={self.run_id!r}, function_id={self.function_id!r})"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, overload
 
-from sdk.context import Handler, RunContext
+from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
@@ -16,7 +17,12 @@ from sdk.wire import FunctionConfig, RuleConfig, check_event_name, config_hash, 
 
 
 def canonical_config(
-    id: str, trigger: str, rules: tuple[CancelOn, ...], *, owner: str | None = None
+    id: str,
+    trigger: str,
+    rules: tuple[CancelOn, ...],
+    cancel_mode: CancelMode = "immediate",
+    *,
+    owner: str | None = None,
 ) -> FunctionConfig:
     """The configuration as data; rule order does not change what a function does."""
     configs = (
@@ -30,8 +36,32 @@ def canonical_config(
         for rule in rules
     )
     return FunctionConfig(
-        id=id, trigger=trigger, cancel_on=tuple(sorted(configs, key=encode_json)), owner=owner
+        id=id,
+        trigger=trigger,
+        cancel_on=tuple(sorted(configs, key=encode_json)),
+        cancel_mode=cancel_mode,
+        owner=owner,
     )
+
+
+OnCancelHook = Callable[[RunContext, str], Awaitable[None]]
+#: Seconds an ``on_cancel`` hook gets unless ``@fn.on_cancel(timeout=...)`` says otherwise.
+DEFAULT_ON_CANCEL_TIMEOUT: Final = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class OnCancel:
+    """A function's cleanup after a cancelled run, and how long it may take."""
+
+    hook: OnCancelHook
+    timeout: float
+
+
+@dataclass(slots=True)
+class _Hooks:
+    # Hooks are attached after the function is declared (``@fn.on_cancel``); a mutable
+    # holder keeps the rest of the declaration (and its config hash) frozen.
+    on_cancel: OnCancel | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +72,13 @@ class Function:
     trigger: str
     cancel_on: tuple[CancelOn, ...]
     handler: Handler
+    cancel_mode: CancelMode
     #: Path in the trigger naming who owns a run: a cancel by run id must come from them.
     owner: str | None
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
+    _hooks: _Hooks = field(default_factory=_Hooks, init=False, repr=False, compare=False)
 
     @classmethod
     def declare(
@@ -56,6 +88,7 @@ class Function:
         trigger: str,
         cancel_on: Iterable[CancelOn],
         handler: Handler,
+        cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
     ) -> Function:
         try:
@@ -68,15 +101,21 @@ class Function:
             raise ConfigurationError(f"function {id!r}: trigger {exc.detail}") from None
         if not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f"function {id!r}: the body must be an `async def`")
+        if cancel_mode not in CANCEL_MODES:
+            raise ConfigurationError(
+                f"function {id!r}: cancel_mode must be one of"
+                f" {', '.join(map(repr, CANCEL_MODES))}, not {cancel_mode!r}"
+            )
         rules = check_rules(tuple(cancel_on))
         if owner is not None:
             owner = Path.parse(owner).text
-        config = canonical_config(id, trigger, rules, owner=owner)
+        config = canonical_config(id, trigger, rules, cancel_mode, owner=owner)
         return cls(
             id=id,
             trigger=trigger,
             cancel_on=rules,
             handler=handler,
+            cancel_mode=cancel_mode,
             owner=owner,
             config=config,
             config_hash=config_hash(config),
@@ -84,3 +123,45 @@ class Function:
 
     async def __call__(self, ctx: RunContext) -> Any:
         return await self.handler(ctx)
+
+    @property
+    def cancel_hook(self) -> OnCancel | None:
+        """The ``on_cancel`` hook, if one is attached."""
+        return self._hooks.on_cancel
+
+    @overload
+    def on_cancel(self, hook: OnCancelHook, /) -> OnCancelHook: ...
+
+    @overload
+    def on_cancel(
+        self, hook: None = None, /, *, timeout: float = DEFAULT_ON_CANCEL_TIMEOUT
+    ) -> Callable[[OnCancelHook], OnCancelHook]: ...
+
+    def on_cancel(
+        self, hook: OnCancelHook | None = None, /, *, timeout: float = DEFAULT_ON_CANCEL_TIMEOUT
+    ) -> OnCancelHook | Callable[[OnCancelHook], OnCancelHook]:
+        """Attach ``async def cleanup(ctx, reason)``, run after a cancelled run's body stopped.
+
+        ``@fn.on_cancel`` or ``@fn.on_cancel(timeout=10)``. The hook runs shielded from
+        cancellation, for at most ``timeout`` seconds; its failure is recorded in the
+        run's ``on_cancel_error`` and never changes the outcome from ``cancelled``.
+        """
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, int | float) and math.isfinite(timeout) and timeout > 0
+        ):
+            raise ConfigurationError(
+                f"function {self.id!r}: on_cancel timeout must be a positive number of"
+                f" seconds, not {timeout!r}"
+            )
+
+        def attach(hook: OnCancelHook) -> OnCancelHook:
+            if not is_async_callable(hook):
+                raise ConfigurationError(
+                    f"function {self.id!r}: the on_cancel hook must be an `async def`"
+                )
+            if self._hooks.on_cancel is not None:
+                raise ConfigurationError(f"function {self.id!r} already has an on_cancel hook")
+            self._hooks.on_cancel = OnCancel(hook, float(timeout))
+            return hook
+
+        return attach if hook is None else attach(hook)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
 
 from sdk.connection import REDIS_ERRORS, Backoff
-from sdk.context import CancelState, RunContext
-from sdk.errors import DuplicateRunError
+from sdk.context import DEFAULT_THREAD_GRACE, CancelState, RunContext
+from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.expressions import describe_error, event_variable
 from sdk.function import Function
 from sdk.keys import EVENT_FIELD
@@ -40,19 +40,32 @@ class Run:
     function: Function
     event: Event
     entries: list[IndexEntry]
+    state: CancelState
     parent_run_id: str | None = None
-    state: CancelState = field(default_factory=CancelState)
     #: When the body stopped (monotonic), for the cancel latency recorded with the outcome.
     stopped_at: float | None = None
+
+
+def _stopped_by_its_cancel(exc: Exception, run: Run) -> bool:
+    return isinstance(exc, RunCancelled) and exc.run_id == run.run_id and run.state.cancelled
 
 
 class Runner:
     """Registers, executes and records the runs of one worker process."""
 
-    def __init__(self, store: RunStore, *, app_id: str, worker_id: str, log: Any) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        app_id: str,
+        worker_id: str,
+        log: Any,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
+    ) -> None:
         self.store = store
         self.app_id = app_id
         self.worker_id = worker_id
+        self.thread_grace = thread_grace
         self._log = log
         self._runs: dict[str, Run] = {}
         self._changed = anyio.Event()
@@ -73,7 +86,7 @@ class Runner:
             raise DuplicateRunError(run_id, "running")
         parent_run_id = parent_run_id or event.parent
         entries = index_entries(fn.cancel_on, event, self.store.keys)
-        run = Run(run_id, fn, event, entries, parent_run_id)
+        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id)
         # In the registry before the script runs: a signal can arrive the moment it returns.
         self._runs[run_id] = run
         try:
@@ -156,6 +169,9 @@ class Runner:
     ) -> AsyncIterator[RunContext]:
         """Execute a registered run's body in its cancel scope and record the outcome.
 
+        A cancelled run's ``on_cancel`` hook runs after the body stopped and before the
+        outcome is recorded.
+
         ``interrupted_reason`` is recorded when the body is cancelled from outside its own
         scope (by whoever runs it) rather than by a cancel request.
         """
@@ -169,6 +185,7 @@ class Runner:
             backstop=lambda: self._check_cancel_requested(run),
             spawn=lambda name, data: self.spawn(run, name, data),
             parent_run_id=run.parent_run_id,
+            thread_grace=self.thread_grace,
         )
         outcome: Outcome = "completed"
         error: str | None = None
@@ -181,37 +198,69 @@ class Runner:
             run.stopped_at = time.monotonic()
         except Exception as exc:
             run.stopped_at = time.monotonic()
-            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
-            raise
+            if not _stopped_by_its_cancel(exc, run):
+                outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+                raise
+            # ``ctx.check()`` outside a step: the body stopped because of its cancel. Not
+            # re-raised; ``worker.run`` raises RunCancelled after any cancelled block.
         except BaseException:
             run.stopped_at = time.monotonic()
             # Cancelled from outside the run (the worker is going away, or the caller of
             # ``worker.run`` was cancelled): never a silent end.
-            if state.reason is None:
-                state.reason = interrupted_reason
+            state.cancel(interrupted_reason, interrupt=True)
             outcome = "cancelled"
             raise
         finally:
             if state.cancelled:
                 outcome = "cancelled"
+            on_cancel_error: str | None = None
             try:
-                await self._record(run, outcome, error)
+                if outcome == "cancelled":
+                    on_cancel_error = await self._run_on_cancel(run, ctx, log)
             finally:
-                self._forget(run)
-                log.info(
-                    "run.finished",
-                    outcome=outcome,
-                    reason=state.reason,
-                    error=error,
-                    duration_ms=round((time.monotonic() - started) * 1000, 3),
-                )
+                # Recorded after the hook: whoever waits for the final state sees its result.
+                try:
+                    await self._record(run, outcome, error, on_cancel_error=on_cancel_error)
+                finally:
+                    self._forget(run)
+                    log.info(
+                        "run.finished",
+                        outcome=outcome,
+                        reason=state.reason,
+                        error=error,
+                        on_cancel_error=on_cancel_error,
+                        duration_ms=round((time.monotonic() - started) * 1000, 3),
+                    )
 
-    def cancel(self, run_id: str, reason: str) -> bool:
-        """Cancel a run this process holds; False if it holds no such run (any more)."""
+    async def _run_on_cancel(self, run: Run, ctx: RunContext, log: Any) -> str | None:
+        """Run the function's ``on_cancel`` hook; returns how it failed, None if it did not."""
+        on_cancel = run.function.cancel_hook
+        if on_cancel is None:
+            return None
+        error: str | None = None
+        # Shielded: the run's cancel (or the worker's shutdown) is why the hook runs, and
+        # must not stop it; only its own deadline does.
+        with anyio.move_on_after(on_cancel.timeout, shield=True) as deadline:
+            try:
+                await on_cancel.hook(ctx, run.state.reason or "cancelled")
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        if deadline.cancelled_caught:
+            error = f"TimeoutError: on_cancel did not finish within {on_cancel.timeout:g} s"
+        if error is not None:
+            log.error("run.on_cancel_failed", error=error)
+        return error
+
+    def cancel(self, run_id: str, reason: str, *, interrupt: bool = False) -> bool:
+        """Cancel a run this process holds; False if it holds no such run (any more).
+
+        The run's ``cancel_mode`` decides when the body is interrupted; ``interrupt=True``
+        interrupts it now whatever the mode.
+        """
         run = self._runs.get(run_id)
         if run is None:
             return False
-        run.state.cancel(reason)
+        run.state.cancel(reason, interrupt=interrupt)
         return True
 
     async def _check_cancel_requested(self, run: Run) -> None:
@@ -227,9 +276,14 @@ class Runner:
             self._log.warning("run.cancel_seen_at_step", run_id=run.run_id)
             run.state.cancel(reason or "cancelled")
 
-    def cancel_all(self, reason: str) -> None:
+    def cancel_all(self, reason: str, *, interrupt: bool = False) -> None:
+        """Cancel every run this process holds (``interrupt`` as for :meth:`cancel`).
+
+        The worker passes ``interrupt=True`` when it is going away (shutdown, declared
+        lost): a between_steps run cannot wait for a step boundary that may never come.
+        """
         for run in list(self._runs.values()):
-            run.state.cancel(reason)
+            run.state.cancel(reason, interrupt=interrupt)
 
     async def changed(self) -> None:
         """Wait until a run ends or a slot is released."""
@@ -248,7 +302,9 @@ class Runner:
             del self._runs[run.run_id]
         self.notify()
 
-    async def _record(self, run: Run, outcome: Outcome, error: str | None) -> None:
+    async def _record(
+        self, run: Run, outcome: Outcome, error: str | None, *, on_cancel_error: str | None = None
+    ) -> None:
         reason = run.state.reason if outcome == "cancelled" else None
         previous: str | None = None
         backoff = Backoff(self._log, "run.finish", run_id=run.run_id)
@@ -266,6 +322,8 @@ class Runner:
                         error=error,
                         cancel_reason=reason,
                         stopped_ago_ms=(time.monotonic() - stopped) * 1000,
+                        abandoned_thread=run.state.abandoned_thread,
+                        on_cancel_error=on_cancel_error,
                     )
                     break
                 except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again

@@ -166,10 +166,10 @@ class RunStore:
             *_pairs(fields),
         ]
         reply = cast(list[Any], await self._register(keys=keys, args=args))
+        if reply[0] == "taken":
+            return Registration("taken", str(reply[1]))
         if reply[0] == "cancelled":
             return Registration("cancelled", "cancelling", str(reply[1]), str(reply[2]))
-        if reply[0] != "registered":
-            return Registration("taken", str(reply[0]))
         tombstones = tuple(
             (entries[int(index) - 1], decode_stored_event(body)) for index, _id, body in reply[1]
         )
@@ -187,6 +187,8 @@ class RunStore:
         error: str | None = None,
         cancel_reason: str | None = None,
         stopped_ago_ms: float | None = None,
+        abandoned_thread: bool = False,
+        on_cancel_error: str | None = None,
     ) -> str | None:
         """Record the run's outcome; returns its previous status (None if unknown).
 
@@ -204,6 +206,14 @@ class RunStore:
             self.keys.events,
             *index_keys,
         ]
+        extra = _pairs(
+            {
+                "error": error,
+                "cancel_reason": cancel_reason,
+                "abandoned_thread": "1" if abandoned_thread else None,
+                "on_cancel_error": on_cancel_error,
+            }
+        )
         args: list[ScriptArg] = [
             run_id,
             outcome,
@@ -212,7 +222,7 @@ class RunStore:
             self.keys.finished(run_id),
             RUN_CANCELLED_EVENT,
             EVENT_FIELD,
-            *_pairs({"error": error, "cancel_reason": cancel_reason}),
+            *extra,
         ]
         previous = await self._finish(keys=keys, args=args)
         return None if previous is None else str(previous)

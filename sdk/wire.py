@@ -110,6 +110,10 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     cancel_latency_ms: float | None = None
     #: The last error of a rule expression evaluated against this run (it did not match).
     rule_error: str | None = None
+    #: A cancelled run's thread step ignored the cancel past the grace and was left running.
+    abandoned_thread: bool = False
+    #: How the ``on_cancel`` hook failed (``"ValueError: boom"``), None if it did not.
+    on_cancel_error: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -314,6 +318,8 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         if fields.get("cancel_latency_ms")
         else None,
         rule_error=fields.get("rule_error") or None,
+        abandoned_thread=fields.get("abandoned_thread") == "1",
+        on_cancel_error=fields.get("on_cancel_error") or None,
     )
 
 

@@ -39,7 +39,7 @@ from sdk.connection import (
     command_client,
     resolve_url,
 )
-from sdk.context import Handler, RunContext
+from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
 from sdk.errors import (
     ConfigurationError,
     RunCancelled,
@@ -98,6 +98,7 @@ class Worker:
         worker_id: str | None = None,
         app_version: str | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        thread_grace: float = DEFAULT_THREAD_GRACE,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -107,12 +108,16 @@ class Worker:
             raise ConfigurationError(str(exc)) from None
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
+        if not thread_grace >= 0:  # NaN too
+            raise ConfigurationError(f"thread_grace must be 0 or more seconds, not {thread_grace}")
         self.redis_url = resolve_url(redis_url)
         self.concurrency = concurrency
         self.shutdown_timeout = shutdown_timeout
         self.retention = retention
         self.app_version = app_version
         self.heartbeat_interval = heartbeat_interval
+        #: Seconds a cancelled run's thread step gets to return before it is abandoned.
+        self.thread_grace = thread_grace
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -131,17 +136,25 @@ class Worker:
         id: str,
         trigger: str,
         cancel_on: Iterable[CancelOn] = (),
+        cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
     ) -> Callable[[Handler], Function]:
         """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
 
-        ``owner``: a path in the trigger (``data.accountId``) naming who owns each run; a
-        cancel by run id must then give that value as its ``actor``.
+        ``cancel_mode``: ``"immediate"`` interrupts the body at its current await;
+        ``"between_steps"`` lets the step in flight finish and stops the run at its next
+        ``ctx.step.run``. ``owner``: a path in the trigger (``data.accountId``) naming who
+        owns each run; a cancel by run id must then give that value as its ``actor``.
         """
 
         def register(handler: Handler) -> Function:
             fn = Function.declare(
-                id=id, trigger=trigger, cancel_on=cancel_on, handler=handler, owner=owner
+                id=id,
+                trigger=trigger,
+                cancel_on=cancel_on,
+                handler=handler,
+                cancel_mode=cancel_mode,
+                owner=owner,
             )
             if fn.id in self._functions:
                 raise ConfigurationError(f"function {fn.id!r} is declared twice")
@@ -176,6 +189,7 @@ class Worker:
                 app_id=self.app_id,
                 worker_id=self.worker_id,
                 log=self._log,
+                thread_grace=self.thread_grace,
             )
             await self._create_groups(redis)
             registration = Registration(
@@ -186,7 +200,7 @@ class Worker:
                 app_version=self.app_version,
                 heartbeat_interval=self.heartbeat_interval,
                 log=self._log,
-                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON),
+                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON, interrupt=True),
             )
             await registration.sync(self._functions.values())
             stack.push_async_callback(registration.leave)
@@ -251,7 +265,7 @@ class Worker:
         """Run a body that something else started under ``function_id``'s cancel rules.
 
         ``async with worker.run("generate-report", event) as ctx: ...``. A cancel
-        interrupts the body at its current await; after the block,
+        interrupts the block as the function's ``cancel_mode`` says; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
         mistake a cancelled block for a finished one. ``parent`` (a run's context or id)
         makes this run its child: cancelling the parent cancels it.
@@ -276,6 +290,7 @@ class Worker:
             fn, event, run_id or uuid.uuid4().hex, parent_run_id=parent_run_id
         )
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
+            run.state.body_started = True
             yield ctx
         if run.state.cancelled:
             raise RunCancelled(run.run_id, run.state.reason)
@@ -295,6 +310,7 @@ class Worker:
             # The run's scope is entered before it waits for a slot: a cancel (or the
             # worker's shutdown) while it waits is recorded like any other.
             async with runner.running(run) as ctx, self._limiter:
+                run.state.body_started = True
                 await run.function.handler(ctx)
         except Exception:
             self._log.exception("run.body_failed", run_id=run.run_id)
@@ -309,7 +325,7 @@ class Worker:
             self._log.info("worker.draining", runs=len(runner), timeout=self.shutdown_timeout)
             with anyio.move_on_after(self.shutdown_timeout):
                 await runner.wait_empty()
-        runner.cancel_all(SHUTDOWN_REASON)
+        runner.cancel_all(SHUTDOWN_REASON, interrupt=True)
         await runner.wait_empty()
 
     async def _handle_os_signals(
@@ -321,7 +337,7 @@ class Worker:
                 consuming.cancel()
             else:
                 self._log.info("worker.cancelling_runs", signal=signum.name)
-                self._require_runner().cancel_all(SHUTDOWN_REASON)
+                self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
 
     # -- the signal loop -----------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.anyio
 CANCEL_RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
 
 
-def make_worker(redis_url: str, namespace: str) -> Worker:
-    worker = Worker("reports", redis_url, namespace=namespace)
+def make_worker(redis_url: str, namespace: str, **options: Any) -> Worker:
+    worker = Worker("reports", redis_url, namespace=namespace, **options)
 
     @worker.function(
         id="generate-report", trigger="report/generate.requested", cancel_on=[CANCEL_RULE]
@@ -144,10 +145,15 @@ async def test_cancel_of_unknown_run(client: Client) -> None:
     assert await client.get_run("no-such-run") is None
 
 
-async def test_sync_step_is_abandoned_on_cancel(worker: Worker, client: Client) -> None:
+async def test_sync_step_is_abandoned_on_cancel(
+    redis_url: str, namespace: str, client: Client
+) -> None:
     started = time.monotonic()
+    # No grace: the thread is abandoned the moment the run is cancelled (test_modes.py
+    # covers the grace).
     with pytest.raises(RunCancelled):
         async with (
+            make_worker(redis_url, namespace, thread_grace=0) as worker,
             worker.run("generate-report", report_event("r1")) as ctx,
             anyio.create_task_group() as tg,
         ):

@@ -17,7 +17,8 @@
 --          Redis clock, as the cancel's was, so the latency does not depend on host clocks
 -- ARGV[5]  the run's 'finished' channel
 -- ARGV[6]  name of the outcome event; ARGV[7] the field events are written in
--- ARGV[8 ..]  extra run hash fields (error, cancel_reason, ...), as field/value pairs
+-- ARGV[8 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
+--             on_cancel_error), as field/value pairs
 -- Returns the status the run had before, or false when the run is unknown.
 local previous = redis.call('HGET', KEYS[1], 'status')
 if not previous then

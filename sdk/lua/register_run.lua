@@ -21,8 +21,8 @@
 -- ARGV[8 + 2(i-1)], ARGV[9 + 2(i-1)]  entry i: 'm' or 'c' (an expression decides), and
 --          its cancel event's name
 -- ARGV[8 + 2n ..]  run hash fields, as field/value pairs
--- Returns {'registered', hits} or {'cancelled', reason, cancelled_by}, or {status} when
--- the id is taken by another run (a trigger delivered twice never starts a second run).
+-- Returns {'registered', hits} or {'cancelled', reason, cancelled_by}, or {'taken', status}
+-- when the id is taken by another run (a trigger delivered twice never starts a second run).
 -- hits: {i, cancel event id, its JSON} for each tombstone under an entry with an
 -- expression, newer than the trigger: the worker evaluates them.
 -- A retry by the worker that registered the run (its first reply was lost) gets the same
@@ -35,7 +35,7 @@ if existing[1] then
   elseif existing[2] == ARGV[3] and existing[1] == 'cancelling' then
     return {'cancelled', existing[3] or '', existing[4] or ''}
   end
-  return {existing[1]}
+  return {'taken', existing[1]}
 end
 local run_id, worker_id, parent_id = ARGV[1], ARGV[3], ARGV[7]
 local n = tonumber(ARGV[4])
