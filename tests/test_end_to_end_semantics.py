@@ -251,3 +251,53 @@ async def test_a_cancel_before_the_worker_started_cancels_the_queued_run_only(
         if worker is not None:
             assert worker.terminate() == 0, worker.output
         assert broker.terminate() == 0, broker.output
+
+
+async def start_job(client: Client, trigger: str, job_id: str, **data: Any) -> str:
+    return await run_of(client, await client.send(trigger, {"jobId": job_id, **data}))
+
+
+async def what(redis: Redis, namespace: str, key: str) -> list[str]:
+    return [o["what"] for o in await observed(redis, namespace, key)]
+
+
+async def test_between_steps_lets_the_step_finish_and_runs_the_cleanup_hook(
+    client: Client, redis: Redis, namespace: str
+) -> None:
+    run_id = await start_job(client, "export/requested", "j1", seconds=0.5)
+    await wait_for_observation(redis, namespace, "j1", "started")
+    await client.send("job/cancel.requested", {"jobId": "j1"})
+    info = await final(client, run_id)
+    assert info.status == "cancelled"
+    # The step in flight ran whole; the next never started; the hook ran before the end
+    # was recorded, with the reason.
+    assert await what(redis, namespace, "j1") == ["started", "render-done", "cleanup"]
+    cleanup = (await observed(redis, namespace, "j1"))[-1]
+    assert cleanup["reason"] == "cancel event job/cancel.requested"
+    assert info.on_cancel_error is None
+
+
+async def test_a_shielded_step_completes_and_the_cancel_takes_effect_after_it(
+    client: Client, redis: Redis, namespace: str
+) -> None:
+    run_id = await start_job(client, "checkout/requested", "j2", seconds=0.5)
+    await wait_for_observation(redis, namespace, "j2", "started")
+    await client.send("job/cancel.requested", {"jobId": "j2"})
+    info = await final(client, run_id)
+    assert info.status == "cancelled"
+    assert await what(redis, namespace, "j2") == ["started", "charged"]
+
+
+async def test_a_thread_polling_check_stops_within_milliseconds(
+    client: Client, redis: Redis, namespace: str
+) -> None:
+    run_id = await start_job(client, "crunch/requested", "j3")
+    await wait_for_observation(redis, namespace, "j3", "started")
+    await client.send("job/cancel.requested", {"jobId": "j3"})
+    info = await final(client, run_id)
+    assert info.status == "cancelled"
+    assert not info.abandoned_thread  # it stopped itself, well within the grace
+    assert info.cancel_latency_ms is not None
+    assert info.cancel_latency_ms < 500
+    seen = await wait_for_observation(redis, namespace, "j3", "cancelled")
+    assert seen["reason"] == "cancel event job/cancel.requested"

@@ -85,6 +85,63 @@ async def generate_asset(ctx: RunContext) -> None:
     await work(ctx, ctx.event.data["assetId"])
 
 
+JOB_RULE = CancelOn(event="job/cancel.requested", match="data.jobId")
+
+
+@worker.function(
+    id="export", trigger="export/requested", cancel_on=[JOB_RULE], cancel_mode="between_steps"
+)
+async def export(ctx: RunContext) -> None:
+    """Two steps that must each run whole: a cancel takes effect between them."""
+    key = ctx.event.data["jobId"]
+    await record(key, "started", ctx)
+    for step in ("render", "upload"):
+        await ctx.step.run(step, anyio.sleep, float(ctx.event.data.get("seconds", 1)))
+        await record(key, f"{step}-done", ctx)
+
+
+@export.on_cancel
+async def export_cleanup(ctx: RunContext, reason: str) -> None:
+    await record(ctx.event.data["jobId"], "cleanup", ctx, reason=reason)
+
+
+@worker.function(id="checkout", trigger="checkout/requested", cancel_on=[JOB_RULE])
+async def checkout(ctx: RunContext) -> None:
+    """A payment step that must not be cut in half, then an interruptible one."""
+    key = ctx.event.data["jobId"]
+    await record(key, "started", ctx)
+
+    async def charge(seconds: float) -> None:
+        await anyio.sleep(seconds)
+        await record(key, "charged", ctx)
+
+    await ctx.step.run("charge", charge, float(ctx.event.data.get("seconds", 1)), shield=True)
+    # The cancel the shield held back takes effect here: the body does not go on.
+    await record(key, "after-charge", ctx)
+    await ctx.step.run("ship", anyio.sleep, 60)
+    await record(key, "shipped", ctx)
+
+
+@worker.function(id="crunch", trigger="crunch/requested", cancel_on=[JOB_RULE])
+async def crunch(ctx: RunContext) -> None:
+    """CPU-bound work in a thread that polls for the cancel (the seeds' shouldCancel)."""
+    key = ctx.event.data["jobId"]
+    await record(key, "started", ctx)
+
+    def polling_loop() -> int:
+        rounds = 0
+        while True:
+            ctx.check()  # raises RunCancelled once the cancel was received
+            time.sleep(0.005)
+            rounds += 1
+
+    try:
+        await ctx.step.run("crunch", polling_loop)
+    except anyio.get_cancelled_exc_class():
+        await record(key, "cancelled", ctx, reason=ctx.cancel_reason)
+        raise
+
+
 @worker.function(id="on-cancelled", trigger=RUN_CANCELLED_EVENT)
 async def on_cancelled(ctx: RunContext) -> None:
     """Cleanup triggered by the outcome event: here it records what it was told."""
