@@ -29,6 +29,8 @@ from sdk import (
     Worker,
 )
 from sdk.keys import Keys
+from sdk.rules import index_entries, lookups
+from sdk.store import RunStore
 from sdk.wire import decode_event
 from tests.conftest import broker_drained, run_of, status_is, wait_until
 
@@ -208,6 +210,33 @@ async def test_tombstones_of_expression_rules_are_evaluated_by_the_worker(
         assert (await final(client, await run_of(client, free))).status == "cancelled"
         assert await status_is(client, await run_of(client, pro), "running")
         tg.cancel_scope.cancel()
+
+
+async def test_a_retried_registration_reports_expression_tombstones_again(
+    redis: Redis, namespace: str
+) -> None:
+    """The worker evaluates a tombstone's expression after registering; if that failed
+    (Redis went away in between), its retry must be told about the tombstone again."""
+    store = RunStore(redis, Keys(namespace))
+    data = {"accountId": "a1", "tier": "free"}
+    trigger = Event(name="report/generate.requested", data=data, id="1-0")
+    cancel = Event(name="account/cancel-all", data=data, id="2-0")
+    found = lookups(cancel, [TIER_RULE.selector.text], store.keys)
+    await store.match_event(cancel, found, tombstone_ms=60_000)
+    entries = index_entries((TIER_RULE,), trigger, store.keys)
+    for _ in range(2):
+        registration = await store.register(
+            run_id="r1",
+            app_id="studio",
+            function_id="generate-report",
+            config_hash="c",
+            worker_id="w1",
+            event=trigger,
+            entries=entries,
+        )
+        assert registration.outcome == "registered"
+        ((entry, tombstone),) = registration.tombstones
+        assert (entry.selector, tombstone) == (TIER_RULE.selector.text, cancel)
 
 
 async def test_a_run_queued_behind_a_full_worker_is_cancelled_when_it_starts(

@@ -27,20 +27,54 @@
 -- expression, newer than the trigger: the worker evaluates them.
 -- A retry by the worker that registered the run (its first reply was lost) gets the same
 -- answer again: the registration is its own.
-local existing = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'cancel_reason',
-  'cancelled_by')
-if existing[1] then
-  if existing[2] == ARGV[3] and existing[1] == 'running' then
-    return {'registered', {}}
-  elseif existing[2] == ARGV[3] and existing[1] == 'cancelling' then
-    return {'cancelled', existing[3] or '', existing[4] or ''}
-  end
-  return {'taken', existing[1]}
-end
 local run_id, worker_id, parent_id = ARGV[1], ARGV[3], ARGV[7]
 local n = tonumber(ARGV[4])
 local retention = ARGV[5]
 local now = clock_ms()
+
+-- The tombstones under the run's entries newer than its trigger: for an entry whose key
+-- alone decides, the newest id ('m'); for entries with an expression, every one with the
+-- event's JSON ('c'), for the worker to evaluate.
+local function tombstones(trigger_seq)
+  local hits = {}
+  for i = 1, n do
+    local mode, event_name = ARGV[8 + 2 * (i - 1)], ARGV[9 + 2 * (i - 1)]
+    local newest
+    for _, cancel_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8 + 2 * i], now, '+inf')) do
+      if id_after(cancel_id, trigger_seq) then
+        if mode == 'm' then
+          if not newest or id_after(cancel_id, newest) then
+            newest = cancel_id
+          end
+        else
+          local body = redis.call('GET', ARGV[6] .. cancel_id)
+          if body then
+            hits[#hits + 1] = {i, cancel_id, body}
+          end
+        end
+      end
+    end
+    if newest then
+      return {'cancel event ' .. event_name .. ' (it arrived before the run registered)',
+        newest, newest, id_ms(newest)}, hits
+    end
+  end
+  return nil, hits
+end
+
+local existing = redis.call('HMGET', KEYS[1], 'status', 'worker_id', 'cancel_reason',
+  'cancelled_by', 'trigger_seq')
+if existing[1] then
+  if existing[2] == worker_id and existing[1] == 'running' then
+    -- A retry: its first reply was lost, or the worker failed before it could evaluate
+    -- the expression tombstones; they are reported again.
+    local _, hits = tombstones(existing[5])
+    return {'registered', hits}
+  elseif existing[2] == worker_id and existing[1] == 'cancelling' then
+    return {'cancelled', existing[3] or '', existing[4] or ''}
+  end
+  return {'taken', existing[1]}
+end
 
 local fields = {'status', 'running', 'started_at', ms(now)}
 local event_id
@@ -84,29 +118,7 @@ end
 
 local hits = {}
 if not cancel then
-  for i = 1, n do
-    local mode, event_name = ARGV[8 + 2 * (i - 1)], ARGV[9 + 2 * (i - 1)]
-    local newest
-    for _, cancel_id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8 + 2 * i], now, '+inf')) do
-      if id_after(cancel_id, trigger_seq) then
-        if mode == 'm' then
-          if not newest or id_after(cancel_id, newest) then
-            newest = cancel_id
-          end
-        else
-          local body = redis.call('GET', ARGV[6] .. cancel_id)
-          if body then
-            hits[#hits + 1] = {i, cancel_id, body}
-          end
-        end
-      end
-    end
-    if newest then
-      cancel = {'cancel event ' .. event_name .. ' (it arrived before the run registered)',
-        newest, newest, id_ms(newest)}
-      break
-    end
-  end
+  cancel, hits = tombstones(trigger_seq)
 end
 
 if cancel then
