@@ -25,8 +25,8 @@ import anyio
 import structlog
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from broker.logs import configure_logging
 from sdk import CancelOn, RunContext, Worker
+from tests.apps import serve
 
 REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
 
@@ -95,14 +95,5 @@ async def generate_report(ctx: RunContext) -> str:
     return "report"
 
 
-async def main() -> None:
-    configure_logging("info", "json")
-    try:
-        await worker.serve()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await recorder.aclose()
-
-
 if __name__ == "__main__":
-    anyio.run(main)
+    serve(worker, recorder)

@@ -17,8 +17,8 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 
-from broker.logs import configure_logging
 from sdk import RUN_CANCELLED_EVENT, CancelOn, RunContext, Worker
+from tests.apps import serve
 
 REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
 
@@ -149,14 +149,5 @@ async def on_cancelled(ctx: RunContext) -> None:
     await record(f"outcome:{data['run_id']}", "outcome", ctx, data=data)
 
 
-async def main() -> None:
-    configure_logging("info", "json")
-    try:
-        await worker.serve()
-    finally:
-        with anyio.CancelScope(shield=True):
-            await recorder.aclose()
-
-
 if __name__ == "__main__":
-    anyio.run(main)
+    serve(worker, recorder)
