@@ -221,6 +221,10 @@ def encode_event(
         if parent is not None:
             fields["parent"] = parent
         body = encode_json(fields)
+    except UnicodeEncodeError as exc:  # a lone surrogate: text that was never valid UTF-8
+        raise InvalidEventError(
+            "invalid_encoding", f"data holds text that is not UTF-8: {exc}"
+        ) from exc
     except (TypeError, msgspec.EncodeError) as exc:
         raise InvalidEventError("invalid_shape", f"data is not JSON-serializable: {exc}") from exc
     if len(body) > max_bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import anyio
@@ -13,9 +14,10 @@ from redis.asyncio import Redis
 from broker import Broker, EmbeddedRedis
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError
 from sdk.keys import Keys
+from sdk.registration import declare_rules
 from sdk.rules import MAX_TOKEN_CHARS, index_entries, lookups, value_token
 from sdk.store import RunStore
-from sdk.wire import decode_event
+from sdk.wire import decode_event, encode_event
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -118,3 +120,99 @@ def _handled(broker: Broker) -> float:
         for sample in metric.samples
         if sample.name.endswith("_total")
     )
+
+
+# -- rule expressions ----------------------------------------------------------------------
+
+EXPRESSION_RULES = (
+    CancelOn(event="x/cancel.requested", match="data.id"),
+    CancelOn(event="x/cancel.requested", match="data.id", if_="async.data.n > event.data.n"),
+    CancelOn(
+        event="x/cancel.requested",
+        if_="event.data.id == async.data.id && async.data.tags.exists(t, t == 'all')",
+    ),
+)
+# JSON as a publisher may send it: any values, including integers far outside 64 bits,
+# text with lone surrogates (bytes that were not UTF-8), and deep nesting.
+hostile_values = st.recursive(
+    st.one_of(
+        json_scalars,
+        st.integers(min_value=-(2**80), max_value=2**80),
+        wire_text,
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+hostile_data = st.fixed_dictionaries(
+    {}, optional={"id": hostile_values, "n": hostile_values, "tags": hostile_values}
+)
+
+
+@given(trigger=hostile_data, cancel=hostile_data)
+@SETTINGS
+def test_an_expression_evaluates_or_raises_an_ordinary_error(
+    trigger: dict[str, Any], cancel: dict[str, Any]
+) -> None:
+    """Never a BaseException (a panic in the CEL binding would be one), never a non-bool
+    counted as a match."""
+    for rule in EXPRESSION_RULES:
+        if rule.expression is None:
+            continue
+        try:
+            result = rule.expression.evaluate(
+                {"event": {"data": trigger}, "async": {"data": cancel}}
+            )
+        except Exception:
+            continue
+        assert isinstance(result, bool)
+
+
+def test_the_broker_evaluates_rules_on_any_data_without_raising(
+    redis_server: EmbeddedRedis,
+) -> None:
+    @given(trigger=hostile_data, cancel=hostile_data)
+    @SETTINGS
+    def check(trigger: dict[str, Any], cancel: dict[str, Any]) -> None:
+        anyio.run(match_once, redis_server.url, trigger, cancel)
+
+    check()
+
+
+async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) -> None:
+    namespace = f"px{uuid.uuid4().hex[:10]}"
+    broker = Broker(url, namespace=namespace)
+    redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
+    store = RunStore(redis, broker.keys)
+    try:
+        try:
+            body = encode_event("x/cancel.requested", cancel)
+            event = Event(name="x/start", data=trigger, id="1700000000000-0")
+            encode_event("x/start", trigger)
+        except InvalidEventError:
+            return  # refused at the edge: the publisher is told why
+        async with redis.pipeline(transaction=True) as pipe:
+            declare_rules(pipe, broker.keys, EXPRESSION_RULES, 0)
+            await pipe.execute()
+        await store.register(
+            run_id="r1",
+            app_id="props",
+            function_id="f",
+            config_hash="c",
+            worker_id="w1",
+            event=event,
+            entries=index_entries(EXPRESSION_RULES, event, broker.keys),
+        )
+        before = _handled(broker)
+        await broker._handle(store, "1700000000001-0", {"event": body.decode()})
+        assert _handled(broker) - before == 1
+        run = await store.get("r1")
+        assert run is not None
+        assert run.status in ("running", "cancelling")
+        assert run.rule_error is None or "x/cancel.requested" in run.rule_error
+    finally:
+        keys = [key async for key in redis.scan_iter(match=f"{namespace}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()

@@ -217,6 +217,7 @@ def test_events_round_trip_and_get_their_id_and_time_from_the_entry() -> None:
         ("ok/name", [1], "invalid_shape"),
         ("ok/name", {"x": object()}, "invalid_shape"),
         ("ok/name", {"x": "y" * 70_000}, "too_large"),
+        ("ok/name", {"x": "\udc80"}, "invalid_encoding"),  # a lone surrogate
         (
             "ok/name",
             {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
