@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import anyio
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -16,7 +15,7 @@ from broker import Broker
 from broker.metrics import MAX_EVENT_LABELS, BrokerMetrics
 from sdk import Client, Worker
 from sdk.connection import Backoff, BackoffHooks
-from tests.conftest import broker_drained, report_worker, run_of, wait_until
+from tests.conftest import broker_drained, report_worker, run_of, serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -38,10 +37,8 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 @pytest.fixture
 async def worker(redis_url: str, namespace: str, broker: Broker) -> AsyncIterator[Worker]:
     worker = report_worker(redis_url, namespace, shutdown_timeout=0.1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.serve)
+    async with serving(worker.serve):
         yield worker
-        tg.cancel_scope.cancel()
 
 
 async def test_cancellations_show_in_both_registries(
