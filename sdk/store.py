@@ -271,13 +271,37 @@ class RunStore:
         replies = await self._request_cancel(keys=[self.keys.cancelling_runs], args=args)
         return _results(cast(list[list[object]], replies))
 
+    async def match_events(
+        self, batch: Sequence[tuple[Event, Sequence[Lookup]]], *, tombstone_ms: int
+    ) -> list[tuple[list[CancelResult], list[MatchCandidate]] | Exception]:
+        """Leave tombstones for each event and cancel the runs its lookups find, for a whole
+        batch in one round trip (Redis runs the scripts in order).
+
+        Runs under a selector with an expression come back as candidates to evaluate. A
+        script that failed comes back as its exception, in its place.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event, found in batch:
+                keys, args = self._match_call(event, found, tombstone_ms)
+                await self._match_event(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        return [
+            reply if isinstance(reply, Exception) else self._matched(found, reply)
+            for (_, found), reply in zip(batch, replies, strict=True)
+        ]
+
     async def match_event(
         self, event: Event, found: Sequence[Lookup], *, tombstone_ms: int
     ) -> tuple[list[CancelResult], list[MatchCandidate]]:
-        """Leave tombstones for ``event`` and cancel the runs its lookups find.
+        """:meth:`match_events` for one event (its error is raised)."""
+        (reply,) = await self.match_events([(event, found)], tombstone_ms=tombstone_ms)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
-        Runs under a selector with an expression come back as candidates to evaluate.
-        """
+    def _match_call(
+        self, event: Event, found: Sequence[Lookup], tombstone_ms: int
+    ) -> tuple[list[str], list[ScriptArg]]:
         with_expression = any(lookup.selector.expression_id for lookup in found)
         keys = [
             self.keys.cancelling_runs,
@@ -301,9 +325,15 @@ class RunStore:
                 )
             ),
         ]
-        results, candidates = cast(list[Any], await self._match_event(keys=keys, args=args))
+        return keys, args
+
+    @staticmethod
+    def _matched(
+        found: Sequence[Lookup], reply: Any
+    ) -> tuple[list[CancelResult], list[MatchCandidate]]:
+        results, candidates = cast(list[Any], reply)
         # 'evaluated': the candidates below, which the caller decides.
-        decided = [reply for reply in results if reply[1] != "evaluated"]
+        decided = [result for result in results if result[1] != "evaluated"]
         return _results(decided), [
             MatchCandidate(str(run_id), found[int(index) - 1], decode_stored_event(trigger))
             for run_id, index, trigger in candidates
@@ -365,10 +395,16 @@ class RunStore:
             error=error,
         )
 
-    async def declared_selectors(self, event_name: str) -> list[str]:
-        """Selectors of the rules workers declared for this cancel event name."""
-        # The clients decode responses, so every reply string is a str.
-        return cast(list[str], await self.redis.hkeys(self.keys.rules(event_name)))
+    async def declared_selectors(self, names: Iterable[str]) -> dict[str, list[str]]:
+        """Selectors of the rules workers declared for each of these event names (one
+        round trip)."""
+        ordered = list(dict.fromkeys(names))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in ordered:
+                pipe.hkeys(self.keys.rules(name))
+            # The clients decode responses, so every reply string is a str.
+            replies = cast(list[list[str]], await pipe.execute())
+        return dict(zip(ordered, replies, strict=True))
 
     async def record_rule_errors(self, errors: Mapping[str, str]) -> None:
         """Note on each run why its rule's expression could not be evaluated."""

@@ -107,7 +107,7 @@ async def handle_once(url: str, fields: dict[str, str]) -> None:
     redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
     try:
         before = _handled(broker)
-        await broker._handle(RunStore(redis, broker.keys), "1700000000000-0", fields)
+        await broker.matcher(RunStore(redis, broker.keys)).handle([("1700000000000-0", fields)])
         assert _handled(broker) - before == 1  # every entry ends in exactly one outcome
     finally:
         await redis.aclose()
@@ -205,7 +205,7 @@ async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) 
             entries=index_entries(EXPRESSION_RULES, event, broker.keys),
         )
         before = _handled(broker)
-        await broker._handle(store, "1700000000001-0", {"event": body.decode()})
+        await broker.matcher(store).handle([("1700000000001-0", {"event": body.decode()})])
         assert _handled(broker) - before == 1
         run = await store.get("r1")
         assert run is not None

@@ -315,16 +315,9 @@ async def test_the_same_event_delivered_again_changes_nothing(
         fields = {
             "event": (await redis.xrange(Keys(namespace).events, cancel, cancel))[0][1]["event"]
         }
-        await broker._handle(broker_store(broker), cancel, fields)
+        await broker.matcher(RunStore(redis, broker.keys)).handle([(cancel, fields)])
         assert broker.metrics.signals_sent._value.get() == signals_before
         tg.cancel_scope.cancel()
-
-
-def broker_store(broker: Broker) -> Any:
-    from sdk.store import RunStore
-
-    assert broker._redis is not None
-    return RunStore(broker._redis, broker.keys)
 
 
 async def test_cancel_racing_completion_has_exactly_one_outcome(
