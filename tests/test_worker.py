@@ -55,8 +55,10 @@ async def test_cancel_by_id_interrupts_the_awaited_call(worker: Worker, client: 
 
     async def cancel_soon(run_id: str) -> None:
         await anyio.sleep(0.05)
-        result = await client.cancel(run_id, reason="user clicked cancel")
-        seen["result"] = result
+        # Shielded: this task lives inside the run it cancels, whose cancellation may arrive
+        # before the reply does (in an app, the cancel comes from outside the run).
+        with anyio.CancelScope(shield=True):
+            seen["result"] = await client.cancel(run_id, reason="user clicked cancel")
 
     started = time.monotonic()
     with pytest.raises(RunCancelled) as caught:
