@@ -1,0 +1,209 @@
+"""The deploy artefacts (Prometheus config, alerts, Grafana dashboard) checked with the real
+tools, against the metric names the broker promises (docs/metrics.md).
+
+Tests that need ``promtool`` or ``prometheus`` skip, loudly, when the binary is absent:
+``apt-get install prometheus`` (Debian) provides both; ``.ci/run`` installs it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+OPERATIONS = ROOT / "docs" / "operations.md"
+
+#: The broker's metrics, as Prometheus names them, with their types: the contract the
+#: alerts and the dashboard are written against. Renaming a metric breaks these tests.
+CONTRACT: dict[str, str] = {
+    # per broker process: summed across replicas
+    "cancel_broker_events_total": "counter",
+    "cancel_broker_events_consumed_total": "counter",
+    "cancel_broker_runs_matched_total": "counter",
+    "cancel_broker_signals_sent_total": "counter",
+    "cancel_broker_signals_resent_total": "counter",
+    "cancel_broker_dead_letters_total": "counter",
+    "cancel_broker_redis_errors_total": "counter",
+    "cancel_broker_redis_reconnects_total": "counter",
+    "cancel_broker_event_handling_seconds": "histogram",
+    "cancel_broker_cancel_latency_seconds": "histogram",
+    "cancel_broker_runs_lost_total": "counter",
+    "cancel_broker_workers_lost_total": "counter",
+    "cancel_broker_build_info": "gauge",
+    # the cluster view read from Redis, the same on every replica: max across replicas
+    "cancel_broker_runs_active": "gauge",
+    "cancel_broker_runs_finished_total": "counter",
+    "cancel_broker_signals_acknowledged_total": "counter",
+    "cancel_broker_signal_delivery_seconds": "histogram",
+    "cancel_broker_consumer_lag": "gauge",
+    "cancel_broker_pending_entries": "gauge",
+    "cancel_broker_live_workers": "gauge",
+    "cancel_broker_stale_findings": "gauge",
+}
+
+
+def series_names(contract: dict[str, str]) -> set[str]:
+    """Every series name a query may use: a histogram's ``_bucket``, ``_sum`` and ``_count``."""
+    names = set()
+    for name, kind in contract.items():
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        else:
+            names.add(name)
+    return names
+
+
+SERIES = series_names(CONTRACT)
+
+_PROMQL_KEYWORDS = frozenset(
+    {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
+    | {"and", "or", "unless", "atan2", "inf", "nan"}
+)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression (or a Grafana target's) selects.
+
+    Drops string literals, label matchers, ranges and label lists, then keeps the
+    identifiers that are not functions, aggregations or keywords.
+    """
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'', '""', expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\$\{?\w+\}?", " ", text)  # Grafana variables outside matchers
+    names = set()
+    for match in re.finditer(r"(?<![\w.:$])[a-zA-Z_:][\w:]*", text):
+        name = match.group(0)
+        if name.lower() in _PROMQL_KEYWORDS or re.match(r"\s*\(", text[match.end() :]):
+            continue
+        names.add(name)
+    return names
+
+
+def test_metric_names_parses_what_the_artefacts_use() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le) (rate(cancel_broker_cancel_latency_seconds_bucket"
+        '{job="cancel-broker", le!="+Inf"}[$__rate_interval])))'
+        " > 0.5 and on () max without (instance) (cancel_broker_live_workers offset 10m) == bool 0"
+        ' or sum(increase(cancel_broker_dead_letters_total{reason=~"a|b"}[10m])) > 1e3'
+        ' unless label_replace(up, "x", "$1", "job", "(.*)")'
+    )
+    assert metric_names(expr) == {
+        "cancel_broker_cancel_latency_seconds_bucket",
+        "cancel_broker_live_workers",
+        "cancel_broker_dead_letters_total",
+        "up",
+    }
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(
+            f"{binary} not installed: apt-get install -y --no-install-recommends"
+            " prometheus (Debian) to run this test; .ci/run installs it on CI"
+        )
+    return path
+
+
+def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require("promtool"), *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# -- Prometheus: config, rules and their unit tests ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "config", "deploy/prometheus/prometheus.yml"),
+        ("check", "rules", "deploy/prometheus/alerts.yml"),
+        ("test", "rules", "deploy/prometheus/alerts_test.yml"),
+    ],
+    ids=["check-config", "check-rules", "test-rules"],
+)
+def test_promtool_accepts_the_prometheus_artefacts(args: tuple[str, ...]) -> None:
+    result = promtool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERTS.read_text())
+    return [rule for group in document["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def test_scrape_config_uses_the_job_the_alerts_select() -> None:
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == "cancel-broker"
+    assert job["metrics_path"] == "/metrics"
+    assert job["scrape_interval"] == "15s"
+    assert job["static_configs"] == [{"targets": ["cancel-broker:8750"]}]
+    assert config["rule_files"] == ["alerts.yml"]
+
+
+def test_alerts_name_only_contract_metrics() -> None:
+    rules = alert_rules()
+    used: set[str] = set()
+    for rule in rules:
+        names = metric_names(rule["expr"])
+        assert names, rule["alert"]
+        assert names <= SERIES | {"up"}, (rule["alert"], names - SERIES)
+        used |= names
+    assert "up" in used
+
+
+def test_every_alert_has_what_an_operator_needs() -> None:
+    rules = alert_rules()
+    assert {rule["alert"] for rule in rules} == {
+        "CancelBrokerDown",
+        "CancelBrokerConsumerLagGrowing",
+        "CancelBrokerPendingStuck",
+        "CancelBrokerDeadLetters",
+        "CancelBrokerStaleConfiguration",
+        "CancelBrokerCancelLatencyHigh",
+        "CancelBrokerWorkersGone",
+        "CancelBrokerNoLiveWorkers",
+    }
+    headings = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in OPERATIONS.read_text().splitlines()
+        if line.startswith("#")
+    }
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        annotations = rule["annotations"]
+        assert annotations["summary"], rule["alert"]
+        assert annotations["description"], rule["alert"]
+        path, _, anchor = annotations["runbook"].partition("#")
+        assert path == "docs/operations.md", rule["alert"]
+        assert anchor in headings, (rule["alert"], anchor)
+
+
+def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
+    tests = yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for case in tests:
+        for check in case["alert_rule_test"]:
+            (fired if check["exp_alerts"] else quiet).add(check["alertname"])
+    alerts = {rule["alert"] for rule in alert_rules()}
+    assert fired == alerts
+    assert quiet == alerts
