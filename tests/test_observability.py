@@ -7,6 +7,7 @@ Tests that need ``promtool`` or ``prometheus`` skip, loudly, when the binary is 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -207,3 +208,99 @@ def test_every_alert_is_unit_tested_firing_and_quiet() -> None:
     alerts = {rule["alert"] for rule in alert_rules()}
     assert fired == alerts
     assert quiet == alerts
+
+
+# -- Grafana dashboard --------------------------------------------------------------------
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "cancel-broker.json"
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    document = json.loads(DASHBOARD.read_text())
+    panels = []
+    for panel in document["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))  # a collapsed row keeps its panels inside
+    return panels
+
+
+def dashboard_exprs() -> list[str]:
+    return [target["expr"] for panel in dashboard_panels() for target in panel.get("targets", [])]
+
+
+def as_prometheus_query(expr: str) -> str:
+    """A dashboard expression with Grafana's variables replaced, as Prometheus runs it."""
+    return expr.replace("$__rate_interval", "1m").replace("$job", "cancel-broker")
+
+
+def test_dashboard_names_only_contract_metrics() -> None:
+    document = json.loads(DASHBOARD.read_text())
+    exprs = dashboard_exprs()
+    used: set[str] = set()
+    for expr in exprs:
+        names = metric_names(expr)
+        assert names, expr
+        assert names <= SERIES, (expr, names - SERIES)
+        used |= names
+    for variable in document["templating"]["list"]:
+        if variable["type"] == "query":
+            found = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["definition"])
+            assert found, variable
+            assert found.group(1) in SERIES
+    # The panels the issue asks for are there.
+    assert {
+        "cancel_broker_cancel_latency_seconds_bucket",
+        "cancel_broker_events_total",
+        "cancel_broker_signals_sent_total",
+        "cancel_broker_signals_acknowledged_total",
+        "cancel_broker_signals_resent_total",
+        "cancel_broker_runs_active",
+        "cancel_broker_runs_finished_total",
+        "cancel_broker_consumer_lag",
+        "cancel_broker_pending_entries",
+        "cancel_broker_dead_letters_total",
+        "cancel_broker_live_workers",
+        "cancel_broker_stale_findings",
+        "cancel_broker_redis_errors_total",
+        "cancel_broker_redis_reconnects_total",
+    } <= used
+
+
+def test_dashboard_is_importable_as_is() -> None:
+    text = DASHBOARD.read_text()
+    document = json.loads(text)
+    assert 36 <= document["schemaVersion"] <= 39
+    assert "http://" not in text
+    assert "https://" not in text
+    variables = {variable["name"]: variable for variable in document["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    panels = dashboard_panels()
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert {"h", "w", "x", "y"} <= panel["gridPos"].keys(), panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
+    # promtool has no "check query": the expressions become recording rules it parses.
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{i}", "expr": as_prometheus_query(expr)}
+                    for i, expr in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
