@@ -57,6 +57,8 @@ class Housekeeping:
             try:
                 pause = await step()
             except Exception as exc:  # housekeeping must never stop the broker
+                if isinstance(exc, REDIS_ERRORS):
+                    self.metrics.redis_errors.inc()
                 self._log.warning("housekeeping.failed", step=name, error=repr(exc))
                 pause = 1.0
             await anyio.sleep(pause)
@@ -97,8 +99,8 @@ class Housekeeping:
         error = f"worker {worker_id} stopped heartbeating {silent_ms / 1000:.1f} s ago"
         lost = 0
         for run_id in sorted(run_ids):
-            previous = await self.store.reap(run_id, worker_id=worker_id, error=error)
-            if previous in ("running", "cancelling"):
+            finished = await self.store.reap(run_id, worker_id=worker_id, error=error)
+            if finished.previous in ("running", "cancelling"):
                 lost += 1
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(

@@ -1,4 +1,9 @@
-"""The broker's Prometheus metrics, in a registry of its own (one per broker instance)."""
+"""The broker's Prometheus metrics, in a registry of its own (one per broker instance).
+
+Counters and histograms here count what this broker process did: sum them across
+replicas. The cluster's view read from Redis (``broker/stats.py``) and the sync gauges
+are the same on every replica: aggregate those with ``max``. docs/metrics.md lists all.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,12 @@ from typing import Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 import sdk
+from broker.stats import ClusterStats
+from sdk.metrics import LATENCY_BUCKETS
 
-#: From half a millisecond (a cancel on loopback) up to a minute.
-LATENCY_BUCKETS: Final = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-)  # fmt: skip
+#: Most distinct event names used as label values; the rest count as "other".
+MAX_EVENT_LABELS: Final = 100
+OTHER_EVENTS: Final = "other"
 
 
 class BrokerMetrics:
@@ -21,9 +26,18 @@ class BrokerMetrics:
         self.events = Counter(
             "cancel_broker_events",
             "Events consumed from the events stream, by what the broker did with them"
-            " (matched: found at least one run; unmatched: rules listen to the name but no run"
-            " matched; ignored: no rule listens to the name; dead_lettered: malformed).",
+            " (matched: found at least one run; tombstoned: rules listen to the name, no run"
+            " matched, a tombstone waits for runs that register later; unmatched: the same"
+            " without tombstones; ignored: no rule listens to the name; dead_lettered:"
+            " malformed).",
             ["result"],
+            registry=self.registry,
+        )
+        self.events_consumed = Counter(
+            "cancel_broker_events_consumed",
+            "Events consumed, by name: names rules listen to or that look like cancels (at"
+            f" most {MAX_EVENT_LABELS}); every other name counts as {OTHER_EVENTS!r}.",
+            ["event"],
             registry=self.registry,
         )
         self.runs_matched = Counter(
@@ -44,7 +58,19 @@ class BrokerMetrics:
         )
         self.redis_errors = Counter(
             "cancel_broker_redis_errors",
-            "Redis errors seen while handling events (the event is retried).",
+            "Redis errors seen by the broker's loops (each is retried with backoff).",
+            registry=self.registry,
+        )
+        self.redis_reconnects = Counter(
+            "cancel_broker_redis_reconnects",
+            "A loop succeeded talking to Redis again after errors (a reconnection).",
+            registry=self.registry,
+        )
+        self.cancel_latency = Histogram(
+            "cancel_broker_cancel_latency_seconds",
+            "From a cancel's publication to the run's body stopping, on the Redis clock; from"
+            " the cancel/run.cancelled events this broker consumed.",
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.handling_seconds = Histogram(
@@ -83,5 +109,15 @@ class BrokerMetrics:
             "cancel_broker_build", "Version of the running broker.", registry=self.registry
         )
         self.build.info({"version": sdk.__version__})
-        for result in ("matched", "unmatched", "ignored", "dead_lettered"):
+        for result in ("matched", "tombstoned", "unmatched", "ignored", "dead_lettered"):
             self.events.labels(result=result)
+        self.cluster = ClusterStats()
+        self.registry.register(self.cluster)
+        self._event_labels: set[str] = set()
+
+    def event_label(self, name: str, *, named: bool) -> str:
+        """``name`` as a label value if it is to be ``named`` and the label set has room."""
+        if named and (name in self._event_labels or len(self._event_labels) < MAX_EVENT_LABELS):
+            self._event_labels.add(name)
+            return name
+        return OTHER_EVENTS

@@ -24,11 +24,12 @@ import structlog
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 
-from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
+from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state, is_cancel_like
 from broker.housekeeping import Housekeeping
 from broker.metrics import BrokerMetrics
+from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
-from sdk.connection import REDIS_ERRORS, Backoff, command_client, is_transient
+from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, command_client, is_transient
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.expressions import Expression, compile_rule_expression, describe_error, event_variable
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
@@ -44,6 +45,7 @@ from sdk.streams import (
 )
 from sdk.wire import (
     MAX_EVENT_BYTES,
+    RUN_CANCELLED_EVENT,
     CancelOutcome,
     CancelResult,
     Event,
@@ -108,6 +110,9 @@ class Broker:
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
         self._watch = EventWatch(self.keys, cancel_event_names, self._log)
+        self._backoff_hooks = BackoffHooks(
+            on_failure=self.metrics.redis_errors.inc, on_recovery=self.metrics.redis_reconnects.inc
+        )
         self._redis: Redis | None = None
         self._events: GroupConsumer | None = None
         #: Set when :meth:`run` has returned (after :meth:`stop`, or cancellation).
@@ -139,6 +144,7 @@ class Broker:
                     claim_idle_ms=self.claim_idle_ms,
                     on_poison=self._poison_handler(redis, stream),
                     log=self._log,
+                    backoff_hooks=self._backoff_hooks,
                 )
                 for stream in (self.keys.events, self.keys.syncs)
             )
@@ -164,6 +170,7 @@ class Broker:
             task_status.started()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(Housekeeping(store, self.metrics, self._log).run)
+                tg.start_soon(self._refresh_cluster_stats, redis)
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 await events.run(handle_events)
@@ -205,7 +212,7 @@ class Broker:
 
     async def _wait_for_redis(self, redis: Redis) -> None:
         """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
-        backoff = Backoff(self._log, "broker.startup")
+        backoff = Backoff(self._log, "broker.startup", hooks=self._backoff_hooks)
         while True:
             try:
                 await create_group(redis, self.keys.events, BROKER_GROUP)
@@ -222,15 +229,14 @@ class Broker:
             result = await self._decide(store, entry_id, fields)
         except Exception as exc:
             if is_transient(exc):
-                self.metrics.redis_errors.inc()
-                raise  # not acknowledged: handled again once Redis can answer
+                raise  # not acknowledged: handled again once Redis can answer (and counted)
             # A bug, or a reply that will not change: park the entry with the reason rather
             # than stop the broker or lose the entry.
             self._log.exception("event.handling_failed", entry_id=entry_id)
             await self._dead_letter(store.redis, entry_id, fields, "broker_error", repr(exc))
             result = "dead_lettered"
         self.metrics.events.labels(result=result).inc()
-        if result in ("matched", "unmatched"):
+        if result in ("matched", "tombstoned", "unmatched"):
             self.metrics.handling_seconds.observe(time.perf_counter() - started)
 
     async def _decide(self, store: RunStore, entry_id: str, fields: dict[str, str] | None) -> str:
@@ -244,8 +250,12 @@ class Broker:
             )
             await self._dead_letter(store.redis, entry_id, fields, exc.reason, exc.detail)
             return "dead_lettered"
+        if event.name == RUN_CANCELLED_EVENT:
+            self._observe_outcome(event)
         selectors = await store.declared_selectors(event.name)
         self._watch.observe(event)
+        named = bool(selectors) or is_cancel_like(event.name, self._watch.cancel_event_names)
+        self.metrics.events_consumed.labels(self.metrics.event_label(event.name, named=named)).inc()
         if not selectors:
             return "ignored"
         started = time.perf_counter()
@@ -263,17 +273,38 @@ class Broker:
         cascaded = sum(len(result.cascaded) for result in results)
         self.metrics.runs_matched.inc(matched)
         self.metrics.signals_sent.inc(signalled + cascaded)
+        if matched:
+            decision = "matched"
+        else:
+            decision = "tombstoned" if found and self.tombstone_ms else "unmatched"
+        # The audit line: one per cancel event, whatever it did.
         self._log.info(
             "cancel.decided",
             event_id=event.id,
             event_name=event.name,
+            decision=decision,
+            rules=[lookup.selector.text for lookup in found],
             runs_matched=matched,
             signals_sent=signalled + cascaded,
             cascaded=cascaded,
             outcomes=dict(outcomes),
             latency_ms=round((time.perf_counter() - started) * 1000, 3),
         )
-        return "matched" if matched else "unmatched"
+        return decision
+
+    def _observe_outcome(self, event: Event) -> None:
+        """A run ended cancelled: its latency, from the cancel's publication to its stop."""
+        latency_ms = event.data.get("latency_ms")
+        if isinstance(latency_ms, int | float) and not isinstance(latency_ms, bool):
+            self.metrics.cancel_latency.observe(max(0.0, latency_ms) / 1000)
+
+    async def _refresh_cluster_stats(self, redis: Redis) -> None:
+        while True:
+            try:
+                await self.metrics.cluster.refresh(redis, self.keys)
+            except REDIS_ERRORS as exc:  # the event loop reports outages; try next round
+                self._log.debug("stats.refresh_failed", error=repr(exc))
+            await anyio.sleep(STATS_REFRESH_S)
 
     async def _evaluate(
         self,

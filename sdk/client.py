@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from types import TracebackType
@@ -127,8 +128,17 @@ class Client:
             cancelled_by="api",
             actor=_actor_token(actor),
         )
-        if result.outcome == "forbidden":
-            log.warning("cancel.forbidden", run_id=run_id, actor=repr(actor))
+        # The audit line of a cancel by id, refused ones included.
+        (log.warning if result.outcome == "forbidden" else log.info)(
+            "cancel.requested",
+            run_id=run_id,
+            outcome=result.outcome,
+            previous_status=result.previous_status,
+            status=result.status,
+            cascaded=len(result.cascaded),
+            actor=repr(actor),
+            reason=reason,
+        )
         return result
 
     async def cancel_many(
@@ -168,6 +178,16 @@ class Client:
                     reason=reason or f"bulk cancel of {function_id}",
                     cancelled_by="api",
                 )
+        log.info(
+            "cancel.bulk",
+            function_id=function_id,
+            app_id=app_id,
+            started_after=started_after,
+            started_before=started_before,
+            condition=if_,
+            runs=len(results),
+            outcomes=dict(Counter(result.outcome for result in results)),
+        )
         return results
 
     async def _filter(self, run_ids: list[str], condition: Expression) -> list[str]:

@@ -14,6 +14,8 @@ UTF-8, and such an entry must become a dead letter, not an exception in a read l
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
@@ -63,6 +65,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, RedisError) and str(exc).startswith(_TRANSIENT_PREFIXES)
 
 
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BackoffHooks:
+    """Called on every failure and on the first success after failures (for metrics)."""
+
+    on_failure: Callable[[], None] = _nothing
+    on_recovery: Callable[[], None] = _nothing
+
+
 class Backoff:
     """The consecutive failures of one loop talking to Redis.
 
@@ -71,15 +85,25 @@ class Backoff:
     success after failures is logged once (``{event}.recovered``).
     """
 
-    def __init__(self, log: Any, event: str, *, cap: float | None = None, **context: Any):
+    def __init__(
+        self,
+        log: Any,
+        event: str,
+        *,
+        cap: float | None = None,
+        hooks: BackoffHooks | None = None,
+        **context: Any,
+    ):
         self._log = log
         self._event = event
         self._cap = cap
+        self._hooks = hooks or BackoffHooks()
         self._context = context
         self.failures = 0
 
     async def failed(self, exc: BaseException) -> None:
         self.failures += 1
+        self._hooks.on_failure()
         (self._log.warning if is_transient(exc) else self._log.error)(
             f"{self._event}.retrying", error=repr(exc), attempt=self.failures, **self._context
         )
@@ -90,6 +114,7 @@ class Backoff:
         if self.failures:
             self._log.info(f"{self._event}.recovered", attempts=self.failures, **self._context)
             self.failures = 0
+            self._hooks.on_recovery()
 
 
 def redact_url(url: str) -> str:

@@ -135,6 +135,18 @@ class Keys:
         """Stream of cancel signals for one worker process."""
         return self.signal_prefix + worker_id
 
+    # -- statistics (the cluster's view, exported by every broker) ----------------------
+
+    @property
+    def finished_stats(self) -> str:
+        """Hash ``app/function/outcome`` -> runs that finished so (since the namespace began)."""
+        return f"{self.namespace}:stats:runs-finished"
+
+    @property
+    def signal_stats(self) -> str:
+        """Hash: signals acknowledged, and a histogram of their delivery time (Redis clock)."""
+        return f"{self.namespace}:stats:signals"
+
     # -- sync and registration state ------------------------------------------------
 
     @property

@@ -21,8 +21,9 @@ from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.expressions import describe_error, event_variable
 from sdk.function import Function
 from sdk.keys import EVENT_FIELD
+from sdk.metrics import WorkerMetrics
 from sdk.rules import IndexEntry, index_entries, parse_path, value_token
-from sdk.store import Outcome, Registration, RunStore
+from sdk.store import Finished, Outcome, Registration, RunStore
 from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
 #: Registering a run is one short script; longer means Redis is unreachable.
@@ -61,8 +62,10 @@ class Runner:
         worker_id: str,
         log: Any,
         thread_grace: float = DEFAULT_THREAD_GRACE,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or WorkerMetrics()
         self.app_id = app_id
         self.worker_id = worker_id
         self.thread_grace = thread_grace
@@ -192,6 +195,8 @@ class Runner:
         started = time.monotonic()
         log = self._log.bind(run_id=run.run_id, function_id=run.function.id)
         log.info("run.started", event_id=run.event.id, event_name=run.event.name)
+        active = self.metrics.runs_active.labels(run.function.id)
+        active.inc()
         try:
             with state.scope:
                 yield ctx
@@ -223,6 +228,7 @@ class Runner:
                     await self._record(run, outcome, error, on_cancel_error=on_cancel_error)
                 finally:
                     self._forget(run)
+                    active.dec()
                     log.info(
                         "run.finished",
                         outcome=outcome,
@@ -306,13 +312,13 @@ class Runner:
         self, run: Run, outcome: Outcome, error: str | None, *, on_cancel_error: str | None = None
     ) -> None:
         reason = run.state.reason if outcome == "cancelled" else None
-        previous: str | None = None
+        finished = Finished(None)
         backoff = Backoff(self._log, "run.finish", run_id=run.run_id)
         with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
             while True:
                 try:
                     stopped = run.stopped_at or time.monotonic()
-                    previous = await self.store.finish(
+                    finished = await self.store.finish(
                         run.run_id,
                         outcome,
                         [entry.key for entry in run.entries],
@@ -330,7 +336,18 @@ class Runner:
                     await backoff.failed(exc)
         if scope.cancelled_caught:
             self._log.error("run.finish_failed", run_id=run.run_id, outcome=outcome)
-        elif previous in TERMINAL_STATUSES:
+        elif finished.previous in TERMINAL_STATUSES:
             self._log.warning(
-                "run.outcome_ignored", run_id=run.run_id, outcome=outcome, recorded=previous
+                "run.outcome_ignored",
+                run_id=run.run_id,
+                outcome=outcome,
+                recorded=finished.previous,
             )
+        else:
+            self.metrics.runs_finished.labels(run.function.id, outcome).inc()
+            if finished.cancel_latency_ms is not None:
+                self.metrics.cancel_latency.observe(finished.cancel_latency_ms / 1000)
+        if run.state.abandoned_thread:
+            self.metrics.abandoned_threads.inc()
+        if on_cancel_error is not None:
+            self.metrics.on_cancel_errors.inc()

@@ -15,6 +15,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from sdk.keys import EVENT_FIELD, Keys
+from sdk.metrics import LATENCY_BUCKETS
 from sdk.rules import IndexEntry, Lookup
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
@@ -45,7 +46,7 @@ def _script(name: str) -> str:
 #: Functions the scripts that cancel runs share (cancel_run, id_after, ...).
 _LIB: Final = _script("lib.lua")
 
-ScriptArg = str | int
+ScriptArg = str | int | float
 #: ``actor`` that may cancel any run, whatever owner its function declares.
 OPERATOR_ACTOR: Final = "*"
 
@@ -81,6 +82,14 @@ class Registration(msgspec.Struct, frozen=True):
     tombstones: tuple[tuple[IndexEntry, Event], ...] = ()
 
 
+class Finished(msgspec.Struct, frozen=True):
+    """What recording a run's end did: its status before (None: no such run) and, for a
+    run that ended cancelled now, the latency from the cancel's publication (ms)."""
+
+    previous: str | None
+    cancel_latency_ms: float | None = None
+
+
 class MatchCandidate(msgspec.Struct, frozen=True):
     """A running run whose rule's key matched a cancel event; its expression must decide."""
 
@@ -101,6 +110,7 @@ class RunStore:
         self._request_cancel = redis.register_script(_LIB + _script("request_cancel.lua"))
         self._match_event = redis.register_script(_LIB + _script("match_event.lua"))
         self._resend = redis.register_script(_script("resend_signals.lua"))
+        self._acknowledge = redis.register_script(_script("acknowledge_signals.lua"))
 
     def _cancel_context(self) -> list[ScriptArg]:
         """ARGV[1..4] of the cancelling scripts (``cancel_context`` in lib.lua)."""
@@ -189,10 +199,10 @@ class RunStore:
         stopped_ago_ms: float | None = None,
         abandoned_thread: bool = False,
         on_cancel_error: str | None = None,
-    ) -> str | None:
-        """Record the run's outcome; returns its previous status (None if unknown).
+    ) -> Finished:
+        """Record the run's outcome.
 
-        A run already in a terminal state keeps it: the returned status tells.
+        A run already in a terminal state keeps it: the returned previous status tells.
         ``stopped_ago_ms``: how long ago the body stopped (for the cancel latency).
         """
         keys = [
@@ -204,6 +214,7 @@ class RunStore:
             self.keys.function_runs(app_id, function_id),
             self.keys.children(run_id),
             self.keys.events,
+            self.keys.finished_stats,
             *index_keys,
         ]
         extra = _pairs(
@@ -224,8 +235,11 @@ class RunStore:
             EVENT_FIELD,
             *extra,
         ]
-        previous = await self._finish(keys=keys, args=args)
-        return None if previous is None else str(previous)
+        reply = await self._finish(keys=keys, args=args)
+        if reply is None:
+            return Finished(None)
+        previous, latency = cast(list[str], reply)
+        return Finished(previous, float(latency) if latency else None)
 
     async def request_cancel(
         self,
@@ -296,19 +310,23 @@ class RunStore:
         ]
 
     async def acknowledge_signals(
-        self, run_ids: Iterable[str], *, worker_id: str, read_up_to: str
-    ) -> None:
-        """A worker read its signals up to ``read_up_to`` and cancelled ``run_ids``.
+        self, signals: Sequence[tuple[str, int]], *, worker_id: str, read_up_to: str
+    ) -> list[float]:
+        """A worker read its signals up to ``read_up_to`` and acted on ``signals``
+        (run id, ``sent_at`` ms).
 
-        Their signals are no longer re-sent, and the read entries leave the worker's signal
-        stream: Redis keeps only the signals not yet read.
+        Their signals are no longer re-sent, the read entries leave the worker's signal
+        stream (Redis keeps only the signals not yet read), and their delivery is counted.
+        Returns each signal's delivery time in seconds, measured on the Redis clock.
         """
-        ordered = list(run_ids)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if ordered:
-                pipe.zrem(self.keys.cancelling_runs, *ordered)
-            pipe.xtrim(self.keys.signals(worker_id), minid=read_up_to, approximate=True)
-            await pipe.execute()
+        args: list[ScriptArg] = [read_up_to, len(LATENCY_BUCKETS), *map(float, LATENCY_BUCKETS)]
+        for run_id, sent_at in signals:
+            args += [run_id, sent_at]
+        delays = await self._acknowledge(
+            keys=[self.keys.cancelling_runs, self.keys.signals(worker_id), self.keys.signal_stats],
+            args=args,
+        )
+        return [float(delay) for delay in cast(list[str], delays)]
 
     async def resend_signals(self, *, after_ms: int, limit: int = 1_000) -> list[str]:
         """Re-send cancel signals unacknowledged for ``after_ms``; returns those run ids."""
@@ -330,12 +348,12 @@ class RunStore:
         status, reason = cast(list[str | None], reply)
         return status, reason
 
-    async def reap(self, run_id: str, *, worker_id: str, error: str) -> str | None:
+    async def reap(self, run_id: str, *, worker_id: str, error: str) -> Finished:
         """Record a run whose worker died as ``lost`` and take it out of the index."""
         fields = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
         if not fields:
             await self.redis.srem(self.keys.worker_runs(worker_id), run_id)
-            return None
+            return Finished(None)
         index_keys = msgspec.json.decode(fields.get("index", "[]"), type=list[str])
         return await self.finish(
             run_id,

@@ -25,6 +25,7 @@ from redis.exceptions import ResponseError
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
+    BackoffHooks,
     blocking_client,
 )
 from sdk.wire import encode_json, printable
@@ -130,6 +131,7 @@ class GroupConsumer:
         max_deliveries: int = MAX_DELIVERIES,
         on_poison: Handler | None = None,
         log: Any = None,
+        backoff_hooks: BackoffHooks | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.commands = commands
@@ -141,6 +143,7 @@ class GroupConsumer:
         self.claim_idle_ms = claim_idle_ms
         self.max_deliveries = max_deliveries
         self._on_poison = on_poison
+        self._backoff_hooks = backoff_hooks
         self._log = log or structlog.get_logger("sdk.streams")
         self._reread_pending = False
         self._next_claim = 0.0
@@ -192,7 +195,7 @@ class GroupConsumer:
         self, reader: Redis, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
     ) -> None:
         pending_from: str | None = "0"
-        backoff = Backoff(self._log, "stream", stream=self.stream)
+        backoff = Backoff(self._log, "stream", hooks=self._backoff_hooks, stream=self.stream)
         while not self._stopping:
             count = self.batch if capacity is None else max(1, min(self.batch, await capacity()))
             if self._reread_pending and pending_from is None:

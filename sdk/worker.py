@@ -29,6 +29,7 @@ import anyio
 import msgspec
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -48,6 +49,7 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_id, check_name
+from sdk.metrics import WorkerMetrics
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
@@ -98,6 +100,7 @@ class Worker:
         worker_id: str | None = None,
         app_version: str | None = None,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        metrics_registry: CollectorRegistry | None = None,
         thread_grace: float = DEFAULT_THREAD_GRACE,
     ) -> None:
         try:
@@ -118,6 +121,8 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         #: Seconds a cancelled run's thread step gets to return before it is abandoned.
         self.thread_grace = thread_grace
+        #: This process's run metrics; mount ``metrics.registry`` to expose them.
+        self.metrics = WorkerMetrics(metrics_registry)
         self._functions: dict[str, Function] = {}
         self._by_trigger: dict[str, list[Function]] = {}
         self._limiter = anyio.CapacityLimiter(concurrency)
@@ -190,6 +195,7 @@ class Worker:
                 worker_id=self.worker_id,
                 log=self._log,
                 thread_grace=self.thread_grace,
+                metrics=self.metrics,
             )
             await self._create_groups(redis)
             registration = Registration(
@@ -354,39 +360,45 @@ class Worker:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
-            received: list[str] = []
+            received: list[Signal] = []
             for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
                 for entry_id, fields in entries:
                     last_id = entry_id
-                    received += self._apply_signal(entry_id, fields)
+                    if (sig := self._apply_signal(entry_id, fields)) is not None:
+                        received.append(sig)
             if received:
                 # After the scopes are cancelled: acknowledging costs the cancel no latency.
-                try:
-                    await self._require_runner().store.acknowledge_signals(
-                        received, worker_id=self.worker_id, read_up_to=last_id
-                    )
-                except REDIS_ERRORS as exc:  # unacknowledged: re-sent, and applied once
-                    self._log.warning("signals.ack_failed", error=repr(exc))
+                await self._acknowledge(received, last_id)
 
-    def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> list[str]:
-        """Cancel the run a signal names; returns the run ids to acknowledge."""
+    def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> Signal | None:
+        """Cancel the run a signal names; returns the signal, to be acknowledged."""
         try:
             sig: Signal = decode_signal(fields)
         except msgspec.ValidationError as exc:
             self._log.error("signal.malformed", entry_id=entry_id, error=str(exc))
-            return []
+            return None
+        self.metrics.signals_received.inc()
         if not self._require_runner().cancel(sig.run_id, sig.reason or "cancelled"):
             self._log.debug("signal.run_gone", run_id=sig.run_id)
-            return [sig.run_id]
-        lag_ms = int(time.time() * 1000) - sig.sent_at if sig.sent_at else None
+            return sig
         self._log.info(
-            "run.cancel_received",
-            run_id=sig.run_id,
-            event_id=sig.event_id,
-            signal_lag_ms=lag_ms,
-            resent=sig.resent,
+            "run.cancel_received", run_id=sig.run_id, event_id=sig.event_id, resent=sig.resent
         )
-        return [sig.run_id]
+        return sig
+
+    async def _acknowledge(self, signals: list[Signal], read_up_to: str) -> None:
+        try:
+            delays = await self._require_runner().store.acknowledge_signals(
+                [(sig.run_id, sig.sent_at) for sig in signals],
+                worker_id=self.worker_id,
+                read_up_to=read_up_to,
+            )
+        except REDIS_ERRORS as exc:  # unacknowledged: re-sent, and applied once
+            self._log.warning("signals.ack_failed", error=repr(exc))
+            return
+        self.metrics.signals_acknowledged.inc(len(signals))
+        for seconds in delays:
+            self.metrics.signal_delivery.observe(seconds)
 
     async def _delete_signal_stream(self, redis: Redis) -> None:
         with anyio.move_on_after(5, shield=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -50,14 +51,22 @@ async def client(redis_url: str, namespace: str) -> AsyncIterator[Client]:
         yield client
 
 
+@asynccontextmanager
+async def serving(start: Callable[..., Awaitable[Any]]) -> AsyncIterator[None]:
+    """Run ``start`` (``broker.run``, ``worker.serve``) in this test's event loop until the
+    block ends; the block begins once it reports that it is listening."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(start)
+        yield
+        tg.cancel_scope.cancel()
+
+
 @pytest.fixture
 async def broker(redis_url: str, namespace: str) -> AsyncIterator[Broker]:
     """A broker running in this test's event loop."""
     broker = Broker(redis_url, namespace=namespace, metrics=BrokerMetrics())
-    async with anyio.create_task_group() as tg:
-        await tg.start(broker.run)
+    async with serving(broker.run):
         yield broker
-        tg.cancel_scope.cancel()
 
 
 async def wait_until(

@@ -32,7 +32,7 @@ from sdk.keys import Keys
 from sdk.rules import index_entries, lookups
 from sdk.store import RunStore
 from sdk.wire import decode_event
-from tests.conftest import broker_drained, run_of, status_is, wait_until
+from tests.conftest import broker_drained, run_of, serving, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -75,10 +75,8 @@ def studio(redis_url: str, namespace: str, **options: Any) -> Worker:
 @pytest.fixture
 async def worker(redis_url: str, namespace: str, broker: Broker) -> AsyncIterator[Worker]:
     worker = studio(redis_url, namespace, shutdown_timeout=0.1)
-    async with anyio.create_task_group() as tg:
-        await tg.start(worker.serve)
+    async with serving(worker.serve):
         yield worker
-        tg.cancel_scope.cancel()
 
 
 async def start(client: Client, report_id: str, **data: Any) -> str:

@@ -22,7 +22,7 @@ from sdk.keys import Keys
 from sdk.rules import index_entries
 from sdk.store import RunStore
 from sdk.wire import decode_worker
-from tests.conftest import wait_until
+from tests.conftest import serving, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -258,10 +258,8 @@ async def fast_broker(redis_url: str, namespace: str) -> AsyncIterator[Broker]:
         windows=Windows(dead_rule_after_s=0.3, orphan_window_s=60),
         cancel_event_names=frozenset({"render/stop"}),
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(broker.run)
+    async with serving(broker.run):
         yield broker
-        tg.cancel_scope.cancel()
 
 
 async def test_cancel_events_nobody_listens_to_are_reported(

@@ -9,7 +9,8 @@
 -- KEYS[6]  the function's unfinished runs (zset)
 -- KEYS[7]  the run's children (set)
 -- KEYS[8]  the events stream (for the outcome event)
--- KEYS[9 ..]  index sets the run was registered under
+-- KEYS[9]  finished runs per app/function/outcome (hash)
+-- KEYS[10 ..]  index sets the run was registered under
 -- ARGV[1]  run id
 -- ARGV[2]  outcome: completed | cancelled | failed | lost
 -- ARGV[3]  record retention in seconds
@@ -19,13 +20,14 @@
 -- ARGV[6]  name of the outcome event; ARGV[7] the field events are written in
 -- ARGV[8 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
 --             on_cancel_error), as field/value pairs
--- Returns the status the run had before, or false when the run is unknown.
+-- Returns {the status the run had before, the cancel latency in ms or ''}, or false when the
+-- run is unknown.
 local previous = redis.call('HGET', KEYS[1], 'status')
 if not previous then
   return false
 end
 if previous == 'cancelled' or previous == 'completed' or previous == 'failed' or previous == 'lost' then
-  return previous
+  return {previous, ''}
 end
 local run_id, outcome = ARGV[1], ARGV[2]
 local now_raw = redis.call('TIME')
@@ -51,12 +53,15 @@ if run[1] and run[2] then
     redis.call('HDEL', KEYS[3], config)
   end
 end
-for i = 9, #KEYS do
+for i = 10, #KEYS do
   redis.call('SREM', KEYS[i], run_id)
 end
+if run[3] and run[1] then
+  redis.call('HINCRBY', KEYS[9], run[3] .. '/' .. run[1] .. '/' .. outcome, 1)
+end
 
+local latency = 'null'
 if outcome == 'cancelled' then
-  local latency = 'null'
   local cancel_at = tonumber(run[7])
   local stopped = tonumber(ARGV[4])
   if cancel_at and stopped then
@@ -84,4 +89,4 @@ if outcome == 'cancelled' then
   redis.call('XADD', KEYS[8], '*', ARGV[7], body)
 end
 redis.call('PUBLISH', ARGV[5], outcome)
-return previous
+return {previous, latency == 'null' and '' or latency}
