@@ -171,6 +171,15 @@ def test_alerts_name_only_contract_metrics() -> None:
     assert "up" in used
 
 
+def test_alerts_select_the_broker_job() -> None:
+    # Workers' registries export some of the same names; they must not count.
+    for rule in alert_rules():
+        selectors = re.findall(r"\b(?:cancel_broker_\w+|up)\b(\{[^}]*\})?", rule["expr"])
+        assert selectors, rule["alert"]
+        for matchers in selectors:
+            assert 'job="cancel-broker"' in matchers, (rule["alert"], rule["expr"])
+
+
 def test_every_alert_has_what_an_operator_needs() -> None:
     rules = alert_rules()
     assert {rule["alert"] for rule in rules} == {
