@@ -15,6 +15,19 @@ import sdk
 from broker.stats import ClusterStats
 from sdk.metrics import LATENCY_BUCKETS
 
+#: Why an entry is dead-lettered (docs/protocol.md#dead-letters).
+DEAD_LETTER_REASONS: Final = (
+    "missing_field",
+    "invalid_encoding",
+    "invalid_json",
+    "invalid_shape",
+    "invalid_name",
+    "unsupported_version",
+    "too_large",
+    "too_deep",
+    "broker_error",
+    "poison",
+)
 #: Most distinct event names used as label values; the rest count as "other".
 MAX_EVENT_LABELS: Final = 100
 OTHER_EVENTS: Final = "other"
@@ -111,6 +124,9 @@ class BrokerMetrics:
         self.build.info({"version": sdk.__version__})
         for result in ("matched", "tombstoned", "unmatched", "ignored", "dead_lettered"):
             self.events.labels(result=result)
+        # Present from the start at 0, so that increase() sees the first dead letter.
+        for reason in DEAD_LETTER_REASONS:
+            self.dead_letters.labels(reason=reason)
         self.cluster = ClusterStats()
         self.registry.register(self.cluster)
         self._event_labels: set[str] = set()

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from broker import Broker
-from broker.metrics import MAX_EVENT_LABELS, BrokerMetrics
+from broker.metrics import DEAD_LETTER_REASONS, MAX_EVENT_LABELS, BrokerMetrics
 from sdk import Client, Worker
 from sdk.connection import Backoff, BackoffHooks
 from tests.conftest import broker_drained, report_worker, run_of, serving, wait_until
@@ -93,6 +93,15 @@ async def test_cancellations_show_in_both_registries(
     assert value(w, "cancel_broker_cancel_latency_seconds_sum") == pytest.approx(
         value(b, "cancel_broker_cancel_latency_seconds_sum"), abs=0.001
     )
+
+
+def test_every_dead_letter_reason_is_exported_from_the_start() -> None:
+    exported = {
+        dict(labels)["reason"]
+        for name, labels in samples(BrokerMetrics().registry)
+        if name == "cancel_broker_dead_letters_total"
+    }
+    assert exported == set(DEAD_LETTER_REASONS)
 
 
 def test_no_run_or_event_id_becomes_a_label(redis_url: str) -> None:
