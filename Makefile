@@ -45,9 +45,11 @@ test: lint
 demo: $(VENV)/.installed
 	$(BIN)/python docs/examples/demo.py
 
-## bench: cancel latency over 200 runs (tests/benchmarks/latency.py)
+## bench: cancel latency, broker throughput and per-run overhead (tests/benchmarks/)
 bench: $(VENV)/.installed-dev
 	$(BIN)/python tests/benchmarks/latency.py $(ARGS)
+	$(BIN)/python tests/benchmarks/throughput.py
+	$(BIN)/python tests/benchmarks/overhead.py
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix sdk broker tests docs/examples

@@ -27,3 +27,40 @@ def test_latency_benchmark_prints_its_table() -> None:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[1] == "5"  # every trial observed its cancellation
         assert cells[-1] == "0"  # no misses
+
+
+def test_overhead_benchmark_counts_two_round_trips_per_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "tests/benchmarks/overhead.py", "--runs", "50", "--active", "200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    overhead = lines[lines.index("| p50 us | p99 us | Redis round trips per run |") + 2]
+    round_trips = float(overhead.strip("|").split("|")[2])
+    assert round_trips <= 2.1  # register and finish; a heartbeat may fall in the window
+
+
+def test_throughput_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tests/benchmarks/throughput.py",
+            *("--sizes", "50,200", "--events", "400", "--targets", "20"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "," in line]
+    sizes = [row.split("|")[1].strip() for row in rows if row.split("|")[1].strip()[0].isdigit()]
+    assert sizes == ["50", "200"]
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if cells[0][0].isdigit():
+            assert cells[4] == "20"  # each targeted run was cancelled, whatever the size

@@ -1,0 +1,158 @@
+"""What every run pays, cancelled or not: wall time and Redis round trips of registering and
+finishing it, and Redis memory while it is active.
+
+- Overhead: ``async with worker.run(...)`` with an empty body, ``--runs`` times, against a
+  private redis-server; the figure is the whole block (register, execute, record). Round
+  trips are what this process's connections sent meanwhile (a pipeline is one); Redis's
+  ``commandstats`` would also count the commands each script runs inside Redis.
+- Memory: ``--active`` runs with one rule registered and left running; Redis
+  ``used_memory`` grows by the figure per run, and ``MEMORY USAGE`` says which keys hold it.
+
+    python tests/benchmarks/overhead.py [--runs 2000] [--active 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from redis.asyncio.connection import AbstractConnection
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from broker.embedded import EmbeddedRedis  # noqa: E402
+from sdk import CancelOn, Event, RunContext, Worker  # noqa: E402
+from sdk.connection import command_client  # noqa: E402
+from sdk.keys import Keys  # noqa: E402
+from sdk.rules import index_entries  # noqa: E402
+from sdk.store import RunStore  # noqa: E402
+
+RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
+
+
+class SentCounter:
+    """Counts what redis-py's connections send to Redis: one per command, or per pipeline."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self._original = AbstractConnection.send_packed_command
+
+    def __enter__(self) -> SentCounter:
+        original = self._original
+
+        async def counting(
+            connection: AbstractConnection, command: Any, check_health: bool = True
+        ) -> None:
+            self.sent += 1
+            await original(connection, command, check_health)
+
+        AbstractConnection.send_packed_command = counting  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        AbstractConnection.send_packed_command = self._original  # type: ignore[method-assign]
+
+
+async def overhead(url: str, runs: int) -> dict[str, float]:
+    worker = Worker("bench", url, namespace="overhead")
+
+    @worker.function(id="generate-report", trigger="report/generate.requested", cancel_on=RULES)
+    async def generate_report(ctx: RunContext) -> None:
+        return None
+
+    durations: list[float] = []
+    async with worker:
+        for i in range(50):  # warm up: connections, script loading
+            async with worker.run("generate-report", _trigger(i)):
+                pass
+        with SentCounter() as counter:
+            for i in range(runs):
+                started = time.perf_counter()
+                async with worker.run("generate-report", _trigger(i)):
+                    pass
+                durations.append(time.perf_counter() - started)
+    # The worker's own loops (a heartbeat, a blocking read) may add one or two in all.
+    commands = counter.sent
+    durations.sort()
+    return {
+        "p50_us": statistics.median(durations) * 1e6,
+        "p99_us": durations[int(len(durations) * 0.99)] * 1e6,
+        "round_trips": commands / runs,
+    }
+
+
+def _trigger(i: int) -> Event:
+    return Event(name="report/generate.requested", data={"reportId": f"report-{i:08d}"})
+
+
+async def memory(url: str, active: int) -> tuple[float, dict[str, int]]:
+    redis = command_client(url)
+    keys = Keys("memory")
+    store = RunStore(redis, keys)
+    try:
+        await redis.flushall()
+        before = int((await redis.info("memory"))["used_memory"])
+        for first in range(0, active, 1000):
+            async with anyio.create_task_group() as tg:
+                for i in range(first, min(active, first + 1000)):
+                    tg.start_soon(_register, store, i)
+        used = int((await redis.info("memory"))["used_memory"]) - before
+        event_id = f"{1_700_000_000_000 + 7}-0"
+        one = {
+            "run hash": keys.run(f"{7:032x}"),
+            "trigger's runs (event-runs)": keys.event_runs(event_id),
+            "index set": index_entries(RULES, _stream_trigger(7), keys)[0].key,
+        }
+        breakdown = {name: int(await redis.memory_usage(key) or 0) for name, key in one.items()}
+    finally:
+        await redis.aclose()
+    return used / active, breakdown
+
+
+def _stream_trigger(i: int) -> Event:
+    return Event(
+        name="report/generate.requested",
+        data={"reportId": f"report-{i:08d}"},
+        id=f"{1_700_000_000_000 + i}-0",
+    )
+
+
+async def _register(store: RunStore, i: int) -> None:
+    event = _stream_trigger(i)
+    await store.register(
+        run_id=f"{i:032x}",
+        app_id="reports",
+        function_id="generate-report",
+        config_hash="c" * 64,
+        worker_id="vm-1234-abcdef",
+        event=event,
+        entries=index_entries(RULES, event, store.keys),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=2_000)
+    parser.add_argument("--active", type=int, default=20_000)
+    args = parser.parse_args()
+    with EmbeddedRedis() as server:
+        cost = anyio.run(overhead, server.url, args.runs)
+        per_run, breakdown = anyio.run(memory, server.url, args.active)
+    print(f"\nper-run overhead ({args.runs:,} runs of an empty body, one rule)")
+    print("| p50 us | p99 us | Redis round trips per run |")
+    print("|---|---|---|")
+    print(f"| {cost['p50_us']:.0f} | {cost['p99_us']:.0f} | {cost['round_trips']:.2f} |")
+    print(f"\nRedis memory per active run ({args.active:,} runs, one rule)")
+    print("| bytes per run (used_memory) | " + " | ".join(breakdown) + " |")
+    print("|---|" + "---|" * len(breakdown))
+    print(f"| {per_run:,.0f} | " + " | ".join(f"{v:,}" for v in breakdown.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

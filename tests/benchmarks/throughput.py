@@ -1,0 +1,170 @@
+"""Broker throughput and scaling: cancel events per second with N active runs.
+
+For each size N, a private redis-server holds N running runs registered directly in Redis
+(one rule, ``report/cancel.requested`` matching ``data.reportId``), and a backlog of
+cancel events, half of them naming one of those runs, half naming none. Then one
+``cancel-broker run`` process starts and the clock runs until its consumer group has
+acknowledged the whole backlog. Events per second, and the cost per event, at each size:
+matching must not grow with the number of runs.
+
+Every size does the same work: the matching half of the events names the same
+``--targets`` runs (1,000 by default) whatever the size, so the first event for each run
+signals it and the rest find it already cancelling; only the number of runs registered,
+and so the size of the index and of Redis's keyspace, changes.
+
+    python tests/benchmarks/throughput.py [--sizes 1000,10000,100000,1000000] [--events 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import anyio
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from broker.embedded import EmbeddedRedis  # noqa: E402
+from sdk import CancelOn, Event  # noqa: E402
+from sdk.connection import command_client  # noqa: E402
+from sdk.keys import BROKER_GROUP, EVENT_FIELD, Keys  # noqa: E402
+from sdk.registration import declare_rules  # noqa: E402
+from sdk.rules import index_entries  # noqa: E402
+from sdk.store import RunStore  # noqa: E402
+from sdk.wire import encode_event  # noqa: E402
+from tests.processes import start_broker  # noqa: E402
+
+RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
+BATCH = 1_000
+
+
+async def register_runs(redis: Redis, keys: Keys, n: int) -> float:
+    """Register ``n`` running runs of a worker that does not exist (nothing reads its
+    signals); returns the seconds it took."""
+    store = RunStore(redis, keys)
+    async with redis.pipeline(transaction=True) as pipe:
+        declare_rules(pipe, keys, RULES, 0)
+        await pipe.execute()
+    started = time.perf_counter()
+    for first in range(0, n, BATCH):
+        async with anyio.create_task_group() as tg:
+            for i in range(first, min(n, first + BATCH)):
+                event = Event(
+                    name="report/generate.requested",
+                    data={"reportId": f"r{i}"},
+                    id=f"{1_700_000_000_000 + i}-0",
+                )
+                tg.start_soon(register_one, store, event, i)
+    return time.perf_counter() - started
+
+
+async def register_one(store: RunStore, event: Event, i: int) -> None:
+    await store.register(
+        run_id=f"run{i:09d}",
+        app_id="bench",
+        function_id="generate-report",
+        config_hash="c" * 64,
+        worker_id="bench-worker",
+        event=event,
+        entries=index_entries(RULES, event, store.keys),
+    )
+
+
+async def publish_cancels(redis: Redis, keys: Keys, targets: int, n_events: int) -> str:
+    """A backlog: even events name one of ``targets`` registered runs, odd ones no run."""
+    last = ""
+    for first in range(0, n_events, BATCH):
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(first, min(n_events, first + BATCH)):
+                report = f"r{(i // 2) % targets}" if i % 2 == 0 else f"nobody{i}"
+                body = encode_event("report/cancel.requested", {"reportId": report})
+                pipe.xadd(keys.events, {EVENT_FIELD: body})
+            ids = await pipe.execute()
+        last = str(ids[-1])
+    return last
+
+
+async def drained(redis: Redis, keys: Keys, last_id: str) -> bool:
+    for group in await redis.xinfo_groups(keys.events):
+        if group["name"] == BROKER_GROUP:
+            return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
+    return False
+
+
+async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str, float]:
+    namespace = f"tp{size}"
+    keys = Keys(namespace)
+    redis = command_client(url)  # a blocking pool: a thousand registrations at once wait
+    try:
+        await redis.flushall()
+        await redis.xgroup_create(keys.events, BROKER_GROUP, id="$", mkstream=True)
+        register_s = await register_runs(redis, keys, size)
+        memory = (await redis.info("memory"))["used_memory"]
+        last_id = await publish_cancels(redis, keys, min(targets, size), n_events)
+        broker, _ = start_broker(url, namespace)
+        try:
+            started = time.perf_counter()
+            with anyio.fail_after(600):
+                while not await drained(redis, keys, last_id):
+                    await anyio.sleep(0.002)
+            elapsed = time.perf_counter() - started
+        finally:
+            broker.terminate()
+        cancelling = await redis.zcard(keys.cancelling_runs)
+    finally:
+        await redis.aclose()
+    return {
+        "runs": size,
+        "events": n_events,
+        "events_per_s": n_events / elapsed,
+        "us_per_event": elapsed / n_events * 1e6,
+        "cancelled": cancelling,
+        "register_s": register_s,
+        "memory_mb": memory / 1e6,
+    }
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| active runs | events | events/s | us per event | runs cancelled | Redis MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['runs']:,.0f} | {row['events']:,.0f} | {row['events_per_s']:,.0f}"
+            f" | {row['us_per_event']:.1f} | {row['cancelled']:,.0f} | {row['memory_mb']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,100000,1000000")
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--targets", type=int, default=1_000, help="distinct runs cancelled")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")]
+    rows = []
+    with EmbeddedRedis() as server:
+        for size in sizes:
+            rows.append(anyio.run(measure, server.url, size, args.events, args.targets))
+            print(f"  {size:,} runs: {rows[-1]['events_per_s']:,.0f} events/s", flush=True)
+    print(
+        f"\nbroker throughput, one broker process ({args.events:,} cancel events, half"
+        f" matching {args.targets:,} runs)"
+    )
+    print(table(rows))
+    base = rows[0]["us_per_event"]
+    for row in rows[1:]:
+        change = (row["us_per_event"] / base - 1) * 100
+        print(
+            f"cost per event at {row['runs']:,.0f} runs vs {rows[0]['runs']:,.0f}: {change:+.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
