@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
+from broker.logs import configure_logging  # noqa: E402
 from sdk import CancelOn, Event, RunContext, Worker  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import Keys  # noqa: E402
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2_000)
     parser.add_argument("--active", type=int, default=20_000)
     args = parser.parse_args()
+    # As a deployed worker logs: a JSON line on stderr as each run starts and ends.
+    configure_logging("info", "json")
     with EmbeddedRedis() as server:
         cost = anyio.run(overhead, server.url, args.runs)
         per_run, breakdown = anyio.run(memory, server.url, args.active)
