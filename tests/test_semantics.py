@@ -532,3 +532,14 @@ async def test_wait_returns_the_final_record_or_times_out(
         await wait_until(lambda: anyio_true(bool(waited)))
         assert waited["at"] - ended < 0.1
     assert msgspec.to_builtins(info)["status"] == "completed"
+
+
+async def test_a_child_of_an_unknown_parent_leaves_no_key_without_expiry(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    worker = studio(redis_url, namespace)
+    async with worker, worker.run("generate-asset", Event(name="x/y"), parent="no-such-run"):
+        pass
+    children = Keys(namespace).children("no-such-run")
+    assert await redis.smembers(children)  # recorded, in case that parent ever registers
+    assert await redis.ttl(children) > 0  # but it expires with the child's retention

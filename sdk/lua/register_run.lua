@@ -108,8 +108,10 @@ local cancel
 if parent_id ~= '' then
   redis.call('SADD', KEYS[8], run_id)
   local parent_status = redis.call('HGET', KEYS[7], 'status')
-  if parent_status and parent_status ~= 'running' and parent_status ~= 'cancelling' then
-    redis.call('EXPIRE', KEYS[8], retention) -- the parent is over: no one cascades any more
+  if parent_status ~= 'running' and parent_status ~= 'cancelling' then
+    -- The parent is over (or unknown: its record expired, or never was): nothing will
+    -- cascade from it any more, and nothing would expire the set when it ends.
+    redis.call('EXPIRE', KEYS[8], retention)
   end
   if parent_status == 'cancelling' or parent_status == 'cancelled' then
     cancel = {'parent run ' .. parent_id .. ' was cancelled', 'parent:' .. parent_id, '', now}
