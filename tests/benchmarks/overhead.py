@@ -28,13 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
 from broker.logs import configure_logging  # noqa: E402
-from sdk import CancelOn, Event, RunContext, Worker  # noqa: E402
+from sdk import Event, RunContext, Worker  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import Keys  # noqa: E402
 from sdk.rules import index_entries  # noqa: E402
-from sdk.store import RunStore  # noqa: E402
-
-RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
+from tests.benchmarks.registered import RULES, register_runs, report_id, run_id, trigger  # noqa: E402
 
 
 class SentCounter:
@@ -89,52 +87,27 @@ async def overhead(url: str, runs: int) -> dict[str, float]:
 
 
 def _trigger(i: int) -> Event:
-    return Event(name="report/generate.requested", data={"reportId": f"report-{i:08d}"})
+    """A trigger that did not come through the stream (``worker.run``)."""
+    return Event(name="report/generate.requested", data={"reportId": report_id(i)})
 
 
 async def memory(url: str, active: int) -> tuple[float, dict[str, int]]:
     redis = command_client(url)
     keys = Keys("memory")
-    store = RunStore(redis, keys)
     try:
         await redis.flushall()
         before = int((await redis.info("memory"))["used_memory"])
-        for first in range(0, active, 1000):
-            async with anyio.create_task_group() as tg:
-                for i in range(first, min(active, first + 1000)):
-                    tg.start_soon(_register, store, i)
+        await register_runs(redis, keys, active)
         used = int((await redis.info("memory"))["used_memory"]) - before
-        event_id = f"{1_700_000_000_000 + 7}-0"
         one = {
-            "run hash": keys.run(f"{7:032x}"),
-            "trigger's runs (event-runs)": keys.event_runs(event_id),
-            "index set": index_entries(RULES, _stream_trigger(7), keys)[0].key,
+            "run hash": keys.run(run_id(7)),
+            "trigger's runs (event-runs)": keys.event_runs(trigger(7).id),
+            "index set": index_entries(RULES, trigger(7), keys)[0].key,
         }
         breakdown = {name: int(await redis.memory_usage(key) or 0) for name, key in one.items()}
     finally:
         await redis.aclose()
     return used / active, breakdown
-
-
-def _stream_trigger(i: int) -> Event:
-    return Event(
-        name="report/generate.requested",
-        data={"reportId": f"report-{i:08d}"},
-        id=f"{1_700_000_000_000 + i}-0",
-    )
-
-
-async def _register(store: RunStore, i: int) -> None:
-    event = _stream_trigger(i)
-    await store.register(
-        run_id=f"{i:032x}",
-        app_id="reports",
-        function_id="generate-report",
-        config_hash="c" * 64,
-        worker_id="vm-1234-abcdef",
-        event=event,
-        entries=index_entries(RULES, event, store.keys),
-    )
 
 
 def main() -> None:

@@ -29,49 +29,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
-from sdk import CancelOn, Event  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import BROKER_GROUP, EVENT_FIELD, Keys  # noqa: E402
-from sdk.registration import declare_rules  # noqa: E402
-from sdk.rules import index_entries  # noqa: E402
-from sdk.store import RunStore  # noqa: E402
 from sdk.wire import encode_event  # noqa: E402
+from tests.benchmarks.registered import register_runs, report_id  # noqa: E402
 from tests.processes import start_broker  # noqa: E402
 
-RULES = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
 BATCH = 1_000
-
-
-async def register_runs(redis: Redis, keys: Keys, n: int) -> float:
-    """Register ``n`` running runs of a worker that does not exist (nothing reads its
-    signals); returns the seconds it took."""
-    store = RunStore(redis, keys)
-    async with redis.pipeline(transaction=True) as pipe:
-        declare_rules(pipe, keys, RULES, 0)
-        await pipe.execute()
-    started = time.perf_counter()
-    for first in range(0, n, BATCH):
-        async with anyio.create_task_group() as tg:
-            for i in range(first, min(n, first + BATCH)):
-                event = Event(
-                    name="report/generate.requested",
-                    data={"reportId": f"r{i}"},
-                    id=f"{1_700_000_000_000 + i}-0",
-                )
-                tg.start_soon(register_one, store, event, i)
-    return time.perf_counter() - started
-
-
-async def register_one(store: RunStore, event: Event, i: int) -> None:
-    await store.register(
-        run_id=f"run{i:09d}",
-        app_id="bench",
-        function_id="generate-report",
-        config_hash="c" * 64,
-        worker_id="bench-worker",
-        event=event,
-        entries=index_entries(RULES, event, store.keys),
-    )
 
 
 async def publish_cancels(redis: Redis, keys: Keys, targets: int, n_events: int) -> str:
@@ -80,7 +44,7 @@ async def publish_cancels(redis: Redis, keys: Keys, targets: int, n_events: int)
     for first in range(0, n_events, BATCH):
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(first, min(n_events, first + BATCH)):
-                report = f"r{(i // 2) % targets}" if i % 2 == 0 else f"nobody{i}"
+                report = report_id((i // 2) % targets) if i % 2 == 0 else f"nobody{i}"
                 body = encode_event("report/cancel.requested", {"reportId": report})
                 pipe.xadd(keys.events, {EVENT_FIELD: body})
             ids = await pipe.execute()
