@@ -45,9 +45,17 @@ test: lint
 demo: $(VENV)/.installed
 	$(BIN)/python docs/examples/demo.py
 
-## bench: cancel latency over 200 runs (tests/benchmarks/latency.py)
-bench: $(VENV)/.installed-dev
+# The peers of the peers benchmark: the `bench` extra, only for `make bench`.
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	@touch $@ $(VENV)/.installed-dev $(VENV)/.installed
+
+## bench: cancel latency over 200 runs (tests/benchmarks/latency.py), then against the peers
+## (tests/benchmarks/peers.py; PEERS_ARGS, by default the options of the run in docs/benchmarks.md)
+PEERS_ARGS ?= --trials 100 --trials-for dramatiq:long=12
+bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/benchmarks/latency.py $(ARGS)
+	$(BIN)/python tests/benchmarks/peers.py $(PEERS_ARGS)
 
 format: $(VENV)/.installed-dev
 	$(BIN)/ruff check --fix sdk broker tests docs/examples
