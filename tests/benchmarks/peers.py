@@ -511,12 +511,18 @@ def report(
     command: str,
     machine_line: str,
     elapsed: float,
+    loads: dict[str, tuple[float, float]],
 ) -> str:
+    # The machine may be shared: the load average says how busy it was besides this run.
+    load_line = ", ".join(
+        f"{name} {before:.2f} -> {after:.2f}" for name, (before, after) in loads.items()
+    )
     lines = [
         f"Measured {datetime.date.today().isoformat()} with `{command}`"
         f" ({elapsed / 60:.1f} minutes in all).",
         "",
-        f"Machine: {machine_line}.",
+        f"Machine: {machine_line}. 1-minute load average when each system's measurement"
+        f" began and ended (this run's own processes included): {load_line}.",
         "",
         HEADER,
         *(
@@ -588,13 +594,16 @@ def main() -> int:
     began = time.monotonic()
     results: dict[str, dict[str, Samples]] = {}
     systems: list[System] = []
+    loads: dict[str, tuple[float, float]] = {}
     with EmbeddedRedis() as server:
         redis_version = str(_redis_info(server.url)["redis_version"])
         for name, system_plan in plan.items():
             system = SYSTEMS[name](server.url)
             systems.append(system)
+            before = os.getloadavg()[0]
             with system.running():
                 results[name] = anyio.run(measure, system, system_plan, progress)
+            loads[name] = (before, os.getloadavg()[0])
     elapsed = time.monotonic() - began
     block = report(
         results,
@@ -602,6 +611,7 @@ def main() -> int:
         command=command,
         machine_line=machine(redis_version, systems),
         elapsed=elapsed,
+        loads=loads,
     )
     print(block)
     if args.write_docs:
