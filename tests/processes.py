@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 class ProcessHandle:
     """A child process whose stderr JSON log lines are collected as they arrive."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, *, new_session: bool = False
+    ) -> None:
         self.args = args
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -29,6 +32,8 @@ class ProcessHandle:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            # A session (and process group) of its own: see stop_group.
+            start_new_session=new_session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -87,6 +92,26 @@ class ProcessHandle:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+    def stop_group(
+        self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM,), timeout: float = 10.0
+    ) -> int:
+        """For a process started with ``new_session=True`` (a worker with pool processes):
+        send ``signals`` to its process group, 0.2 s apart; wait up to ``timeout`` for it to
+        exit; then SIGKILL whatever is left of the group (children that outlived it)."""
+        group = self.process.pid
+        for number, sig in enumerate(signals):
+            if number:
+                time.sleep(0.2)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+        return self.process.wait()
 
 
 def start_broker(redis_url: str, namespace: str, *extra: str) -> tuple[ProcessHandle, str]:

@@ -64,3 +64,35 @@ def test_throughput_benchmark_prints_its_table() -> None:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         if cells[0][0].isdigit():
             assert cells[4] == "20"  # each targeted run was cancelled, whatever the size
+
+
+def test_peers_benchmark_prints_its_table() -> None:
+    pytest.importorskip(
+        "arq",
+        reason="PEERS BENCHMARK NOT RUN: the peer libraries are the `bench` extra, which"
+        " `make test` does not install (`pip install -e '.[bench]'` or `make bench`)",
+    )
+    args = ["--trials", "3", "--systems", "cancel-broker,arq"]
+    result = subprocess.run(
+        [sys.executable, "tests/benchmarks/peers.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in result.stdout.splitlines()
+        if line.startswith(("| cancel-broker ", "| arq "))
+    ]
+    assert [row[:2] for row in rows] == [
+        ["cancel-broker", "long"],
+        ["cancel-broker", "steps"],
+        ["arq", "long"],
+        ["arq", "steps"],
+    ]
+    for row in rows:
+        assert row[2] == "3"  # trials
+        assert row[7] == "0"  # misses
+        assert row[-1] == "CancelledError (BaseException)"  # what the job's code caught

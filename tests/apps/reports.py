@@ -1,8 +1,9 @@
 """A report worker used by the end-to-end tests, the benchmark and the demo.
 
 Each run writes what its body observed to the list ``{namespace}:test:observed:{reportId}``
-(``started``, ``cancelled`` with the CLOCK_MONOTONIC time it saw the cancellation,
-``swallowed``, ``completed``) so that another process can check what really happened.
+(``started``, ``cancelled`` with the CLOCK_MONOTONIC time it saw the cancellation and the
+exception's class, ``swallowed``, ``completed``) so that another process can check what
+really happened.
 
 The trigger's data selects the body: ``seconds`` (how long the work takes, default 60),
 ``mode``: ``sleep`` (one long awaited call), ``steps`` (a loop of 10 ms steps),
@@ -88,8 +89,9 @@ async def generate_report(ctx: RunContext) -> str:
                 await record(ctx, "swallowed", error=repr(exc))
         else:
             await ctx.step.run("llm", call_llm, seconds)
-    except anyio.get_cancelled_exc_class():
-        await record(ctx, "cancelled", reason=ctx.cancel_reason)
+    except anyio.get_cancelled_exc_class() as exc:
+        seen = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        await record(ctx, "cancelled", reason=ctx.cancel_reason, exception=seen)
         raise
     await record(ctx, "completed")
     return "report"

@@ -16,7 +16,11 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import anyio
 from redis.asyncio import Redis
@@ -32,7 +36,19 @@ NAMESPACE = "bench"
 MISS_AFTER_S = 5.0
 
 
-async def trial(client: Client, redis: Redis, report_id: str, workload: str) -> float | None:
+@dataclass(frozen=True)
+class Seen:
+    """A cancellation the run's body saw: seconds from ``Client.send`` to the body, and the
+    observation it recorded (``tests/apps/reports.py``)."""
+
+    latency: float
+    record: dict[str, Any]
+
+
+async def trial(
+    client: Client, redis: Redis, report_id: str, workload: str, *, max_pause: float = 0.05
+) -> Seen | None:
+    """One run started, then cancelled after a random 0-``max_pause`` s pause; None is a miss."""
     observed = f"{NAMESPACE}:test:observed:{report_id}"
     await client.send(
         "report/generate.requested", {"reportId": report_id, "seconds": 60, "mode": workload}
@@ -41,13 +57,41 @@ async def trial(client: Client, redis: Redis, report_id: str, workload: str) -> 
     if started is None or json.loads(started[1])["what"] != "started":
         return None
     # A random phase, so any periodic behaviour (a poll, a step boundary) is sampled fairly.
-    await anyio.sleep(random.uniform(0, 0.05))
+    await anyio.sleep(random.uniform(0, max_pause))
     sent = time.monotonic()
     await client.send("report/cancel.requested", {"reportId": report_id})
     seen = await redis.blpop([observed], timeout=MISS_AFTER_S)
-    if seen is None or json.loads(seen[1])["what"] != "cancelled":
+    if seen is None:
         return None
-    return float(json.loads(seen[1])["monotonic"]) - sent
+    record: dict[str, Any] = json.loads(seen[1])
+    if record["what"] != "cancelled":
+        return None
+    return Seen(float(record["monotonic"]) - sent, record)
+
+
+@contextmanager
+def serving(redis_url: str) -> Iterator[None]:
+    """`cancel-broker run` and the report worker as separate processes, for the block."""
+    broker, _http = start_broker(redis_url, NAMESPACE)
+    try:
+        worker = start_worker(redis_url, NAMESPACE, shutdown_timeout="0.5")
+        try:
+            yield
+        finally:
+            worker.terminate()
+    finally:
+        broker.terminate()
+
+
+@asynccontextmanager
+async def connected(redis_url: str) -> AsyncIterator[tuple[Client, Redis]]:
+    """The client that sends the events, and a connection that reads the observations."""
+    async with Client(redis_url, namespace=NAMESPACE) as client:
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        try:
+            yield client, redis
+        finally:
+            await redis.aclose()
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -67,21 +111,17 @@ def summary(workload: str, latencies: list[float], misses: int) -> str:
 
 async def measure(redis_url: str, runs: int, workloads: list[str]) -> list[str]:
     rows = []
-    async with Client(redis_url, namespace=NAMESPACE) as client:
-        redis = Redis.from_url(redis_url, decode_responses=True)
-        try:
-            for workload in workloads:
-                latencies: list[float] = []
-                misses = 0
-                for i in range(runs):
-                    latency = await trial(client, redis, f"{workload}-{i}", workload)
-                    if latency is None:
-                        misses += 1
-                    else:
-                        latencies.append(latency)
-                rows.append(summary(workload, latencies, misses))
-        finally:
-            await redis.aclose()
+    async with connected(redis_url) as (client, redis):
+        for workload in workloads:
+            latencies: list[float] = []
+            misses = 0
+            for i in range(runs):
+                seen = await trial(client, redis, f"{workload}-{i}", workload)
+                if seen is None:
+                    misses += 1
+                else:
+                    latencies.append(seen.latency)
+            rows.append(summary(workload, latencies, misses))
     return rows
 
 
@@ -92,14 +132,8 @@ def main() -> int:
     args = parser.parse_args()
     workloads = ["sleep", "steps"] if args.workload == "both" else [args.workload]
 
-    with EmbeddedRedis() as server:
-        broker, _http = start_broker(server.url, NAMESPACE)
-        worker = start_worker(server.url, NAMESPACE, shutdown_timeout="0.5")
-        try:
-            rows = anyio.run(measure, server.url, args.runs, workloads)
-        finally:
-            worker.terminate()
-            broker.terminate()
+    with EmbeddedRedis() as server, serving(server.url):
+        rows = anyio.run(measure, server.url, args.runs, workloads)
     print(f"cancel latency, Client.send -> body sees cancellation ({args.runs} runs each)")
     print("| workload | runs | p50 ms | p90 ms | p99 ms | max ms | mean ms | misses |")
     print("|---|---|---|---|---|---|---|---|")
