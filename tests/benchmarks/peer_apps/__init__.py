@@ -51,6 +51,23 @@ def blocking_work(workload: str) -> None:
             time.sleep(STEP_S)
 
 
+def observed_blocking_job(
+    recorder: Any, key: str, workload: str, cancellation: type[BaseException]
+) -> None:
+    """A sync job's body: the work, and what its code observed of it. ``cancellation`` is
+    what the system raises in the job to cancel it (caught, recorded, raised again)."""
+    recorder.rpush(observed_key(key), entry("started"))
+    try:
+        blocking_work(workload)
+    except cancellation as exc:
+        recorder.rpush(observed_key(key), entry("cancelled", exception=class_name(exc)))
+        raise
+    else:
+        recorder.rpush(observed_key(key), entry("completed"))
+    finally:
+        recorder.rpush(observed_key(key), entry("ended"))
+
+
 async def awaited_work(workload: str) -> None:
     if workload == "long":
         await asyncio.sleep(LONG_CALL_S)

@@ -12,7 +12,7 @@ import redis
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 
-from tests.benchmarks.peer_apps import blocking_work, class_name, entry, observed_key, redis_url
+from tests.benchmarks.peer_apps import observed_blocking_job, redis_url
 
 DB = 3
 
@@ -28,13 +28,4 @@ recorder = redis.Redis.from_url(redis_url(DB))
 
 @app.task(name="peers.job")
 def job(key: str, workload: str) -> None:
-    recorder.rpush(observed_key(key), entry("started"))
-    try:
-        blocking_work(workload)
-    except SoftTimeLimitExceeded as exc:
-        recorder.rpush(observed_key(key), entry("cancelled", exception=class_name(exc)))
-        raise
-    else:
-        recorder.rpush(observed_key(key), entry("completed"))
-    finally:
-        recorder.rpush(observed_key(key), entry("ended"))
+    observed_blocking_job(recorder, key, workload, cancellation=SoftTimeLimitExceeded)

@@ -16,7 +16,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq_abort import Abort, Abortable
 from dramatiq_abort.backends import RedisBackend
 
-from tests.benchmarks.peer_apps import blocking_work, class_name, entry, observed_key, redis_url
+from tests.benchmarks.peer_apps import observed_blocking_job, redis_url
 
 DB = 2
 
@@ -29,13 +29,4 @@ recorder = redis.Redis.from_url(redis_url(DB))
 
 @dramatiq.actor(actor_name="peers_job", max_retries=0)
 def job(key: str, workload: str) -> None:
-    recorder.rpush(observed_key(key), entry("started"))
-    try:
-        blocking_work(workload)
-    except Abort as exc:
-        recorder.rpush(observed_key(key), entry("cancelled", exception=class_name(exc)))
-        raise
-    else:
-        recorder.rpush(observed_key(key), entry("completed"))
-    finally:
-        recorder.rpush(observed_key(key), entry("ended"))
+    observed_blocking_job(recorder, key, workload, cancellation=Abort)

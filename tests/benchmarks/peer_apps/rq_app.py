@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import redis
 
-from tests.benchmarks.peer_apps import blocking_work, class_name, entry, observed_key, redis_url
+from tests.benchmarks.peer_apps import observed_blocking_job, redis_url
 
 DB = 4
 QUEUE = "peers"
@@ -19,13 +19,5 @@ recorder = redis.Redis.from_url(redis_url(DB))
 
 
 def job(key: str, workload: str) -> None:
-    recorder.rpush(observed_key(key), entry("started"))
-    try:
-        blocking_work(workload)
-    except BaseException as exc:
-        recorder.rpush(observed_key(key), entry("cancelled", exception=class_name(exc)))
-        raise
-    else:
-        recorder.rpush(observed_key(key), entry("completed"))
-    finally:
-        recorder.rpush(observed_key(key), entry("ended"))
+    # rq tells the job nothing (it SIGKILLs the work horse): whatever it raises.
+    observed_blocking_job(recorder, key, workload, cancellation=BaseException)
