@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final, overload
 
 from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
-from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
 from sdk.rules import CancelOn, Path, check_rules
@@ -30,7 +29,7 @@ def canonical_config(
             event=rule.event,
             match=rule.match,
             if_=rule.if_,
-            timeout_s=None if rule.timeout is None else parse_duration(rule.timeout),
+            timeout_s=rule.timeout_s,
             all_runs=rule.all_runs,
         )
         for rule in rules
