@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar, overload
 
@@ -50,8 +49,9 @@ class CancelState:
         self.scope = anyio.CancelScope()
         self.mode: CancelMode = mode
         self.reason: str | None = None
-        # Read by thread steps (ctx.cancelled, ctx.check()): an Event is safe across threads.
-        self._received = threading.Event()
+        # Read by thread steps (ctx.cancelled, ctx.check()) as well: one attribute, set
+        # once and never cleared, needs no lock (and a threading.Event per run is not free).
+        self._received = False
         #: Until the body starts, nothing of the user's can be cut short: any mode interrupts.
         self.body_started = False
         #: A thread step ignored the interruption past its grace and was left running.
@@ -61,7 +61,7 @@ class CancelState:
         """Receive a cancel; interrupt now if the mode says so, or if ``interrupt``."""
         if self.reason is None:
             self.reason = reason  # before the flag: a thread that sees the flag sees why
-        self._received.set()
+        self._received = True
         if interrupt or self.mode == "immediate" or not self.body_started:
             self.scope.cancel()
 
@@ -71,7 +71,7 @@ class CancelState:
 
     @property
     def cancelled(self) -> bool:
-        return self._received.is_set()
+        return self._received
 
 
 Backstop = Callable[[], Awaitable[None]]

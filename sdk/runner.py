@@ -8,7 +8,7 @@ always find a run that has not finished (the registry is never dropped early).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -23,7 +23,7 @@ from sdk.function import Function
 from sdk.keys import EVENT_FIELD
 from sdk.metrics import WorkerMetrics
 from sdk.rules import IndexEntry, index_entries, parse_path, value_token
-from sdk.store import Finished, Outcome, Registration, RunStore
+from sdk.store import Finished, Outcome, RegisterRequest, Registration, RunStore
 from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
 #: Registering a run is one short script; longer means Redis is unreachable.
@@ -33,6 +33,10 @@ FINISH_TIMEOUT_S: Final = 30.0
 SHUTDOWN_REASON: Final = "worker shutdown"
 INTERRUPTED_REASON: Final = "interrupted: the block was cancelled from outside the run"
 LOST_REASON: Final = "this worker missed its heartbeats and its runs were recorded as lost"
+#: A step boundary reads its run's status (the backstop for signals that all went astray)
+#: at most this often per run: signals are re-sent every 2 s anyway, and a read per 10 ms
+#: step would double what a run costs Redis.
+BACKSTOP_INTERVAL_S: Final = 0.5
 
 
 @dataclass(eq=False, slots=True)
@@ -45,6 +49,8 @@ class Run:
     parent_run_id: str | None = None
     #: When the body stopped (monotonic), for the cancel latency recorded with the outcome.
     stopped_at: float | None = None
+    #: When the run's status was last read from Redis (its registration is a read too).
+    status_read_at: float = 0.0
 
 
 def _stopped_by_its_cancel(exc: Exception, run: Run) -> bool:
@@ -85,39 +91,88 @@ class Runner:
         registered matches (a tombstone), is returned already cancelled: its body stops at
         its first await.
         """
-        if run_id in self._runs:
-            raise DuplicateRunError(run_id, "running")
-        parent_run_id = parent_run_id or event.parent
-        entries = index_entries(fn.cancel_on, event, self.store.keys)
-        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id)
-        # In the registry before the script runs: a signal can arrive the moment it returns.
-        self._runs[run_id] = run
+        run, request = self._admit(fn, event, run_id, parent_run_id or event.parent)
         try:
             # Shielded: a run must not be half registered because its starter was cancelled.
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                registration = await self.store.register(  # idempotent for this worker
-                    run_id=run_id,
-                    app_id=self.app_id,
-                    function_id=fn.id,
-                    config_hash=fn.config_hash,
-                    worker_id=self.worker_id,
-                    event=event,
-                    entries=entries,
-                    parent_run_id=parent_run_id,
-                    owner=self._owner(fn, event),
-                )
-                if registration.outcome == "registered" and registration.tombstones:
-                    await self._apply_tombstones(run, registration)
+                registration = await self.store.register(request)  # idempotent for this worker
+                return await self._settle(run, registration)
         except BaseException:
             self._forget(run)
             raise
+
+    async def register_many(
+        self, fn: Function, triggers: Sequence[tuple[Event, str]]
+    ) -> list[Run | Exception]:
+        """:meth:`register` for a batch of ``(trigger, run id)`` in one round trip; each
+        gets its run or the exception :meth:`register` would have raised."""
+        admitted: list[tuple[Run, RegisterRequest] | Exception] = []
+        for event, run_id in triggers:
+            try:
+                admitted.append(self._admit(fn, event, run_id, event.parent))
+            except DuplicateRunError as exc:
+                admitted.append(exc)
+        requests = [item[1] for item in admitted if not isinstance(item, Exception)]
+        results: list[Run | Exception] = []
+        try:
+            with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
+                registrations = iter(await self.store.register_many(requests) if requests else [])
+                for item in admitted:
+                    if isinstance(item, Exception):
+                        results.append(item)
+                        continue
+                    run, registration = item[0], next(registrations)
+                    try:
+                        if isinstance(registration, Exception):
+                            raise registration
+                        results.append(await self._settle(run, registration))
+                    except Exception as exc:
+                        self._forget(run)
+                        results.append(exc)
+        except BaseException:
+            # As for one run: none of the batch is held, and the triggers, unacknowledged,
+            # are read again (a registered run is adopted then: same id, same worker).
+            for item in admitted:
+                if not isinstance(item, Exception):
+                    self._forget(item[0])
+            raise
+        return results
+
+    def _admit(
+        self, fn: Function, event: Event, run_id: str, parent_run_id: str | None
+    ) -> tuple[Run, RegisterRequest]:
+        """Put a run in the registry, before its registration script runs: a signal can
+        arrive the moment the script returns."""
+        if run_id in self._runs:
+            raise DuplicateRunError(run_id, "running")
+        entries = index_entries(fn.cancel_on, event, self.store.keys)
+        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id)
+        run.status_read_at = time.monotonic()
+        self._runs[run_id] = run
+        request = RegisterRequest(
+            run_id=run_id,
+            app_id=self.app_id,
+            function_id=fn.id,
+            config_hash=fn.config_hash,
+            worker_id=self.worker_id,
+            event=event,
+            entries=entries,
+            parent_run_id=parent_run_id,
+            owner=self._owner(fn, event),
+        )
+        return run, request
+
+    async def _settle(self, run: Run, registration: Registration) -> Run:
+        """Act on what registering did: tombstones to evaluate, a taken id, a cancel."""
+        if registration.outcome == "registered" and registration.tombstones:
+            await self._apply_tombstones(run, registration)
         if registration.outcome == "taken":
             self._forget(run)
-            raise DuplicateRunError(run_id, registration.status)
+            raise DuplicateRunError(run.run_id, registration.status)
         if registration.outcome == "cancelled":
             self._log.info(
                 "run.cancelled_on_registration",
-                run_id=run_id,
+                run_id=run.run_id,
                 reason=registration.reason,
                 cancelled_by=registration.cancelled_by,
             )
@@ -194,7 +249,7 @@ class Runner:
         error: str | None = None
         started = time.monotonic()
         log = self._log.bind(run_id=run.run_id, function_id=run.function.id)
-        log.info("run.started", event_id=run.event.id, event_name=run.event.name)
+        log.debug("run.started", event_id=run.event.id, event_name=run.event.name)
         active = self.metrics.runs_active.labels(run.function.id)
         active.inc()
         try:
@@ -271,8 +326,10 @@ class Runner:
 
     async def _check_cancel_requested(self, run: Run) -> None:
         """At a step boundary: has a cancel been requested that no signal told us about?"""
-        if run.state.cancelled:
+        now = time.monotonic()
+        if run.state.cancelled or now - run.status_read_at < BACKSTOP_INTERVAL_S:
             return
+        run.status_read_at = now
         try:
             status, reason = await self.store.status(run.run_id)
         except REDIS_ERRORS as exc:  # an outage must not fail the step; signals still work

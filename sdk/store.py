@@ -82,6 +82,36 @@ class Registration(msgspec.Struct, frozen=True):
     tombstones: tuple[tuple[IndexEntry, Event], ...] = ()
 
 
+class RegisterRequest(msgspec.Struct, frozen=True):
+    """A run to register: who runs it, what triggered it, where it waits in the index.
+
+    ``owner``: the function's owner path and the trigger's value token there.
+    """
+
+    run_id: str
+    app_id: str
+    function_id: str
+    config_hash: str
+    worker_id: str
+    event: Event
+    entries: Sequence[IndexEntry]
+    parent_run_id: str | None = None
+    owner: tuple[str, str | None] | None = None
+
+
+def _registration(request: RegisterRequest, reply: Any) -> Registration:
+    """``register_run.lua``'s reply."""
+    if reply[0] == "taken":
+        return Registration("taken", str(reply[1]))
+    if reply[0] == "cancelled":
+        return Registration("cancelled", "cancelling", str(reply[1]), str(reply[2]))
+    tombstones = tuple(
+        (request.entries[int(index) - 1], decode_stored_event(body))
+        for index, _id, body in reply[1]
+    )
+    return Registration("registered", tombstones=tombstones)
+
+
 class Finished(msgspec.Struct, frozen=True):
     """What recording a run's end did: its status before (None: no such run) and, for a
     run that ended cancelled now, the latency from the cancel's publication (ms)."""
@@ -121,69 +151,69 @@ class RunStore:
             SIGNAL_STREAM_MAXLEN,
         ]
 
-    async def register(
-        self,
-        *,
-        run_id: str,
-        app_id: str,
-        function_id: str,
-        config_hash: str,
-        worker_id: str,
-        event: Event,
-        entries: Sequence[IndexEntry],
-        parent_run_id: str | None = None,
-        owner: tuple[str, str | None] | None = None,
-    ) -> Registration:
-        """Register a running run (cancelled at once if a tombstone or its parent says so).
+    async def register(self, request: RegisterRequest) -> Registration:
+        """Register a running run (cancelled at once if a tombstone or its parent says so)."""
+        keys, args = self._register_call(request)
+        reply = await self._register(keys=keys, args=args)
+        return _registration(request, reply)
 
-        ``owner``: the function's owner path and the trigger's value token there.
+    async def register_many(
+        self, requests: Sequence[RegisterRequest]
+    ) -> list[Registration | Exception]:
+        """Register several runs in one round trip (a worker's batch of triggers).
+
+        Each gets its registration or the error its script raised; a connection error
+        fails them all.
         """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request in requests:
+                keys, args = self._register_call(request)
+                await self._register(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute(raise_on_error=False)
+        return [
+            reply if isinstance(reply, Exception) else _registration(request, reply)
+            for request, reply in zip(requests, replies, strict=True)
+        ]
+
+    def _register_call(self, r: RegisterRequest) -> tuple[list[str], list[ScriptArg]]:
         fields = {
-            "run_id": run_id,
-            "app_id": app_id,
-            "function_id": function_id,
-            "config_hash": config_hash,
-            "worker_id": worker_id,
-            "event_id": event.id,
-            "event": encode_stored_event(event).decode(),
+            "run_id": r.run_id,
+            "app_id": r.app_id,
+            "function_id": r.function_id,
+            "config_hash": r.config_hash,
+            "worker_id": r.worker_id,
+            "event_id": r.event.id,
+            "event": encode_stored_event(r.event).decode(),
             # Where the run waits in the index, so whoever reaps it can clean up after it.
-            "index": encode_json([e.key for e in entries]).decode(),
-            "parent_run_id": parent_run_id,
-            "owned": None if owner is None else "1",
-            "owner": None if owner is None else owner[1],
+            "index": encode_json([e.key for e in r.entries]).decode(),
+            "parent_run_id": r.parent_run_id,
+            "owned": None if r.owner is None else "1",
+            "owner": None if r.owner is None else r.owner[1],
         }
-        parent = parent_run_id or run_id
+        parent = r.parent_run_id or r.run_id
         keys = [
-            self.keys.run(run_id),
+            self.keys.run(r.run_id),
             self.keys.active_runs,
-            self.keys.event_runs(event.id),
-            self.keys.run_configs(app_id),
-            self.keys.worker_runs(worker_id),
-            self.keys.function_runs(app_id, function_id),
+            self.keys.event_runs(r.event.id),
+            self.keys.run_configs(r.app_id),
+            self.keys.worker_runs(r.worker_id),
+            self.keys.function_runs(r.app_id, r.function_id),
             self.keys.run(parent),
             self.keys.children(parent),
-            *(key for e in entries for key in (e.key, e.tombstone)),
+            *(key for e in r.entries for key in (e.key, e.tombstone)),
         ]
         args: list[ScriptArg] = [
-            run_id,
-            f"{function_id}:{config_hash}",
-            worker_id,
-            len(entries),
+            r.run_id,
+            f"{r.function_id}:{r.config_hash}",
+            r.worker_id,
+            len(r.entries),
             self.retention_s,
             self.keys.tombstone_event(""),
-            parent_run_id or "",
-            *(arg for e in entries for arg in ("m" if e.expression is None else "c", e.event_name)),
+            r.parent_run_id or "",
+            *(a for e in r.entries for a in ("m" if e.expression is None else "c", e.event_name)),
             *_pairs(fields),
         ]
-        reply = cast(list[Any], await self._register(keys=keys, args=args))
-        if reply[0] == "taken":
-            return Registration("taken", str(reply[1]))
-        if reply[0] == "cancelled":
-            return Registration("cancelled", "cancelling", str(reply[1]), str(reply[2]))
-        tombstones = tuple(
-            (entries[int(index) - 1], decode_stored_event(body)) for index, _id, body in reply[1]
-        )
-        return Registration("registered", tombstones=tombstones)
+        return keys, args
 
     async def finish(
         self,

@@ -10,7 +10,7 @@ function's group at all, so none of its triggers is dropped.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final
 
 from anyio.abc import TaskGroup
@@ -52,7 +52,7 @@ class FunctionTriggers:
         worker_id: str,
         task_group: TaskGroup,
         capacity: Callable[[], Awaitable[int]],
-        execute: Callable[[Run], Awaitable[None]],
+        execute: Callable[[Run], Coroutine[Any, Any, None]],
         log: Any,
     ) -> None:
         self.function = function
@@ -98,6 +98,7 @@ class FunctionTriggers:
 
     async def _dispatch(self, entries: Sequence[Entry]) -> None:
         not_ours: list[str] = []
+        batch: list[tuple[str, Event]] = []
         for entry_id, fields in entries:
             if entry_id in self.starting:
                 continue
@@ -110,27 +111,47 @@ class FunctionTriggers:
                 not_ours.append(entry_id)
                 continue
             self.starting.add(entry_id)
-            self._tg.start_soon(self._start, entry_id, event)
+            batch.append((entry_id, event))
+        if batch:
+            self._tg.start_soon(self._start, batch)
         await self.consumer.ack(*not_ours)
 
-    async def _start(self, entry_id: str, event: Event) -> None:
-        run: Run | None = None
-        run_id = triggered_run_id(self.runner.store.keys, self.app_id, self.function.id, entry_id)
+    async def _start(self, batch: list[tuple[str, Event]]) -> None:
+        """Register a batch of triggers' runs in one round trip, acknowledge the triggers
+        in one more, and start the runs."""
+        keys = self.runner.store.keys
+        run_ids = [triggered_run_id(keys, self.app_id, self.function.id, id_) for id_, _ in batch]
+        runs: list[Run] = []
         try:
-            try:
-                run = await self.runner.register(self.function, event, run_id)
-            except DuplicateRunError as exc:
-                self._log.info("run.duplicate_trigger", run_id=run_id, status=exc.status)
-            await self.consumer.ack(entry_id)
+            results = await self.runner.register_many(
+                self.function,
+                [(event, run_id) for (_, event), run_id in zip(batch, run_ids, strict=True)],
+            )
+            started: list[str] = []
+            for (entry_id, _), run_id, result in zip(batch, run_ids, results, strict=True):
+                if isinstance(result, Run):
+                    runs.append(result)
+                elif isinstance(result, DuplicateRunError):
+                    self._log.info("run.duplicate_trigger", run_id=run_id, status=result.status)
+                elif isinstance(result, REDIS_ERRORS):
+                    self._failed(entry_id, result)
+                    continue
+                else:
+                    raise result
+                started.append(entry_id)
+            await self.consumer.ack(*started)
         except (*REDIS_ERRORS, TimeoutError) as exc:
-            # Not acknowledged: the entry stays pending and is read again; a run that did
+            # Not acknowledged: the entries stay pending and are read again; a run that did
             # get registered is adopted then (same id, same worker).
-            self._log.warning("triggers.start_failed", entry_id=entry_id, error=repr(exc))
-            self.consumer.reread_pending()
+            self._failed(", ".join(entry_id for entry_id, _ in batch), exc)
         finally:
-            self.starting.discard(entry_id)
+            # Even when this task is being cancelled: a registered run must run (or be
+            # recorded as cancelled), never be left "running" by nobody.
+            for run in runs:
+                self._tg.start_soon(self._execute, run)
+            self.starting.difference_update(entry_id for entry_id, _ in batch)
             self.runner.notify()
-            if run is not None:
-                # Even when this task is being cancelled: the run is registered, so it must
-                # run (or be recorded as cancelled), never be left "running" by nobody.
-                await self._execute(run)
+
+    def _failed(self, entry_id: str, exc: BaseException) -> None:
+        self._log.warning("triggers.start_failed", entry_id=entry_id, error=repr(exc))
+        self.consumer.reread_pending()

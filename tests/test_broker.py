@@ -14,7 +14,7 @@ from sdk import CancelOn, CancelResult, Client, Event
 from sdk.keys import Keys
 from sdk.registration import declare_rules
 from sdk.rules import index_entries, lookups
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.streams import trim_acknowledged
 from tests.conftest import broker_drained, wait_until
 
@@ -41,13 +41,15 @@ async def register(
         declare_rules(pipe, store.keys, RULES, 0)  # what a worker's sync does
         await pipe.execute()
     registration = await store.register(
-        run_id=run_id,
-        app_id="reports",
-        function_id="generate-report",
-        config_hash=config_hash,
-        worker_id=worker,
-        event=event,
-        entries=index_entries(RULES, event, store.keys),
+        RegisterRequest(
+            run_id=run_id,
+            app_id="reports",
+            function_id="generate-report",
+            config_hash=config_hash,
+            worker_id=worker,
+            event=event,
+            entries=index_entries(RULES, event, store.keys),
+        )
     )
     assert registration.outcome == "registered"
 

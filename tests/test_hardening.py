@@ -12,7 +12,7 @@ from broker import Broker
 from sdk import Client, Event, RunCancelled, RunContext
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.streams import trim_acknowledged
 from tests.conftest import broker_drained, report_worker, run_of, status_is, wait_until
 
@@ -75,13 +75,15 @@ async def test_a_registration_retried_by_its_worker_is_its_own(
 
     async def register(worker_id: str) -> str:
         registration = await store.register(
-            run_id="r1",
-            app_id="reports",
-            function_id="f",
-            config_hash="c",
-            worker_id=worker_id,
-            event=event,
-            entries=[],
+            RegisterRequest(
+                run_id="r1",
+                app_id="reports",
+                function_id="f",
+                config_hash="c",
+                worker_id=worker_id,
+                event=event,
+                entries=[],
+            )
         )
         return registration.outcome if registration.outcome != "taken" else registration.status
 

@@ -29,7 +29,7 @@ from sdk.context import CANCEL_MODES
 from sdk.function import canonical_config
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.triggers import triggered_run_id
 from sdk.wire import config_hash
 from tests.conftest import run_of, status_is, wait_until
@@ -47,13 +47,15 @@ async def test_the_record_carries_abandoned_thread_and_on_cancel_error(
     event = Event(name="x/requested", data={}, id="1-0")
     for run_id in ("plain", "marked"):
         registration = await store.register(
-            run_id=run_id,
-            app_id="reports",
-            function_id="f",
-            config_hash="c",
-            worker_id="w1",
-            event=event,
-            entries=[],
+            RegisterRequest(
+                run_id=run_id,
+                app_id="reports",
+                function_id="f",
+                config_hash="c",
+                worker_id="w1",
+                event=event,
+                entries=[],
+            )
         )
         assert registration.outcome == "registered"
     await store.finish("plain", "cancelled", [], app_id="reports", function_id="f", worker_id="w1")

@@ -16,7 +16,7 @@ from sdk import CancelOn, ConfigurationError, Event, InvalidEventError
 from sdk.keys import Keys
 from sdk.registration import declare_rules
 from sdk.rules import MAX_TOKEN_CHARS, index_entries, lookups, value_token
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_event, encode_event
 
 SETTINGS = settings(
@@ -196,13 +196,15 @@ async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) 
             declare_rules(pipe, broker.keys, EXPRESSION_RULES, 0)
             await pipe.execute()
         await store.register(
-            run_id="r1",
-            app_id="props",
-            function_id="f",
-            config_hash="c",
-            worker_id="w1",
-            event=event,
-            entries=index_entries(EXPRESSION_RULES, event, broker.keys),
+            RegisterRequest(
+                run_id="r1",
+                app_id="props",
+                function_id="f",
+                config_hash="c",
+                worker_id="w1",
+                event=event,
+                entries=index_entries(EXPRESSION_RULES, event, broker.keys),
+            )
         )
         before = _handled(broker)
         await broker.matcher(store).handle([("1700000000001-0", {"event": body.decode()})])

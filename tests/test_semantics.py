@@ -30,7 +30,7 @@ from sdk import (
 )
 from sdk.keys import Keys
 from sdk.rules import index_entries, lookups
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_event
 from tests.conftest import broker_drained, run_of, serving, status_is, wait_until
 
@@ -224,13 +224,15 @@ async def test_a_retried_registration_reports_expression_tombstones_again(
     entries = index_entries((TIER_RULE,), trigger, store.keys)
     for _ in range(2):
         registration = await store.register(
-            run_id="r1",
-            app_id="studio",
-            function_id="generate-report",
-            config_hash="c",
-            worker_id="w1",
-            event=trigger,
-            entries=entries,
+            RegisterRequest(
+                run_id="r1",
+                app_id="studio",
+                function_id="generate-report",
+                config_hash="c",
+                worker_id="w1",
+                event=trigger,
+                entries=entries,
+            )
         )
         assert registration.outcome == "registered"
         ((entry, tombstone),) = registration.tombstones

@@ -20,7 +20,7 @@ from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
 from sdk.function import Function
 from sdk.keys import Keys
 from sdk.rules import index_entries
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_worker
 from tests.conftest import serving, wait_until
 
@@ -166,13 +166,15 @@ async def register_run(
     store = RunStore(redis, Keys(namespace))
     event = Event(name=f"{function_id}/requested", data={"reportId": run_id}, id=f"1-{run_id}")
     await store.register(
-        run_id=run_id,
-        app_id="reports",
-        function_id=function_id,
-        config_hash=config_hash,
-        worker_id="elsewhere",
-        event=event,
-        entries=index_entries((RULE,), event, store.keys),
+        RegisterRequest(
+            run_id=run_id,
+            app_id="reports",
+            function_id=function_id,
+            config_hash=config_hash,
+            worker_id="elsewhere",
+            event=event,
+            entries=index_entries((RULE,), event, store.keys),
+        )
     )
     return store
 

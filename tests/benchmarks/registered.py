@@ -13,7 +13,7 @@ from sdk import CancelOn, Event
 from sdk.keys import Keys
 from sdk.registration import declare_rules
 from sdk.rules import index_entries
-from sdk.store import RunStore
+from sdk.store import RegisterRequest, RunStore
 
 RULES: Final = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
 #: Registrations in flight at once.
@@ -56,11 +56,13 @@ async def register_runs(redis: Redis, keys: Keys, n: int) -> float:
 async def _register(store: RunStore, i: int) -> None:
     event = trigger(i)
     await store.register(
-        run_id=run_id(i),
-        app_id="reports",
-        function_id="generate-report",
-        config_hash="c" * 64,
-        worker_id="vm-1234-abcdef",
-        event=event,
-        entries=index_entries(RULES, event, store.keys),
+        RegisterRequest(
+            run_id=run_id(i),
+            app_id="reports",
+            function_id="generate-report",
+            config_hash="c" * 64,
+            worker_id="vm-1234-abcdef",
+            event=event,
+            entries=index_entries(RULES, event, store.keys),
+        )
     )
