@@ -96,3 +96,32 @@ def test_peers_benchmark_prints_its_table() -> None:
         assert row[2] == "3"  # trials
         assert row[7] == "0"  # misses
         assert row[-1] == "CancelledError (BaseException)"  # what the job's code caught
+
+
+def test_load_benchmark_cancels_every_run_it_names() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tests/benchmarks/load.py",
+            "--seconds",
+            "2",
+            "--starts",
+            "100",
+            "--cancels",
+            "100",
+            "--run-seconds",
+            "1",
+            "--cancel-after",
+            "0.3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    row = lines[lines.index("| runs cancelled | p50 ms | p90 ms | p99 ms | max ms | misses |") + 2]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert int(cells[0].replace(",", "")) >= 50  # ~85 named: 100/s for 2 s, half, after 0.3 s
+    assert cells[-1] == "0"
