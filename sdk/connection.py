@@ -215,7 +215,8 @@ class _CommandCluster(RedisCluster):
 
     redis-py's cluster client also re-sends after a reply timeout (``TimeoutError`` is in
     its ``ERRORS_ALLOW_RETRY``), which the single-node path refuses: the timed-out XADD may
-    have been applied. Compared by exact type, as redis-py does.
+    have been applied. Compared by exact type, as redis-py does. Its pipelines read
+    ``RedisCluster.ERRORS_ALLOW_RETRY`` itself and still re-send after a timeout.
     """
 
     ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]  # redis-py types it as exactly its own four
