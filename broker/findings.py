@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import msgspec
-from redis.asyncio import Redis
 
+from sdk.connection import RedisClient
 from sdk.keys import Keys
 from sdk.registration import LIVE_INTERVALS, redis_now_ms
 from sdk.wire import (
@@ -165,7 +165,9 @@ def _short(config_hash: str) -> str:
     return config_hash[:12]
 
 
-async def load_configs(redis: Redis, keys: Keys, hashes: set[str]) -> dict[str, FunctionConfig]:
+async def load_configs(
+    redis: RedisClient, keys: Keys, hashes: set[str]
+) -> dict[str, FunctionConfig]:
     ordered = sorted(hashes)
     if not ordered:
         return {}
@@ -173,7 +175,7 @@ async def load_configs(redis: Redis, keys: Keys, hashes: set[str]) -> dict[str, 
     return {h: decode_config(body) for h, body in zip(ordered, raw, strict=True) if body}
 
 
-async def live_workers(redis: Redis, keys: Keys, now: int) -> list[WorkerView]:
+async def live_workers(redis: RedisClient, keys: Keys, now: int) -> list[WorkerView]:
     ids = cast(list[str], await redis.zrange(keys.workers, 0, -1))
     if not ids:
         return []
@@ -219,7 +221,7 @@ def decode_history(entry_id: str, fields: dict[str, str]) -> HistoryEntry:
 
 
 async def collect_state(
-    redis: Redis,
+    redis: RedisClient,
     keys: Keys,
     *,
     windows: Windows = Windows(),

@@ -17,7 +17,6 @@ from typing import Any, Final
 import anyio
 import structlog
 from anyio.abc import TaskStatus
-from redis.asyncio import Redis
 
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
@@ -25,7 +24,7 @@ from broker.matching import Matcher
 from broker.metrics import BrokerMetrics
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
-from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, command_client
+from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, RedisClient, command_client
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.store import RunStore
 from sdk.streams import (
@@ -87,7 +86,7 @@ class Broker:
         self._backoff_hooks = BackoffHooks(
             on_failure=self.metrics.redis_errors.inc, on_recovery=self.metrics.redis_reconnects.inc
         )
-        self._redis: Redis | None = None
+        self._redis: RedisClient | None = None
         self._events: GroupConsumer | None = None
         #: Set when :meth:`run` has returned (after :meth:`stop`, or cancellation).
         self.stopped = anyio.Event()
@@ -157,7 +156,7 @@ class Broker:
             self.stopped.set()
             self._log.info("broker.stopped")
 
-    def _poison_handler(self, redis: Redis, stream: str) -> Any:
+    def _poison_handler(self, redis: RedisClient, stream: str) -> Any:
         async def park(entries: Sequence[Entry]) -> None:
             for entry_id, fields in entries:
                 detail = f"delivered more than {MAX_DELIVERIES} times without being handled"
@@ -184,7 +183,7 @@ class Broker:
         )
 
     async def readiness(self) -> tuple[bool, str]:
-        """Whether this broker can do its work now: Redis answers and its groups exist."""
+        """Whether this broker can do its work now: RedisClient answers and its groups exist."""
         redis = self._redis
         if redis is None:
             return False, "the broker is not running"
@@ -203,7 +202,7 @@ class Broker:
             raise RuntimeError("the broker is not running")
         return await collect_state(self._redis, self.keys, windows=self.windows)
 
-    async def _wait_for_redis(self, redis: Redis) -> None:
+    async def _wait_for_redis(self, redis: RedisClient) -> None:
         """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
         backoff = Backoff(self._log, "broker.startup", hooks=self._backoff_hooks)
         while True:
@@ -216,7 +215,7 @@ class Broker:
             backoff.succeeded()
             return
 
-    async def _refresh_cluster_stats(self, redis: Redis) -> None:
+    async def _refresh_cluster_stats(self, redis: RedisClient) -> None:
         while True:
             try:
                 await self.metrics.cluster.refresh(redis, self.keys)
@@ -225,7 +224,12 @@ class Broker:
             await anyio.sleep(STATS_REFRESH_S)
 
     async def _dead_letter(
-        self, redis: Redis, entry_id: str, fields: dict[str, str] | None, reason: str, detail: str
+        self,
+        redis: RedisClient,
+        entry_id: str,
+        fields: dict[str, str] | None,
+        reason: str,
+        detail: str,
     ) -> None:
         self.metrics.dead_letters.labels(reason=reason).inc()
         await dead_letter(

@@ -22,8 +22,8 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from redis.asyncio import Redis
 
+from sdk.connection import RedisClient
 from sdk.keys import Keys
 from sdk.metrics import LATENCY_BUCKETS
 
@@ -41,7 +41,7 @@ class Snapshot:
     #: per-bucket (not cumulative) counts, the last one for +Inf
     delivery_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     delivery_sum: float = 0.0
-    #: (stream, group) -> entries not yet delivered to the group (None: Redis < 7)
+    #: (stream, group) -> entries not yet delivered to the group (None: RedisClient < 7)
     consumer_lag: dict[tuple[str, str], int | None] = field(default_factory=dict)
     #: (stream, group) -> entries delivered and not acknowledged
     pending: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -51,7 +51,7 @@ class ClusterStats(Collector):
     def __init__(self) -> None:
         self.snapshot = Snapshot()
 
-    async def refresh(self, redis: Redis, keys: Keys) -> None:
+    async def refresh(self, redis: RedisClient, keys: Keys) -> None:
         snapshot = Snapshot()
         finished = cast(dict[str, str], await redis.hgetall(keys.finished_stats))
         for field_name, count in finished.items():

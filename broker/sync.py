@@ -16,7 +16,6 @@ from typing import Any, Final, cast
 
 import anyio
 import msgspec
-from redis.asyncio import Redis
 
 from broker.findings import (
     FINDING_KINDS,
@@ -29,7 +28,7 @@ from broker.findings import (
     load_configs,
 )
 from broker.metrics import BrokerMetrics
-from sdk.connection import REDIS_ERRORS
+from sdk.connection import REDIS_ERRORS, RedisClient
 from sdk.keys import Keys
 from sdk.streams import Entry
 from sdk.wire import Event, decode_worker, encode_json
@@ -45,7 +44,7 @@ class SyncRecorder:
     """Turns sync notices into per-app history entries (the last ``history_length``)."""
 
     def __init__(
-        self, redis: Redis, keys: Keys, log: Any, *, history_length: int = HISTORY_MAXLEN
+        self, redis: RedisClient, keys: Keys, log: Any, *, history_length: int = HISTORY_MAXLEN
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -144,7 +143,7 @@ class EventWatch:
                 self._capped = True
                 self._log.warning("sync.orphan_names_capped", limit=MAX_ORPHAN_NAMES)
 
-    async def flush(self, redis: Redis) -> None:
+    async def flush(self, redis: RedisClient) -> None:
         """Write what was noticed since the last flush (one round trip, once per batch)."""
         if not self._last_seen and not self._orphans:
             return
@@ -177,7 +176,7 @@ class SyncMonitor:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         watch: EventWatch,
         metrics: BrokerMetrics,

@@ -9,6 +9,14 @@ XREADGROUP hands out entries that then sit unseen in the pending list.
 
 Replies are decoded as UTF-8 with ``surrogateescape``: anyone can XADD bytes that are not
 UTF-8, and such an entry must become a dead letter, not an exception in a read loop.
+
+A ``redis+cluster://host:port[,host:port...]`` URL (``rediss+cluster://`` with TLS) gives a
+:class:`~redis.asyncio.cluster.RedisCluster` instead, with the same policy: the cluster
+client re-sends a command after a connection error, a CLUSTERDOWN reply or a topology it
+has not learnt yet, never after a reply timeout; a MOVED or ASK redirection is always
+followed (the node refused the command, so it did not run). The scheme says "cluster"
+because the client must be chosen before connecting: asking the server costs a round
+trip on every connect and turns a wrong guess into silent misrouting.
 """
 
 from __future__ import annotations
@@ -16,23 +24,36 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
+    ClusterDownError,
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sdk.errors import InvalidRedisUrlError
+
+#: What every factory here returns: a single-node client, or a cluster client for a
+#: ``redis+cluster://`` URL. Both speak the same commands; see docs/scaling.md for what a
+#: cluster refuses (keys of several slots in one command, script or transaction).
+RedisClient: TypeAlias = Redis | RedisCluster
+#: What ``RedisClient.pipeline()`` returns.
+RedisPipeline: TypeAlias = Pipeline | ClusterPipeline
 
 DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
 #: Read by the SDK, the client and the broker alike when no URL is passed.
@@ -135,11 +156,110 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
 
 
+#: URL schemes that select Redis Cluster, and the redis-py scheme each stands for.
+CLUSTER_SCHEMES: Final = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterUrl:
+    """A ``redis+cluster://`` URL taken apart: the first node as a plain redis-py URL
+    (credentials, TLS and other options in its query string apply to every node), and all
+    the startup nodes. The client learns the rest of the cluster from any one of them."""
+
+    url: str
+    nodes: tuple[tuple[str, int], ...]
+
+
+def _host_port(address: str, url: str) -> tuple[str, int]:
+    if address.startswith("["):  # [IPv6]:port
+        host, _, rest = address[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65_536:
+        raise InvalidRedisUrlError(
+            f"{redact_url(url)}: every node of a cluster URL is host:port, not {address!r}"
+        )
+    return host, int(port)
+
+
+def parse_cluster_url(url: str) -> ClusterUrl | None:
+    """The parts of a ``redis+cluster://``/``rediss+cluster://`` URL; None for any other."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        return None
+    netloc, _, tail = rest.partition("/")
+    netloc, _, query = netloc.partition("?")  # "host:port?opt=..." without a path
+    userinfo, at, addresses = netloc.rpartition("@")
+    nodes = tuple(_host_port(a.strip(), url) for a in addresses.split(",") if a.strip())
+    if not nodes:
+        raise InvalidRedisUrlError(f"{redact_url(url)}: a cluster URL names at least one node")
+    path, _, tail_query = tail.partition("?")
+    if path not in ("", "0"):
+        raise InvalidRedisUrlError(
+            f"{redact_url(url)}: Redis Cluster has only database 0, not /{path}"
+        )
+    options = query or tail_query
+    host, port = nodes[0]
+    first = f"[{host}]" if ":" in host else host
+    plain = f"{CLUSTER_SCHEMES[scheme.lower()]}://{userinfo}{at}{first}:{port}/0"
+    return ClusterUrl(url=plain + (f"?{options}" if options else ""), nodes=nodes)
+
+
+def is_cluster_url(url: str) -> bool:
+    return parse_cluster_url(url) is not None
+
+
+class _CommandCluster(RedisCluster):
+    """A cluster client that re-sends a command only when it cannot have run.
+
+    redis-py's cluster client also re-sends after a reply timeout (``TimeoutError`` is in
+    its ``ERRORS_ALLOW_RETRY``), which the single-node path refuses: the timed-out XADD may
+    have been applied. Compared by exact type, as redis-py does. Its pipelines read
+    ``RedisCluster.ERRORS_ALLOW_RETRY`` itself and still re-send after a timeout.
+    """
+
+    ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]  # redis-py types it as exactly its own four
+
+
+def _cluster_client(
+    cls: type[RedisCluster], parts: ClusterUrl, *, retries: int, **options: Any
+) -> RedisCluster:
+    return cls.from_url(
+        parts.url,
+        # The first node comes from the URL itself; the others are startup nodes too, so
+        # the client can start while any one of them answers.
+        startup_nodes=[ClusterNode(host, port) for host, port in parts.nodes[1:]],
+        # The cluster client retries at its level (re-resolving the topology between
+        # attempts); its retry object only gives the number of attempts.
+        retry=Retry(NoBackoff(), retries=retries),
+        decode_responses=True,
+        encoding_errors="surrogateescape",
+        protocol=2,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        **options,
+    )
+
+
 #: Connections one process opens for commands; beyond that, callers wait for a free one.
 MAX_CONNECTIONS: Final = 64
 
 
-def command_client(url: str) -> Redis:
+def command_client(url: str) -> RedisClient:
+    """The pooled client of one process's commands (not its blocking reads)."""
+    cluster = parse_cluster_url(url)
+    if cluster is not None:
+        # Per node; unlike the single-node pool it does not wait for a free connection
+        # but raises MaxConnectionsError (a ConnectionError) at the 65th concurrent command.
+        return _cluster_client(
+            _CommandCluster,
+            cluster,
+            retries=3,
+            max_connections=MAX_CONNECTIONS,
+            socket_timeout=5.0,
+            health_check_interval=30,
+        )
     # A blocking pool: a burst of concurrent commands (thousands of runs registering at
     # once) waits for a connection instead of failing with MaxConnectionsError.
     pool = BlockingConnectionPool.from_url(
@@ -162,7 +282,13 @@ def command_client(url: str) -> Redis:
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 
-def blocking_client(url: str, block_ms: int) -> Redis:
+def blocking_client(url: str, block_ms: int) -> RedisClient:
+    """A client of its own for one blocking reader; it never re-sends a read by itself."""
+    cluster = parse_cluster_url(url)
+    if cluster is not None:
+        return _cluster_client(
+            RedisCluster, cluster, retries=0, socket_timeout=block_ms / 1000 + 10.0
+        )
     return Redis.from_url(
         url,
         decode_responses=True,

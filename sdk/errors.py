@@ -11,6 +11,11 @@ class ConfigurationError(CancelBrokerError, ValueError):
     """A function, rule or worker was declared wrongly; raised at definition time."""
 
 
+class InvalidRedisUrlError(CancelBrokerError, ValueError):
+    """A Redis URL that cannot be connected to as written (a malformed cluster node list,
+    a database other than 0 on a cluster)."""
+
+
 class InvalidEventError(CancelBrokerError, ValueError):
     """An event cannot be published or consumed as it is.
 

@@ -15,10 +15,8 @@ from importlib import resources
 from typing import Any, Final
 
 import anyio
-from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 
-from sdk.connection import REDIS_ERRORS, Backoff
+from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline
 from sdk.function import Function
 from sdk.keys import Keys
 from sdk.rules import CancelOn
@@ -41,13 +39,13 @@ APP_VERSION_ENV: Final = "CANCEL_APP_VERSION"
 _HEARTBEAT = (resources.files("sdk") / "lua" / "heartbeat.lua").read_text()
 
 
-async def redis_now_ms(redis: Redis) -> int:
+async def redis_now_ms(redis: RedisClient) -> int:
     """Redis server time: the one clock every process agrees on."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
 
 
-def declare_rules(pipe: Pipeline, keys: Keys, rules: Iterable[CancelOn], now: int) -> None:
+def declare_rules(pipe: RedisPipeline, keys: Keys, rules: Iterable[CancelOn], now: int) -> None:
     """Tell the broker what to look up (and tombstone) for each rule's cancel event.
 
     Part of the sync, so it is in Redis before the worker can read a trigger.
@@ -64,7 +62,7 @@ class Registration:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         app_id: str,

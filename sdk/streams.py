@@ -19,13 +19,13 @@ from typing import Any, Final, cast
 
 import anyio
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
     BackoffHooks,
+    RedisClient,
     blocking_client,
 )
 from sdk.wire import encode_json, printable
@@ -43,7 +43,7 @@ DEAD_LETTER_MAXLEN: Final = 100_000
 
 
 async def dead_letter(
-    redis: Redis,
+    redis: RedisClient,
     stream: str,
     entry_id: str,
     fields: dict[str, str] | None,
@@ -69,7 +69,7 @@ async def dead_letter(
     )
 
 
-async def create_group(redis: Redis, stream: str, group: str) -> None:
+async def create_group(redis: RedisClient, stream: str, group: str) -> None:
     """Create ``group`` on ``stream`` (and the stream) unless it exists.
 
     A new group starts at the stream's end: it sees events published from now on.
@@ -91,7 +91,7 @@ def _id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def trim_acknowledged(redis: Redis, stream: str, *, approximate: bool = True) -> int:
+async def trim_acknowledged(redis: RedisClient, stream: str, *, approximate: bool = True) -> int:
     """Delete the entries every consumer group has read and acknowledged.
 
     Keeps everything from the oldest entry still needed by any group: its oldest pending
@@ -120,7 +120,7 @@ class GroupConsumer:
     def __init__(
         self,
         redis_url: str,
-        commands: Redis,
+        commands: RedisClient,
         *,
         stream: str,
         group: str,
@@ -192,7 +192,7 @@ class GroupConsumer:
             await self.leave()
 
     async def _loop(
-        self, reader: Redis, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
+        self, reader: RedisClient, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
     ) -> None:
         pending_from: str | None = "0"
         backoff = Backoff(self._log, "stream", hooks=self._backoff_hooks, stream=self.stream)

@@ -30,12 +30,12 @@ import msgspec
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
+    RedisClient,
     blocking_client,
     command_client,
     resolve_url,
@@ -347,7 +347,7 @@ class Worker:
 
     # -- the signal loop -----------------------------------------------------------
 
-    async def _listen_for_signals(self, reader: Redis) -> None:
+    async def _listen_for_signals(self, reader: RedisClient) -> None:
         stream = self.keys.signals(self.worker_id)
         # This stream is new with this worker id; reading from its start loses nothing,
         # and the last id carried across reconnects makes every signal arrive once.
@@ -400,7 +400,7 @@ class Worker:
         for seconds in delays:
             self.metrics.signal_delivery.observe(seconds)
 
-    async def _delete_signal_stream(self, redis: Redis) -> None:
+    async def _delete_signal_stream(self, redis: RedisClient) -> None:
         with anyio.move_on_after(5, shield=True):
             try:
                 await redis.delete(self.keys.signals(self.worker_id))
@@ -409,7 +409,7 @@ class Worker:
 
     # -- triggers ------------------------------------------------------------------
 
-    async def _create_groups(self, redis: Redis) -> None:
+    async def _create_groups(self, redis: RedisClient) -> None:
         # The broker's group too: from the moment a run can exist, cancel events are kept
         # for the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)

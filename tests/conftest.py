@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics, EmbeddedRedis
 from sdk import CancelOn, Client, RunContext, RunInfo, Worker
+from tests.cluster import RedisClusterServer
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,31 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 def redis_url(redis_server: EmbeddedRedis) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServer]:
+    """A 3-master Redis Cluster shared by the session, started only for tests that ask for
+    it. A test that moves a slot moves it back; one that breaks nodes uses its own cluster."""
+    with RedisClusterServer(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisClusterServer) -> str:
+    """``redis+cluster://`` with every node of the session's cluster."""
+    return redis_cluster.url
+
+
+@pytest.fixture
+def redis_cluster_with_replicas() -> Iterator[RedisClusterServer]:
+    """A cluster of this test's own (3 masters, one replica each) that it may break.
+
+    A 2 s node timeout: a killed master is replaced within a few seconds, and a loaded
+    machine still does not mistake a slow node for a dead one.
+    """
+    with RedisClusterServer(masters=3, replicas=1, node_timeout_ms=2_000) as cluster:
+        yield cluster
 
 
 @pytest.fixture
