@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any, Final, Literal, cast
 
 import msgspec
+from redis.commands.core import AsyncScript
 
 from sdk.connection import RedisClient
 from sdk.keys import EVENT_FIELD, Keys
@@ -165,15 +166,24 @@ class RunStore:
         Each gets its registration or the error its script raised; a connection error
         fails them all.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for request in requests:
-                keys, args = self._register_call(request)
-                await self._register(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute(raise_on_error=False)
+        replies = await self._pipelined(self._register, map(self._register_call, requests))
         return [
             reply if isinstance(reply, Exception) else _registration(request, reply)
             for request, reply in zip(requests, replies, strict=True)
         ]
+
+    async def _pipelined(
+        self, script: AsyncScript, calls: Iterable[tuple[list[str], list[ScriptArg]]]
+    ) -> list[Any]:
+        """Call ``script`` once per ``(keys, args)`` in one round trip; Redis runs the calls
+        in order, and a call that failed answers its exception, in its place."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                # redis-py types only clients here. A cluster pipeline refuses EVALSHA
+                # altogether (RedisClusterException): see docs/scaling.md.
+                await script(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            return replies
 
     def _register_call(self, r: RegisterRequest) -> tuple[list[str], list[ScriptArg]]:
         fields = {
@@ -310,13 +320,8 @@ class RunStore:
         Runs under a selector with an expression come back as candidates to evaluate. A
         script that failed comes back as its exception, in its place.
         """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for event, found in batch:
-                keys, args = self._match_call(event, found, tombstone_ms)
-                # redis-py types only clients here. A cluster pipeline refuses EVALSHA
-                # altogether (RedisClusterException): see docs/scaling.md.
-                await self._match_event(keys=keys, args=args, client=pipe)  # type: ignore[arg-type]
-            replies = await pipe.execute(raise_on_error=False)
+        calls = (self._match_call(event, found, tombstone_ms) for event, found in batch)
+        replies = await self._pipelined(self._match_event, calls)
         return [
             reply if isinstance(reply, Exception) else self._matched(found, reply)
             for (_, found), reply in zip(batch, replies, strict=True)
