@@ -12,6 +12,7 @@ import logging
 import os
 import pty
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -339,3 +340,15 @@ def test_errors_in_a_real_process_are_one_line() -> None:
     assert result.returncode == EXIT_ERROR
     assert result.stdout == ""
     one_error_line(result.stderr)
+
+
+def test_a_taken_http_port_stops_run_with_one_line(redis_url: str, namespace: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = cli("run", "--redis-url", redis_url, "--namespace", namespace, "--http-port", port)
+    assert result.returncode == EXIT_ERROR
+    line = one_error_line(result.stderr)
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+    assert "--http-port" in line
