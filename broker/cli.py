@@ -7,32 +7,34 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import ExitStack
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import anyio
 import msgspec
 import structlog
 
 import sdk
-from broker.embedded import EmbeddedRedis, EmbeddedRedisError
+from broker.cli_errors import UsageError, diagnose, leaf
+from broker.embedded import EmbeddedRedis
 from broker.findings import SyncState, Windows, collect_state
-from broker.http import HttpBindError, create_app, serve_http
-from broker.logs import configure_logging
+from broker.http import create_app, serve_http
+from broker.logs import LogFormat, configure_logging
 from broker.metrics import BrokerMetrics
-from broker.report import format_status
+from broker.output import Output, progress_bar
+from broker.report import format_status, print_status_rich
 from broker.service import Broker
-from sdk import OPERATOR, Client
+from broker.settings import Settings
+from sdk import OPERATOR, Client, RunInfo
 from sdk.client import Actor
 from sdk.connection import REDIS_URL_ENV, command_client, redact_url, resolve_url
 from sdk.durations import parse_duration
-from sdk.errors import CancelBrokerError
-from sdk.keys import DEFAULT_NAMESPACE, Keys
+from sdk.keys import Keys
 
-DEFAULT_HTTP_PORT = 8750
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0
 T = TypeVar("T")
@@ -40,118 +42,127 @@ T = TypeVar("T")
 log = structlog.get_logger("broker")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+#: Shown by each command's --help; tests parse every line that starts with the program name.
+EXAMPLES: Final[dict[str, str]] = {
+    "run": """
+  cancel-broker run                                   # on an embedded Redis, for trying it out
+  cancel-broker run --redis-url redis://redis:6379/0 --http-host 0.0.0.0
+  CANCEL_BROKER_REDIS_URL=redis://redis:6379/0 cancel-broker run --log-format json""",
+    "sync status": """
+  cancel-broker sync status                           # exit 1 when a configuration is stale
+  cancel-broker sync status --json | jq .findings
+  cancel-broker sync status --dead-rule-window 7d""",
+    "send": """
+  cancel-broker send report/generate.requested '{"reportId": "r1"}'
+  cancel-broker send report/cancel.requested '{"reportId": "r1"}'""",
+    "cancel": """
+  cancel-broker cancel 0f8e2c1d9b7a4e3f --reason "user clicked cancel"
+  cancel-broker cancel 0f8e2c1d9b7a4e3f --actor acct-42 --json""",
+    "cancel-many": """
+  cancel-broker cancel-many generate-report --started-before 2026-11-25T10:00Z
+  cancel-broker cancel-many generate-report --app reports --if 'event.data.tier == "free"'""",
+    "wait": """
+  cancel-broker wait 0f8e2c1d9b7a4e3f --timeout 30s
+  cancel-broker wait 0f8e2c1d9b7a4e3f --json""",
+    "get-run": """
+  cancel-broker get-run 0f8e2c1d9b7a4e3f
+  cancel-broker get-run 0f8e2c1d9b7a4e3f --json | jq .status""",
+}
+
+_EPILOG = """examples:{examples}
+
+Errors are one line with a hint; --debug also prints the traceback."""
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    example: str,
+    help: str,
+    parents: Sequence[argparse.ArgumentParser],
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        parents=parents,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=_EPILOG.format(examples=EXAMPLES[example]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="cancel-broker", description="Event-driven cancellation over Redis Streams."
+        prog="cancel-broker",
+        description="Event-driven cancellation over Redis Streams.",
+        epilog="Run `cancel-broker COMMAND --help` for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {sdk.__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="print tracebacks and debug logs on errors"
+    )
+    parser.set_defaults(settings_groups=["connection"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # Options every command takes: --debug also after the command name (SUPPRESS keeps
+    # `cancel-broker --debug run` from being reset by the subcommand's default).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--redis-url",
-        default=os.environ.get(REDIS_URL_ENV),
-        help=f"Redis URL (env {REDIS_URL_ENV}). `run` without one starts an embedded Redis.",
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
-    common.add_argument(
-        "--namespace",
-        default=_env("CANCEL_BROKER_NAMESPACE", DEFAULT_NAMESPACE),
-        help="prefix of every key (env CANCEL_BROKER_NAMESPACE; default %(default)s)",
+    Settings.add_arguments(common, ["connection"])
+    as_json = argparse.ArgumentParser(add_help=False)
+    as_json.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON (default: a table on a terminal, plain text otherwise)",
     )
 
-    run = commands.add_parser("run", parents=[common], help="run the broker")
-    run.add_argument(
-        "--http-host",
-        default=_env("CANCEL_BROKER_HTTP_HOST", "127.0.0.1"),
-        help="address of /healthz and /metrics (env CANCEL_BROKER_HTTP_HOST; default %(default)s)",
+    run = _command(
+        commands,
+        "run",
+        example="run",
+        parents=[common],
+        help="run the broker",
+        description="Run the broker: consume cancel events, signal the matched runs' workers,"
+        " serve /healthz, /readyz, /metrics and /v1/sync.\n\nEvery option has an environment"
+        " variable; a flag wins over it. Durations are seconds or 90s, 30m, 2h, 7d.",
     )
-    run.add_argument(
-        "--http-port",
-        type=int,
-        default=int(_env("CANCEL_BROKER_HTTP_PORT", str(DEFAULT_HTTP_PORT))),
-        help="port of /healthz and /metrics, 0 for any free port"
-        " (env CANCEL_BROKER_HTTP_PORT; default %(default)s)",
-    )
-    run.add_argument(
-        "--consumer",
-        default=os.environ.get("CANCEL_BROKER_CONSUMER"),
-        help="consumer name in the broker group (env CANCEL_BROKER_CONSUMER; default host-pid)",
-    )
-    run.add_argument(
-        "--log-level",
-        default=_env("CANCEL_BROKER_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="env CANCEL_BROKER_LOG_LEVEL; default %(default)s",
-    )
-    run.add_argument(
-        "--log-format",
-        default=_env("CANCEL_BROKER_LOG_FORMAT", "auto"),
-        choices=["auto", "json", "console"],
-        help="auto = console on a terminal, JSON otherwise (env CANCEL_BROKER_LOG_FORMAT)",
-    )
-    run.add_argument(
-        "--claim-idle",
-        type=_duration,
-        default=_duration(_env("CANCEL_BROKER_CLAIM_IDLE", "30s")),
-        help="take over events another broker read and left unacknowledged this long"
-        " (it died) (env CANCEL_BROKER_CLAIM_IDLE; default 30s)",
-    )
-    run.add_argument(
-        "--dead-letter-maxlen",
-        type=int,
-        default=int(_env("CANCEL_BROKER_DEAD_LETTER_MAXLEN", "100000")),
-        help="dead letters kept, about (env CANCEL_BROKER_DEAD_LETTER_MAXLEN; default 100000)",
-    )
-    run.add_argument(
-        "--tombstone-lookback",
-        type=_duration,
-        default=_duration(_env("CANCEL_BROKER_TOMBSTONE_LOOKBACK", "10m")),
-        help="a cancel event also cancels matching runs that register up to this long after it"
-        " was handled, if their trigger is older (env CANCEL_BROKER_TOMBSTONE_LOOKBACK;"
-        " default 10m; 0 turns it off)",
-    )
-    run.add_argument(
-        "--history-length",
-        type=int,
-        default=int(_env("CANCEL_BROKER_HISTORY_LENGTH", "100")),
-        help="syncs kept in each app's history (env CANCEL_BROKER_HISTORY_LENGTH; default 100)",
-    )
-    _add_windows(run)
-    run.add_argument(
-        "--cancel-event",
-        action="append",
-        default=_csv_env("CANCEL_BROKER_CANCEL_EVENTS"),
-        metavar="NAME",
-        help="an event name that means 'cancel' although it does not end in .cancelled or"
-        " .cancel.requested; repeatable (env CANCEL_BROKER_CANCEL_EVENTS, comma-separated)",
-    )
-    run.set_defaults(handler=_run)
+    Settings.add_arguments(run, ["broker", "detection"])
+    run.set_defaults(handler=_run, settings_groups=["connection", "broker", "detection"])
 
     sync = commands.add_parser("sync", help="registration state and stale configurations")
     sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
-    status = sync_commands.add_parser(
+    status = _command(
+        sync_commands,
         "status",
-        parents=[common],
+        example="sync status",
+        parents=[common, as_json],
         help="live workers, functions and stale findings; exits 1 when something is stale",
     )
-    status.add_argument("--json", action="store_true", help="print the state as JSON")
-    _add_windows(status)
-    status.set_defaults(handler=_sync_status)
+    Settings.add_arguments(status, ["detection"])
+    status.set_defaults(handler=_sync_status, settings_groups=["connection", "detection"])
 
-    send = commands.add_parser("send", parents=[common], help="publish an event")
+    send = _command(
+        commands, "send", example="send", parents=[common], help="publish an event; prints its id"
+    )
     send.add_argument("name", help="event name, e.g. report/cancel.requested")
     send.add_argument(
         "data", nargs="?", default="{}", help='a JSON object, e.g. {"reportId": "r1"}'
     )
     send.set_defaults(handler=_send)
 
-    cancel = commands.add_parser("cancel", parents=[common], help="cancel one run by id")
+    cancel = _command(
+        commands,
+        "cancel",
+        example="cancel",
+        parents=[common, as_json],
+        help="cancel one run by id (and the runs started inside it)",
+    )
     cancel.add_argument("run_id")
-    cancel.add_argument("--reason", default=None)
+    cancel.add_argument("--reason", default=None, help="recorded on the run")
     cancel.add_argument(
         "--actor",
         default=None,
@@ -160,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cancel.set_defaults(handler=_cancel)
 
-    many = commands.add_parser(
-        "cancel-many", parents=[common], help="cancel the unfinished runs of a function"
+    many = _command(
+        commands,
+        "cancel-many",
+        example="cancel-many",
+        parents=[common, as_json],
+        help="cancel the unfinished runs of a function",
     )
     many.add_argument("function_id")
     many.add_argument("--app", default=None, help="only this app's runs (default: every app)")
@@ -169,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--started-after",
         type=_datetime,
         default=None,
-        help="ISO 8601 time, e.g. 2026-11-25T10:00Z",
+        help="ISO 8601 time, e.g. 2026-11-25T10:00Z (UTC without a zone)",
     )
     many.add_argument("--started-before", type=_datetime, default=None, help="ISO 8601 time")
     many.add_argument(
@@ -178,15 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CEL over the trigger, e.g. 'event.data.tier == \"free\"'",
     )
-    many.add_argument("--reason", default=None)
+    many.add_argument("--reason", default=None, help="recorded on each run")
     many.set_defaults(handler=_cancel_many)
 
-    wait = commands.add_parser("wait", parents=[common], help="wait for a run to finish")
+    wait = _command(
+        commands,
+        "wait",
+        example="wait",
+        parents=[common, as_json],
+        help="wait for a run to finish and show it",
+    )
     wait.add_argument("run_id")
     wait.add_argument("--timeout", type=_duration, default=None, help="e.g. 30s (default: none)")
     wait.set_defaults(handler=_wait)
 
-    get_run = commands.add_parser("get-run", parents=[common], help="show one run")
+    get_run = _command(
+        commands, "get-run", example="get-run", parents=[common, as_json], help="show one run"
+    )
     get_run.add_argument("run_id")
     get_run.set_defaults(handler=_get_run)
     return parser
@@ -200,10 +223,6 @@ def _datetime(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-def _csv_env(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
-
-
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -211,46 +230,44 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_windows(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dead-rule-window",
-        type=_duration,
-        default=_duration(_env("CANCEL_BROKER_DEAD_RULE_WINDOW", "24h")),
-        help="a rule whose event has not been published for this long is reported dead"
-        " (env CANCEL_BROKER_DEAD_RULE_WINDOW; default 24h)",
+def _windows(settings: Settings) -> Windows:
+    return Windows(
+        dead_rule_after_s=settings.dead_rule_window, orphan_window_s=settings.orphan_window
     )
-    parser.add_argument(
-        "--orphan-window",
-        type=_duration,
-        default=_duration(_env("CANCEL_BROKER_ORPHAN_WINDOW", "1h")),
-        help="cancel events nobody listened to are reported for this long after the last one"
-        " (env CANCEL_BROKER_ORPHAN_WINDOW; default 1h)",
-    )
-
-
-def _windows(args: argparse.Namespace) -> Windows:
-    return Windows(dead_rule_after_s=args.dead_rule_window, orphan_window_s=args.orphan_window)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    handler: Callable[[argparse.Namespace, Settings], int] = args.handler
+    debug: bool = args.debug
+    redis_url: str | None = args.redis_url
     try:
-        return handler(args)
-    except (CancelBrokerError, EmbeddedRedisError, HttpBindError, ValueError) as exc:
-        print(f"cancel-broker: error: {exc}", file=sys.stderr)
-        return 2
+        settings = Settings.resolve(args, groups=args.settings_groups)
+        redis_url = settings.redis_url
+        if args.command != "run":
+            # Client commands print their result on stdout: their logs go to stderr, and
+            # only warnings unless --debug.
+            configure_logging("debug" if debug else "warning")
+        return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        if isinstance(leaf(exc), (KeyboardInterrupt, SystemExit)):
+            raise
+        if debug:
+            traceback.print_exception(exc)
+        diagnosis = diagnose(exc, redis_url or os.environ.get(REDIS_URL_ENV))
+        print(diagnosis.line(), file=sys.stderr)
+        return diagnosis.exit_code
 
 
 # -- run -----------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format)
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    configure_logging(settings.log_level, cast(LogFormat, settings.log_format))
     with ExitStack() as stack:
-        url: str | None = args.redis_url
+        url = settings.redis_url
         if not url:
             server = stack.enter_context(EmbeddedRedis())
             url = server.url
@@ -259,38 +276,38 @@ def _run(args: argparse.Namespace) -> int:
                 f"  point workers and clients at it:  export {REDIS_URL_ENV}={url}",
                 flush=True,
             )
-        anyio.run(_serve, url, args)
+        anyio.run(_serve, url, settings)
     return 0
 
 
-async def _serve(url: str, args: argparse.Namespace) -> None:
+async def _serve(url: str, settings: Settings) -> None:
     metrics = BrokerMetrics()
     broker = Broker(
         url,
-        namespace=args.namespace,
-        consumer=args.consumer,
+        namespace=settings.namespace,
+        consumer=settings.consumer,
         metrics=metrics,
-        windows=_windows(args),
-        cancel_event_names=frozenset(args.cancel_event),
-        claim_idle_ms=int(args.claim_idle * 1000),
-        dead_letter_maxlen=args.dead_letter_maxlen,
-        history_length=args.history_length,
-        tombstone_lookback_s=args.tombstone_lookback,
+        windows=_windows(settings),
+        cancel_event_names=frozenset(settings.cancel_events),
+        claim_idle_ms=int(settings.claim_idle * 1000),
+        dead_letter_maxlen=settings.dead_letter_maxlen,
+        history_length=settings.history_length,
+        tombstone_lookback_s=settings.tombstone_lookback,
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)
         port = await tg.start(
             serve_http,
             create_app(metrics.registry, broker),
-            args.http_host,
-            args.http_port,
+            settings.http_host,
+            settings.http_port,
         )
         await tg.start(broker.run)
         log.info(
             "broker.ready",
             redis_url=redact_url(url),
-            namespace=args.namespace,
-            http=f"http://{args.http_host}:{port}",
+            namespace=settings.namespace,
+            http=f"http://{settings.http_host}:{port}",
             version=sdk.__version__,
         )
 
@@ -321,28 +338,60 @@ async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
 # -- client commands -------------------------------------------------------------------
 
 
-def _with_client(args: argparse.Namespace, action: Callable[[Client], Awaitable[T]]) -> T:
+def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with Client(args.redis_url, namespace=args.namespace) as client:
+        async with Client(settings.redis_url, namespace=settings.namespace) as client:
             return await action(client)
 
     return anyio.run(go)
 
 
-def _print_json(value: Any) -> None:
-    print(json.dumps(msgspec.to_builtins(value), indent=2))
+def _run_rows(run: RunInfo) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = [
+        ("run_id", run.run_id),
+        ("function", f"{run.app_id}/{run.function_id}"),
+        ("status", run.status),
+        ("trigger", f"{run.event.name} {json.dumps(run.event.data, separators=(',', ':'))}"),
+        ("worker", run.worker_id),
+        ("started_at", run.started_at),
+        ("finished_at", run.finished_at),
+    ]
+    optional = [
+        ("cancel_requested_at", run.cancel_requested_at),
+        ("cancel_reason", run.cancel_reason),
+        ("cancelled_by", run.cancelled_by),
+        ("cancel_latency_ms", run.cancel_latency_ms),
+        ("error", run.error),
+        ("rule_error", run.rule_error),
+        ("on_cancel_error", run.on_cancel_error),
+        ("parent_run_id", run.parent_run_id),
+    ]
+    rows += [(name, value) for name, value in optional if value is not None]
+    if run.abandoned_thread:
+        rows.append(("abandoned_thread", True))
+    return rows
 
 
-def _send(args: argparse.Namespace) -> int:
+def _show_run(args: argparse.Namespace, run: RunInfo) -> None:
+    out = Output(as_json=args.json)
+    if out.as_json:
+        out.json(run)
+    else:
+        out.record(f"run {run.run_id}", _run_rows(run))
+
+
+def _send(args: argparse.Namespace, settings: Settings) -> int:
     try:
         data = json.loads(args.data)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"data is not JSON: {exc}") from None
-    print(_with_client(args, lambda client: client.send(args.name, data)))
+        raise UsageError(
+            f"DATA is not JSON: {exc}", """quote it for the shell: '{"reportId": "r1"}'"""
+        ) from None
+    print(_with_client(settings, lambda client: client.send(args.name, data)))
     return 0
 
 
-def _cancel(args: argparse.Namespace) -> int:
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     actor: Actor = OPERATOR
     if args.actor is not None:
         try:
@@ -350,55 +399,81 @@ def _cancel(args: argparse.Namespace) -> int:
         except json.JSONDecodeError:
             actor = args.actor
     result = _with_client(
-        args, lambda client: client.cancel(args.run_id, reason=args.reason, actor=actor)
+        settings, lambda client: client.cancel(args.run_id, reason=args.reason, actor=actor)
     )
-    _print_json(result)
+    out = Output(as_json=args.json)
+    if out.as_json:
+        out.json(result)
+    else:
+        out.record(
+            f"cancel {result.run_id}",
+            [
+                ("run_id", result.run_id),
+                ("outcome", result.outcome),
+                ("previous_status", result.previous_status),
+                ("status", result.status),
+                ("cascaded", ", ".join(result.cascaded) or "-"),
+            ],
+        )
     return 1 if result.outcome in ("not_found", "forbidden") else 0
 
 
-def _cancel_many(args: argparse.Namespace) -> int:
-    results = _with_client(
-        args,
-        lambda client: client.cancel_many(
-            args.function_id,
-            app_id=args.app,
-            started_after=args.started_after,
-            started_before=args.started_before,
-            if_=args.if_,
-            reason=args.reason,
-        ),
-    )
+def _cancel_many(args: argparse.Namespace, settings: Settings) -> int:
+    with progress_bar(f"cancelling {args.function_id}") as ticker:
+        results = _with_client(
+            settings,
+            lambda client: client.cancel_many(
+                args.function_id,
+                app_id=args.app,
+                started_after=args.started_after,
+                started_before=args.started_before,
+                if_=args.if_,
+                reason=args.reason,
+                progress=ticker,
+            ),
+        )
     outcomes = Counter(result.outcome for result in results)
-    _print_json({"runs": len(results), "outcomes": dict(outcomes)})
+    out = Output(as_json=args.json)
+    if out.as_json:
+        out.json({"runs": len(results), "outcomes": dict(outcomes)})
+    else:
+        out.table(
+            f"{len(results)} run(s) of {args.function_id} considered",
+            ["outcome", "runs"],
+            sorted(outcomes.items()),
+        )
     return 0
 
 
-def _wait(args: argparse.Namespace) -> int:
-    run = _with_client(args, lambda client: client.wait(args.run_id, args.timeout))
-    _print_json(run)
+def _wait(args: argparse.Namespace, settings: Settings) -> int:
+    run = _with_client(settings, lambda client: client.wait(args.run_id, args.timeout))
+    _show_run(args, run)
     return 0
 
 
-def _sync_status(args: argparse.Namespace) -> int:
+def _sync_status(args: argparse.Namespace, settings: Settings) -> int:
     async def collect() -> SyncState:
-        redis = command_client(resolve_url(args.redis_url))
+        redis = command_client(resolve_url(settings.redis_url))
         try:
-            return await collect_state(redis, Keys(args.namespace), windows=_windows(args))
+            return await collect_state(redis, Keys(settings.namespace), windows=_windows(settings))
         finally:
             await redis.aclose()
 
     state = anyio.run(collect)
-    if args.json:
+    out = Output(as_json=args.json)
+    if out.as_json:
         print(msgspec.json.format(msgspec.json.encode(state)).decode())
+    elif out.rich:
+        print_status_rich(state, settings.namespace, out.console())
     else:
-        print(format_status(state, args.namespace))
+        print(format_status(state, settings.namespace))
     return 1 if state.stale else 0
 
 
-def _get_run(args: argparse.Namespace) -> int:
-    run = _with_client(args, lambda client: client.get_run(args.run_id))
+def _get_run(args: argparse.Namespace, settings: Settings) -> int:
+    run = _with_client(settings, lambda client: client.get_run(args.run_id))
     if run is None:
         print(f"cancel-broker: no run {args.run_id}", file=sys.stderr)
         return 1
-    _print_json(run)
+    _show_run(args, run)
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self, cast
@@ -150,11 +150,16 @@ class Client:
         started_before: datetime | None = None,
         if_: str | None = None,
         reason: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> list[CancelResult]:
         """Cancel the unfinished runs of a function (of every app declaring it, or of
         ``app_id``), optionally only those started in a time range or whose trigger
         satisfies ``if_``, a CEL expression over ``event``. An operator's action: owner
         checks do not apply. Returns one result per run considered.
+
+        ``progress(done, total)`` is called once the runs are listed (``done == 0``) and
+        after each batch of ``BULK_BATCH`` runs: ``total`` counts the runs in the time
+        range, before ``if_`` filters them.
         """
         check_name("function id", function_id)
         condition = None if if_ is None else compile_trigger_filter(if_)
@@ -166,11 +171,24 @@ class Client:
         # Exclusive bounds ("after", "before"), as Inngest's bulk cancel.
         low = "-inf" if started_after is None else f"({_ms(started_after)}"
         high = "+inf" if started_before is None else f"({_ms(started_before)}"
+        # Listed first, so that progress knows the total.
+        listed = [
+            cast(
+                list[str],
+                await self._redis.zrangebyscore(
+                    self.keys.function_runs(app, function_id), low, high
+                ),
+            )
+            for app in apps
+        ]
+        total = sum(map(len, listed))
+        done = 0
+        if progress is not None:
+            progress(done, total)
         results: list[CancelResult] = []
-        for app in apps:
-            key = self.keys.function_runs(app, function_id)
-            run_ids = cast(list[str], await self._redis.zrangebyscore(key, low, high))
+        for run_ids in listed:
             for batch in _batches(run_ids, BULK_BATCH):
+                done += len(batch)
                 if condition is not None:
                     batch = await self._filter(batch, condition)
                 results += await self._store.request_cancel(
@@ -178,6 +196,8 @@ class Client:
                     reason=reason or f"bulk cancel of {function_id}",
                     cancelled_by="api",
                 )
+                if progress is not None:
+                    progress(done, total)
         log.info(
             "cancel.bulk",
             function_id=function_id,
