@@ -10,6 +10,7 @@ from typing import Any, Final, Self, cast
 
 import anyio
 import structlog
+from redis.asyncio.cluster import RedisCluster
 
 from sdk.connection import command_client, resolve_url
 from sdk.errors import RunNotFinishedError
@@ -237,6 +238,9 @@ class Client:
         that does not exist yet is waited for too (it may still be queued).
         """
         check_id("run id", run_id)
+        if isinstance(self._redis, RedisCluster):
+            # Its Pub/Sub needs the slot map, which it does not load by itself.
+            await self._redis.initialize()
         pubsub = self._redis.pubsub()
         try:
             # Subscribed before reading: an end announced in between is not missed.

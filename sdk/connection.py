@@ -22,6 +22,7 @@ trip on every connect and turns a wrong guess into silent misrouting.
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
@@ -221,6 +222,41 @@ class _CommandCluster(RedisCluster):
 
     ERRORS_ALLOW_RETRY = (RedisConnectionError, ClusterDownError, SlotNotCoveredError)  # type: ignore[assignment]  # redis-py types it as exactly its own four
 
+    _commands_in_flight: anyio.Semaphore | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        # Its pool raises MaxConnectionsError at the 65th concurrent command to a node
+        # rather than wait: a burst (a thousand runs recording at once) waits here instead,
+        # as it does for the single-node pool.
+        if self._commands_in_flight is None:
+            self._commands_in_flight = anyio.Semaphore(MAX_CONNECTIONS)
+        async with self._commands_in_flight:
+            for attempt in range(_CLOSED_UNDER_US_RETRIES + 1):
+                try:
+                    return await super().execute_command(*args, **kwargs)
+                except (AttributeError, TypeError) as exc:
+                    # redis-py's cluster client can close a node's connection (refreshing
+                    # its slot map after MOVED) under a concurrent command, which then
+                    # fails inside asyncio with a bare AttributeError/TypeError. Before the
+                    # command was written it cannot have run: send it again. After, it
+                    # may have: a connection error, which callers already handle.
+                    if not _failed_before_sending(exc) or attempt == _CLOSED_UNDER_US_RETRIES:
+                        raise RedisConnectionError(
+                            f"connection closed under the command: {exc!r}"
+                        ) from exc
+                    await anyio.sleep(0.01)
+            raise AssertionError("unreachable")
+
+
+#: Times a command is sent again after its connection was closed before it was written.
+_CLOSED_UNDER_US_RETRIES: Final = 3
+
+
+def _failed_before_sending(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised while redis-py was writing the command to the socket."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(frame.name == "_send_packed_command" for frame in frames)
+
 
 def _cluster_client(
     cls: type[RedisCluster], parts: ClusterUrl, *, retries: int, **options: Any
@@ -250,8 +286,6 @@ def command_client(url: str) -> RedisClient:
     """The pooled client of one process's commands (not its blocking reads)."""
     cluster = parse_cluster_url(url)
     if cluster is not None:
-        # Per node; unlike the single-node pool it does not wait for a free connection
-        # but raises MaxConnectionsError (a ConnectionError) at the 65th concurrent command.
         return _cluster_client(
             _CommandCluster,
             cluster,

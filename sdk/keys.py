@@ -3,6 +3,10 @@
 Every process (SDK, client, broker) and every Lua script gets its key names from
 here; the Lua scripts receive prefixes built by this module instead of spelling
 them out. ``docs/protocol.md`` describes each key.
+
+Every key starts with the namespace in braces (``{cancel}:run:...``): a Redis Cluster
+hash tag, so all of a namespace's keys live in one slot and every script and MULTI,
+whatever keys it touches, runs on one node.
 """
 
 from __future__ import annotations
@@ -56,18 +60,23 @@ class Keys:
         check_name("namespace", self.namespace)
 
     @property
+    def prefix(self) -> str:
+        """What every key of the namespace starts with: the namespace as a hash tag."""
+        return f"{{{self.namespace}}}:"
+
+    @property
     def events(self) -> str:
         """Stream of all published events: triggers and cancel events alike."""
-        return f"{self.namespace}:events"
+        return f"{self.prefix}events"
 
     @property
     def dead_letters(self) -> str:
         """Stream of malformed events, each with the reason it was refused."""
-        return f"{self.namespace}:events:dead"
+        return f"{self.prefix}events:dead"
 
     @property
     def run_prefix(self) -> str:
-        return f"{self.namespace}:run:"
+        return f"{self.prefix}run:"
 
     def run(self, run_id: str) -> str:
         """Hash holding one run's state."""
@@ -76,60 +85,60 @@ class Keys:
     @property
     def active_runs(self) -> str:
         """Sorted set of runs not yet finished, scored by start time (ms)."""
-        return f"{self.namespace}:runs:active"
+        return f"{self.prefix}runs:active"
 
     @property
     def cancelling_runs(self) -> str:
         """Sorted set of runs whose cancel signal is not yet acknowledged, by when sent (ms)."""
-        return f"{self.namespace}:runs:cancelling"
+        return f"{self.prefix}runs:cancelling"
 
     def worker_runs(self, worker_id: str) -> str:
         """Set of the unfinished runs one worker holds (to reap them if the worker dies)."""
-        return f"{self.namespace}:worker-runs:{worker_id}"
+        return f"{self.prefix}worker-runs:{worker_id}"
 
     def event_runs(self, event_id: str) -> str:
         """Set of run ids one trigger event started."""
-        return f"{self.namespace}:event-runs:{event_id}"
+        return f"{self.prefix}event-runs:{event_id}"
 
     def function_runs(self, app_id: str, function_id: str) -> str:
         """Sorted set of one function's unfinished runs, scored by start time (ms)."""
-        return f"{self.namespace}:fn-runs:{app_id}/{function_id}"
+        return f"{self.prefix}fn-runs:{app_id}/{function_id}"
 
     def children(self, run_id: str) -> str:
         """Set of the runs started inside this run: cancelling it cancels them too."""
-        return f"{self.namespace}:children:{run_id}"
+        return f"{self.prefix}children:{run_id}"
 
     def finished(self, run_id: str) -> str:
         """Pub/Sub channel told when the run reaches a terminal status (``Client.wait``)."""
-        return f"{self.namespace}:finished:{run_id}"
+        return f"{self.prefix}finished:{run_id}"
 
     # -- the cancel index ---------------------------------------------------------------
 
     def rules(self, event_name: str) -> str:
         """Hash of the selectors declared for this cancel event -> when last declared (ms)."""
-        return f"{self.namespace}:rules:{event_name}"
+        return f"{self.prefix}rules:{event_name}"
 
     @property
     def expressions(self) -> str:
         """Hash of rule expression id -> its CEL source."""
-        return f"{self.namespace}:expressions"
+        return f"{self.prefix}expressions"
 
     def index(self, event_name: str, selector: str, token: str) -> str:
         """Set of run ids whose rule (event_name, selector) has this value token."""
-        return f"{self.namespace}:idx:{event_name}:{selector}:{token}"
+        return f"{self.prefix}idx:{event_name}:{selector}:{token}"
 
     def tombstone(self, event_name: str, selector: str, token: str) -> str:
         """Sorted set of recent cancel event ids for (event_name, selector, token), scored by
         when each stops counting (ms): runs that register later are cancelled by them."""
-        return f"{self.namespace}:tomb:{event_name}:{selector}:{token}"
+        return f"{self.prefix}tomb:{event_name}:{selector}:{token}"
 
     def tombstone_event(self, event_id: str) -> str:
         """A tombstoned cancel event's JSON, for rules whose expression needs its data."""
-        return f"{self.namespace}:tomb-event:{event_id}"
+        return f"{self.prefix}tomb-event:{event_id}"
 
     @property
     def signal_prefix(self) -> str:
-        return f"{self.namespace}:signals:"
+        return f"{self.prefix}signals:"
 
     def signals(self, worker_id: str) -> str:
         """Stream of cancel signals for one worker process."""
@@ -140,64 +149,64 @@ class Keys:
     @property
     def finished_stats(self) -> str:
         """Hash ``app/function/outcome`` -> runs that finished so (since the namespace began)."""
-        return f"{self.namespace}:stats:runs-finished"
+        return f"{self.prefix}stats:runs-finished"
 
     @property
     def signal_stats(self) -> str:
         """Hash: signals acknowledged, and a histogram of their delivery time (Redis clock)."""
-        return f"{self.namespace}:stats:signals"
+        return f"{self.prefix}stats:signals"
 
     # -- sync and registration state ------------------------------------------------
 
     @property
     def workers(self) -> str:
         """Sorted set of worker ids, scored by their last heartbeat (ms, Redis time)."""
-        return f"{self.namespace}:workers"
+        return f"{self.prefix}workers"
 
     def worker(self, worker_id: str) -> str:
         """Hash: one worker's registration (what it serves, its versions, its heartbeat)."""
-        return f"{self.namespace}:worker:{worker_id}"
+        return f"{self.prefix}worker:{worker_id}"
 
     def config(self, config_hash: str) -> str:
         """A function configuration's canonical JSON, addressed by its SHA-256."""
-        return f"{self.namespace}:config:{config_hash}"
+        return f"{self.prefix}config:{config_hash}"
 
     @property
     def syncs(self) -> str:
         """Stream of sync notices: a worker started and declared its functions."""
-        return f"{self.namespace}:syncs"
+        return f"{self.prefix}syncs"
 
     @property
     def apps(self) -> str:
         """Set of app ids that ever synced."""
-        return f"{self.namespace}:apps"
+        return f"{self.prefix}apps"
 
     def app_functions(self, app_id: str) -> str:
         """Hash function id -> config hash, as of the app's latest sync."""
-        return f"{self.namespace}:app:{app_id}:functions"
+        return f"{self.prefix}app:{app_id}:functions"
 
     def app_history(self, app_id: str) -> str:
         """Stream of an app's syncs that changed something, with what they changed."""
-        return f"{self.namespace}:app:{app_id}:history"
+        return f"{self.prefix}app:{app_id}:history"
 
     def run_configs(self, app_id: str) -> str:
         """Hash ``function_id:config_hash`` -> number of active runs with that config."""
-        return f"{self.namespace}:app:{app_id}:run-configs"
+        return f"{self.prefix}app:{app_id}:run-configs"
 
     @property
     def rule_events(self) -> str:
         """Hash event name -> when a rule first listened to it (ms)."""
-        return f"{self.namespace}:rule-events"
+        return f"{self.prefix}rule-events"
 
     @property
     def event_last_seen(self) -> str:
         """Hash event name -> when the broker last consumed it (ms), for watched names."""
-        return f"{self.namespace}:event-last-seen"
+        return f"{self.prefix}event-last-seen"
 
     @property
     def orphan_events(self) -> str:
         """Hash cancel-like event name -> how many arrived while no live rule listened."""
-        return f"{self.namespace}:orphan-events"
+        return f"{self.prefix}orphan-events"
 
     @staticmethod
     def function_group(app_id: str, function_id: str) -> str:

@@ -15,6 +15,8 @@ from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics, EmbeddedRedis
 from sdk import CancelOn, Client, RunContext, RunInfo, Worker
+from sdk.connection import RedisClient, command_client
+from sdk.keys import Keys
 from tests.cluster import RedisClusterServer
 
 
@@ -24,9 +26,36 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
+TOPOLOGIES = ("single", "cluster")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``topologies`` run twice: on one redis-server and on a real 3-master
+    Redis Cluster (every process then connects with a ``redis+cluster://`` URL). Grouped
+    by module, so a module's own processes serve one topology at a time."""
+    if metafunc.definition.get_closest_marker("topologies") and (
+        "topology" in metafunc.fixturenames
+    ):
+        metafunc.parametrize("topology", TOPOLOGIES, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def topology(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+def topology_url(request: pytest.FixtureRequest, topology: str) -> str:
+    """The URL of the session's redis-server or Redis Cluster (for module fixtures too)."""
+    if topology == "cluster":
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    return server.url
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    return redis_server.url
+def redis_url(request: pytest.FixtureRequest, topology: str) -> str:
+    return topology_url(request, topology)
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +94,9 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True, encoding_errors="surrogateescape")
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """A connection for the test's own reads and writes (a cluster client on a cluster)."""
+    client = command_client(redis_url)
     yield client
     await client.aclose()
 
@@ -112,7 +142,7 @@ async def broker_drained(redis: Redis, namespace: str) -> bool:
 
     (Compares ids rather than XINFO's ``lag``, which Redis 6.2 does not report.)
     """
-    stream = f"{namespace}:events"
+    stream = f"{Keys(namespace).prefix}events"
     last_id = (await redis.xinfo_stream(stream))["last-generated-id"]
     for group in await redis.xinfo_groups(stream):
         if group["name"] == "broker":

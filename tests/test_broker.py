@@ -72,7 +72,7 @@ def store(redis: Redis, namespace: str) -> RunStore:
 
 
 async def signals(redis: Redis, namespace: str, worker: str = "w1") -> list[dict[str, str]]:
-    return [fields for _, fields in await redis.xrange(f"{namespace}:signals:{worker}")]
+    return [fields for _, fields in await redis.xrange(f"{Keys(namespace).prefix}signals:{worker}")]
 
 
 @pytest.mark.usefixtures("broker")
@@ -172,10 +172,10 @@ async def test_matching_cost_does_not_grow_with_running_runs(
 async def test_malformed_entries_are_dead_lettered_with_the_reason(
     redis: Redis, namespace: str, broker: Broker, fields: dict[str, str], reason: str
 ) -> None:
-    entry_id = await redis.xadd(f"{namespace}:events", fields)  # type: ignore[arg-type]
-    await redis.xadd(f"{namespace}:events", {"event": '{"name": "still/alive"}'})
+    entry_id = await redis.xadd(f"{Keys(namespace).prefix}events", fields)  # type: ignore[arg-type]
+    await redis.xadd(f"{Keys(namespace).prefix}events", {"event": '{"name": "still/alive"}'})
     await wait_until(lambda: broker_drained(redis, namespace))
-    (dead,) = await redis.xrange(f"{namespace}:events:dead")
+    (dead,) = await redis.xrange(f"{Keys(namespace).prefix}events:dead")
     _, letter = dead
     assert letter["reason"] == reason
     assert letter["entry_id"] == entry_id
@@ -187,7 +187,7 @@ async def test_malformed_entries_are_dead_lettered_with_the_reason(
 
 
 async def test_trim_keeps_what_any_group_still_needs(redis: Redis, namespace: str) -> None:
-    stream = f"{namespace}:events"
+    stream = f"{Keys(namespace).prefix}events"
     ids = [await redis.xadd(stream, {"event": "{}"}) for _ in range(3)]
     await redis.xgroup_create(stream, "fast", id="0")
     await redis.xgroup_create(stream, "slow", id="0")

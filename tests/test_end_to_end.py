@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sdk import Client, RunInfo
+from sdk.keys import Keys
 from tests.conftest import (
     broker_drained,
     count_keys,
@@ -22,7 +23,7 @@ from tests.conftest import (
 )
 from tests.processes import ProcessHandle, start_broker, start_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
 
 
 @pytest.fixture
@@ -84,7 +85,7 @@ async def test_plain_xadd_from_any_language_cancels(
     await wait_for_observation(redis, namespace, "r7", "started")
     # What a Go, Node or shell publisher does: one XADD, no SDK.
     body = '{"name": "report/cancel.requested", "data": {"reportId": "r7"}}'
-    await redis.xadd(f"{namespace}:events", {"event": body})
+    await redis.xadd(f"{Keys(namespace).prefix}events", {"event": body})
     await wait_for_observation(redis, namespace, "r7", "cancelled", timeout=5)
     await wait_for_status(client, run.run_id, "cancelled")
 
@@ -111,7 +112,7 @@ async def test_cancel_after_completion_changes_nothing(
     await client.send("report/cancel.requested", {"reportId": "r4"})
     await wait_until(lambda: broker_drained(redis, namespace))
     # The run left the index when it ended: nothing listens, nothing is signalled.
-    assert await count_keys(redis, f"{namespace}:idx:*") == 0
+    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
     result = await client.cancel(run.run_id)
     assert result.outcome == "already_completed"
     assert (result.previous_status, result.status) == ("completed", "completed")
@@ -128,14 +129,15 @@ async def test_unknown_and_malformed_events_are_ignored_or_dead_lettered(
     run = await start_report(client, "r5")
     await client.send("report/something.else", {"reportId": "r5"})
     await client.send("no/listener", {})
-    await redis.xadd(f"{namespace}:events", {"event": "{not json"})
-    await redis.xadd(f"{namespace}:events", {"wrong": "field"})
+    await redis.xadd(f"{Keys(namespace).prefix}events", {"event": "{not json"})
+    await redis.xadd(f"{Keys(namespace).prefix}events", {"wrong": "field"})
 
     async def dead_lettered() -> bool:
-        return await redis.xlen(f"{namespace}:events:dead") == 2
+        return await redis.xlen(f"{Keys(namespace).prefix}events:dead") == 2
 
     await wait_until(dead_lettered)
-    reasons = sorted(f["reason"] for _, f in await redis.xrange(f"{namespace}:events:dead"))
+    dead = await redis.xrange(Keys(namespace).dead_letters)
+    reasons = sorted(f["reason"] for _, f in dead)
     assert reasons == ["invalid_json", "missing_field"]
     # The broker is alive and the run untouched; a real cancel still works afterwards.
     info = await client.get_run(run.run_id)
@@ -167,11 +169,11 @@ async def test_registry_is_empty_after_runs_end(
     ]
     assert len(finished) == 20
     # The index, the function's runs and the active set are empty: nothing can leak.
-    assert await count_keys(redis, f"{namespace}:idx:*") == 0
-    assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
-    assert await redis.zcard(f"{namespace}:runs:active") == 0
+    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
+    assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
+    assert await redis.zcard(f"{Keys(namespace).prefix}runs:active") == 0
     # Finished run records stay readable for a while, then expire.
-    run_keys = [key async for key in redis.scan_iter(match=f"{namespace}:run:*")]
+    run_keys = [key async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}run:*")]
     assert len(run_keys) == 20
     for key in run_keys:
         assert 0 < await redis.ttl(key) <= 86400
@@ -192,4 +194,4 @@ async def test_worker_sigterm_finishes_runs_and_exits(
     assert (await wait_for_status(client, quick.run_id, "completed")).status == "completed"
     stopped = await wait_for_status(client, slow.run_id, "cancelled")
     assert stopped.cancel_reason == "worker shutdown"
-    assert await redis.exists(f"{namespace}:signals:{stopped.worker_id}") == 0
+    assert await redis.exists(f"{Keys(namespace).prefix}signals:{stopped.worker_id}") == 0

@@ -12,19 +12,19 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from broker import EmbeddedRedis
 from sdk import OPERATOR, Client, RunInfo
 from tests.conftest import (
     broker_drained,
     observed,
     run_of,
     status_is,
+    topology_url,
     wait_for_observation,
     wait_until,
 )
 from tests.processes import ProcessHandle, start_broker, start_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,10 @@ def namespace() -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def processes(redis_server: EmbeddedRedis, namespace: str) -> Iterator[None]:
-    broker, _http = start_broker(redis_server.url, namespace)
-    worker = start_worker(redis_server.url, namespace, app="studio")
+def processes(request: pytest.FixtureRequest, topology: str, namespace: str) -> Iterator[None]:
+    url = topology_url(request, topology)
+    broker, _http = start_broker(url, namespace)
+    worker = start_worker(url, namespace, app="studio")
     yield
     assert worker.terminate() == 0, worker.output
     assert broker.terminate() == 0, broker.output
@@ -172,9 +173,9 @@ async def test_the_outcome_event_triggers_a_cleanup_function(
 
 
 async def test_duplicates_and_a_second_broker_cancel_each_run_once(
-    client: Client, redis: Redis, namespace: str, redis_server: EmbeddedRedis
+    client: Client, redis: Redis, namespace: str, redis_url: str
 ) -> None:
-    second, _ = start_broker(redis_server.url, namespace, "--consumer", "second")
+    second, _ = start_broker(redis_url, namespace, "--consumer", "second")
     try:
         runs = [await start(client, f"d{i}") for i in range(10)]
         for i in range(10):
@@ -223,24 +224,24 @@ async def test_cancels_racing_completions_each_end_one_way(
 
 
 async def test_a_cancel_before_the_worker_started_cancels_the_queued_run_only(
-    client: Client, redis: Redis, redis_server: EmbeddedRedis
+    client: Client, redis: Redis, redis_url: str
 ) -> None:
     """The API-cancel seed: the cancel arrives before the run is registered. Here the
     delay is a worker that is not running yet; a Regenerate after the cancel survives."""
     namespace = "e2e-tombstones"
-    broker, _ = start_broker(redis_server.url, namespace)
+    broker, _ = start_broker(redis_url, namespace)
     # A worker ran before (a deploy): its function's group exists, so triggers published
     # while no worker runs wait in the stream.
-    worker: ProcessHandle | None = start_worker(redis_server.url, namespace, app="studio")
+    worker: ProcessHandle | None = start_worker(redis_url, namespace, app="studio")
     assert worker.terminate() == 0
     try:
-        async with Client(redis_server.url, namespace=namespace) as queued:
+        async with Client(redis_url, namespace=namespace) as queued:
             data = {"reportId": "q1", "accountId": "a1", "tier": "free"}
             old = await queued.send("report/generate.requested", data)
             cancel = await queued.send("report/cancel.requested", {"reportId": "q1"})
             new = await queued.send("report/generate.requested", data)
             await wait_until(lambda: broker_drained(redis, namespace))
-            worker = start_worker(redis_server.url, namespace, app="studio")
+            worker = start_worker(redis_url, namespace, app="studio")
             old_run, new_run = await run_of(queued, old), await run_of(queued, new)
             info = await queued.wait(old_run, timeout=10)
             assert (info.status, info.cancelled_by) == ("cancelled", cancel)

@@ -23,7 +23,7 @@ from sdk.wire import encode_event
 from tests.conftest import run_of, status_is, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
-pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
 
 CLAIM_FAST = ("--claim-idle", "1s")
 
@@ -33,7 +33,7 @@ async def start_runs(redis: Redis, namespace: str, count: int) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(count):
             body = encode_event("report/generate.requested", {"reportId": f"r{i}", "seconds": 300})
-            pipe.xadd(f"{namespace}:events", {"event": body})
+            pipe.xadd(f"{Keys(namespace).prefix}events", {"event": body})
         await pipe.execute()
 
     async def all_running() -> bool:
@@ -46,13 +46,13 @@ async def send_cancels(redis: Redis, namespace: str, count: int) -> list[str]:
     async with redis.pipeline(transaction=False) as pipe:
         for i in range(count):
             body = encode_event("report/cancel.requested", {"reportId": f"r{i}"})
-            pipe.xadd(f"{namespace}:events", {"event": body})
+            pipe.xadd(f"{Keys(namespace).prefix}events", {"event": body})
         return [str(entry_id) for entry_id in await pipe.execute()]
 
 
 async def broker_delivered(redis: Redis, namespace: str) -> tuple[int, int]:
     """(last delivered id's milliseconds, pending entries) of the broker group."""
-    for group in await redis.xinfo_groups(f"{namespace}:events"):
+    for group in await redis.xinfo_groups(f"{Keys(namespace).prefix}events"):
         if group["name"] == "broker":
             return int(group["last-delivered-id"].split("-")[0]), int(group["pending"])
     return 0, 0
@@ -73,7 +73,7 @@ async def assert_each_cancelled_once(
 
     await wait_until(all_finished, timeout=60)
     statuses: collections.Counter[str] = collections.Counter()
-    async for key in redis.scan_iter(match=f"{namespace}:run:*", count=1000):
+    async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}run:*", count=1000):
         statuses[await redis.hget(key, "status")] += 1
     assert statuses == {"cancelled": count}
     # What the worker applied: each run's cancel, by its signal or by the step backstop
@@ -134,7 +134,7 @@ async def test_a_surviving_broker_finishes_the_work_of_a_killed_one(
         # What the dead broker read and never acknowledged (it may have applied it: handling
         # again changes nothing) is claimed by the survivor once idle for --claim-idle.
         async def claimed() -> bool:
-            consumers = await redis.xinfo_consumers(f"{namespace}:events", "broker")
+            consumers = await redis.xinfo_consumers(f"{Keys(namespace).prefix}events", "broker")
             return {c["name"]: c["pending"] for c in consumers}.get("doomed", 0) == 0
 
         await wait_until(claimed, timeout=15)
@@ -211,7 +211,7 @@ async def test_redis_outage_is_survived_and_runs_stay_cancellable(namespace: str
 async def test_an_entry_that_keeps_failing_is_dead_lettered_as_poison(
     redis_url: str, namespace: str, redis: Redis
 ) -> None:
-    stream = f"{namespace}:events"
+    stream = f"{Keys(namespace).prefix}events"
     await create_group(redis, stream, "broker")
     entry_id = await redis.xadd(stream, {"event": json.dumps({"name": "x/cancelled", "data": {}})})
     # A broker took it and crashed with it, again and again (delivered seven times).
@@ -224,11 +224,11 @@ async def test_an_entry_that_keeps_failing_is_dead_lettered_as_poison(
         await tg.start(broker.run)
 
         async def parked() -> bool:
-            return await redis.xlen(f"{namespace}:events:dead") == 1
+            return await redis.xlen(f"{Keys(namespace).prefix}events:dead") == 1
 
         await wait_until(parked, timeout=10)
         tg.cancel_scope.cancel()
-    ((_, letter),) = await redis.xrange(f"{namespace}:events:dead")
+    ((_, letter),) = await redis.xrange(f"{Keys(namespace).prefix}events:dead")
     assert (letter["reason"], letter["entry_id"]) == ("poison", entry_id)
     assert broker.metrics.dead_letters.labels(reason="poison")._value.get() == 1
     assert broker.metrics.events.labels(result="ignored")._value.get() == 0  # never handled

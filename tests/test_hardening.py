@@ -32,8 +32,8 @@ async def test_bytes_that_are_not_utf8_are_dead_lettered_and_nothing_dies(
         async with anyio.create_task_group() as tg:
             worker = report_worker(redis_url, namespace)
             await tg.start(worker.serve)
-            await raw.xadd(f"{namespace}:events", {b"event": b"\xff\xfe not utf8"})
-            await raw.xadd(f"{namespace}:events", {b"\xff": b"x"})
+            await raw.xadd(f"{Keys(namespace).prefix}events", {b"event": b"\xff\xfe not utf8"})
+            await raw.xadd(f"{Keys(namespace).prefix}events", {b"\xff": b"x"})
             event_id = await client.send("report/generate.requested", {"reportId": "r1"})
             run_id = await run_of(client, event_id)
             await client.send("report/cancel.requested", {"reportId": "r1"})
@@ -42,7 +42,7 @@ async def test_bytes_that_are_not_utf8_are_dead_lettered_and_nothing_dies(
             tg.cancel_scope.cancel()
     finally:
         await raw.aclose()
-    letters = [fields for _, fields in await redis.xrange(f"{namespace}:events:dead")]
+    letters = [fields for _, fields in await redis.xrange(f"{Keys(namespace).prefix}events:dead")]
     assert [letter["reason"] for letter in letters] == ["invalid_encoding", "missing_field"]
     assert letters[0]["fields"] == '{"event":"\\\\xff\\\\xfe not utf8"}'
 
@@ -219,7 +219,7 @@ async def test_a_clean_stop_leaves_no_consumer_behind(
         await anyio.sleep(0.2)
         tg.cancel_scope.cancel()
     group = Keys.function_group("reports", "generate-report")
-    consumers = await redis.xinfo_consumers(f"{namespace}:events", group)
+    consumers = await redis.xinfo_consumers(f"{Keys(namespace).prefix}events", group)
     assert [c["name"] for c in consumers] == []
 
 

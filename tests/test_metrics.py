@@ -15,6 +15,7 @@ from broker import Broker
 from broker.metrics import DEAD_LETTER_REASONS, MAX_EVENT_LABELS, BrokerMetrics
 from sdk import Client, Worker
 from sdk.connection import Backoff, BackoffHooks
+from sdk.keys import Keys
 from tests.conftest import broker_drained, report_worker, run_of, serving, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -73,7 +74,7 @@ async def test_cancellations_show_in_both_registries(
     assert value(b, "cancel_broker_signals_acknowledged_total") == 2
     assert value(b, "cancel_broker_signal_delivery_seconds_count") == 2
     assert value(b, "cancel_broker_signal_delivery_seconds_bucket", le="+Inf") == 2
-    stream = f"{namespace}:events"
+    stream = f"{Keys(namespace).prefix}events"
     assert value(b, "cancel_broker_pending_entries", stream=stream, group="broker") == 0
     assert value(b, "cancel_broker_consumer_lag", stream=stream, group="broker") == 0
 

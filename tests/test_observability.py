@@ -29,6 +29,7 @@ import yaml
 from redis.asyncio import Redis
 
 from sdk import Client
+from sdk.keys import Keys
 from tests.conftest import wait_for_observation, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
@@ -350,7 +351,7 @@ async def scrape_after_traffic(http: str, client: Client, redis: Redis, namespac
     dead letters by reason) are there too."""
     await client.send("report/cancel.requested", {"reportId": "nobody"})
     await client.send("report/generate.requested", {"reportId": "nobody"})
-    await redis.xadd(f"{namespace}:events", {"event": "{not json"})
+    await redis.xadd(f"{Keys(namespace).prefix}events", {"event": "{not json"})
     async with httpx.AsyncClient(base_url=http, timeout=5, trust_env=False) as web:
 
         async def consumed() -> bool:

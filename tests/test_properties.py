@@ -214,7 +214,7 @@ async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) 
         assert run.status in ("running", "cancelling")
         assert run.rule_error is None or "x/cancel.requested" in run.rule_error
     finally:
-        keys = [key async for key in redis.scan_iter(match=f"{namespace}:*")]
+        keys = [key async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}*")]
         if keys:
             await redis.delete(*keys)
         await redis.aclose()

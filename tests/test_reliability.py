@@ -8,6 +8,7 @@ from datetime import timedelta
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from broker import Broker
 from sdk import Client, Event, RunCancelled
@@ -17,7 +18,7 @@ from sdk.runner import BACKSTOP_INTERVAL_S
 from tests.conftest import count_keys, report_worker, run_of, status_is, wait_until
 from tests.processes import start_worker
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.topologies]
 
 
 @pytest.mark.e2e
@@ -48,8 +49,8 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
     assert lost.error is not None
     assert f"worker {worker_id} stopped heartbeating" in lost.error
     # Nothing of the dead worker or its run is left to match, signal or count.
-    assert await count_keys(redis, f"{namespace}:idx:*") == 0
-    assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
+    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
+    assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
     assert await redis.zcard(keys.active_runs) == 0
     for key in (keys.worker(worker_id), keys.worker_runs(worker_id), keys.signals(worker_id)):
         assert not await redis.exists(key), key
@@ -140,14 +141,14 @@ async def test_ten_thousand_finished_runs_leave_no_keys_behind(
             async with anyio.create_task_group() as tg:
                 for i in range(batch * 100, batch * 100 + 100):
                     tg.start_soon(one, i)
-        assert await count_keys(redis, f"{namespace}:idx:*") == 0
-        assert await count_keys(redis, f"{namespace}:fn-runs:*") == 0
+        assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
+        assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
         assert await redis.zcard(keys.active_runs) == 0
         assert await redis.scard(keys.worker_runs(worker.worker_id)) == 0
         assert await redis.hlen(keys.run_configs("reports")) == 0
         await anyio.sleep(2.1)  # records outlive their runs by the retention only
-        assert await count_keys(redis, f"{namespace}:run:*") == 0
-        assert await count_keys(redis, f"{namespace}:event-runs:*") == 0
+        assert await count_keys(redis, f"{Keys(namespace).prefix}run:*") == 0
+        assert await count_keys(redis, f"{Keys(namespace).prefix}event-runs:*") == 0
 
 
 async def test_blocking_reads_cannot_time_out_into_a_resent_read(redis_url: str) -> None:
@@ -158,8 +159,13 @@ async def test_blocking_reads_cannot_time_out_into_a_resent_read(redis_url: str)
     for block_ms in (100, 5_000, 60_000):
         reader = blocking_client(redis_url, block_ms)
         try:
-            options = reader.connection_pool.connection_kwargs
+            if isinstance(reader, RedisCluster):  # the cluster client retries at its level
+                options = reader.nodes_manager.connection_kwargs
+                retries = reader.retry._retries if reader.retry else 0
+            else:
+                options = reader.connection_pool.connection_kwargs
+                retries = options["retry"]._retries
             assert options["socket_timeout"] > block_ms / 1000
-            assert options["retry"]._retries == 0
+            assert retries == 0
         finally:
             await reader.aclose()

@@ -24,8 +24,8 @@ def test_match_rule_indexes_the_trigger_value() -> None:
     rules = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
     trigger = Event(name="report/generate.requested", data={"reportId": "r1"}, id="1-0")
     (entry,) = index_entries(rules, trigger, Keys("ns"))
-    assert entry.key == 'ns:idx:report/cancel.requested:data.reportId:"r1"'
-    assert entry.tombstone == 'ns:tomb:report/cancel.requested:data.reportId:"r1"'
+    assert entry.key == '{ns}:idx:report/cancel.requested:data.reportId:"r1"'
+    assert entry.tombstone == '{ns}:tomb:report/cancel.requested:data.reportId:"r1"'
     assert entry.expression is None
     cancel = Event(name="report/cancel.requested", data={"reportId": "r1"}, id="2-0")
     (lookup,) = lookups(cancel, ["data.reportId"], Keys("ns"))
@@ -70,7 +70,7 @@ def test_rule_without_match_is_refused_unless_all_runs() -> None:
         CancelOn(event="report/cancel.requested")
     rule = CancelOn(event="app/shutdown", all_runs=True)
     (entry,) = index_entries((rule,), Event(name="x"), Keys("ns"))
-    assert entry.key == "ns:idx:app/shutdown:*:*"
+    assert entry.key == "{ns}:idx:app/shutdown:*:*"
     (lookup,) = lookups(Event(name="app/shutdown"), ["*"], Keys("ns"))
     assert lookup.key == entry.key
     with pytest.raises(ConfigurationError, match="contradicts match"):
@@ -110,12 +110,12 @@ def test_a_rule_becomes_a_selector_with_its_expression_and_timeout() -> None:
     assert rule.selector.text == f"data.id|if={expression.id}|ttl=1800000"
     assert Selector.parse(rule.selector.text) == rule.selector
     (entry,) = index_entries((rule,), trigger, keys)
-    assert entry.key == f'ns:idx:x/cancel:data.id|if={expression.id}|ttl=1800000:"a"'
+    assert entry.key == f'{{ns}}:idx:x/cancel:data.id|if={expression.id}|ttl=1800000:"a"'
     assert entry.expression == expression
     # A rule with only an expression listens under "*": every run of the function.
     only_if = CancelOn(event="x/cancel", if_="async.data.plan == event.data.plan")
     (entry,) = index_entries((only_if,), trigger, keys)
-    assert entry.key == f"ns:idx:x/cancel:*|if={expression.id}:*"
+    assert entry.key == f"{{ns}}:idx:x/cancel:*|if={expression.id}:*"
     # Timeouts: seconds, timedelta, or text; never zero or negative.
     assert CancelOn(event="x/cancel", match="data.id", timeout=90).selector.timeout_ms == 90_000
     assert CancelOn(event="x/cancel", match="data.id", timeout=timedelta(hours=2)).timeout_s == 7200

@@ -34,7 +34,7 @@ from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_event
 from tests.conftest import broker_drained, run_of, serving, status_is, wait_until
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.topologies]
 
 REPORT_RULE = CancelOn(event="report/cancel.requested", match="data.reportId")
 #: Cancel an account's runs of one tier: an expression only, no key to look up.

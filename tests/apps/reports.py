@@ -24,9 +24,9 @@ from typing import Any
 
 import anyio
 import structlog
-from redis.asyncio import BlockingConnectionPool, Redis
 
 from sdk import CancelOn, RunContext, Worker
+from sdk.connection import command_client
 from tests.apps import serve
 
 REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
@@ -45,10 +45,9 @@ CANCEL_RULES = (
     if os.environ.get("REPORTS_VERSION") == "v1"
     else [CancelOn(event="report/cancel.requested", match="data.reportId")]
 )
-# A blocking pool: thousands of runs record at once in the fault tests.
-recorder = Redis.from_pool(
-    BlockingConnectionPool.from_url(REDIS_URL, decode_responses=True, max_connections=32)
-)
+# The SDK's own kind of client (a blocking pool: thousands of runs record at once in the
+# fault tests; a cluster client for a redis+cluster:// URL).
+recorder = command_client(REDIS_URL)
 log = structlog.get_logger("reports")
 
 

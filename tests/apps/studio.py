@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import anyio
-from redis.asyncio import Redis
 
 from sdk import RUN_CANCELLED_EVENT, CancelOn, RunContext, Worker
+from sdk.connection import command_client
 from tests.apps import serve
 
 REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
@@ -29,7 +29,7 @@ worker = Worker(
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "0.2")),
     concurrency=int(os.environ.get("CONCURRENCY", "100")),
 )
-recorder = Redis.from_url(REDIS_URL, decode_responses=True)
+recorder = command_client(REDIS_URL)
 
 
 async def record(key: str, what: str, ctx: RunContext, **extra: Any) -> None:
