@@ -73,6 +73,10 @@ class CancelState:
     def cancelled(self) -> bool:
         return self._received.is_set()
 
+    def wait_received(self, timeout: float | None) -> bool:
+        """Block the calling thread until a cancel is received or ``timeout`` passes."""
+        return self._received.wait(timeout)
+
 
 Backstop = Callable[[], Awaitable[None]]
 Spawn = Callable[[str, "dict[str, Any] | None"], Awaitable[str]]

@@ -77,7 +77,13 @@ class Runner:
         return len(self._runs)
 
     async def register(
-        self, fn: Function, event: Event, run_id: str, *, parent_run_id: str | None = None
+        self,
+        fn: Function,
+        event: Event,
+        run_id: str,
+        *,
+        parent_run_id: str | None = None,
+        trigger_ms: int | None = None,
     ) -> Run:
         """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken.
 
@@ -105,6 +111,7 @@ class Runner:
                     entries=entries,
                     parent_run_id=parent_run_id,
                     owner=self._owner(fn, event),
+                    trigger_ms=trigger_ms,
                 )
                 if registration.outcome == "registered" and registration.tombstones:
                     await self._apply_tombstones(run, registration)

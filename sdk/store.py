@@ -133,10 +133,13 @@ class RunStore:
         entries: Sequence[IndexEntry],
         parent_run_id: str | None = None,
         owner: tuple[str, str | None] | None = None,
+        trigger_ms: int | None = None,
     ) -> Registration:
         """Register a running run (cancelled at once if a tombstone or its parent says so).
 
         ``owner``: the function's owner path and the trigger's value token there.
+        ``trigger_ms``: when a trigger that did not come through the stream was triggered
+        (a job's enqueue time); it orders the run against cancel events (tombstones).
         """
         fields = {
             "run_id": run_id,
@@ -151,6 +154,7 @@ class RunStore:
             "parent_run_id": parent_run_id,
             "owned": None if owner is None else "1",
             "owner": None if owner is None else owner[1],
+            "trigger_ms": None if trigger_ms is None else str(trigger_ms),
         }
         parent = parent_run_id or run_id
         keys = [

@@ -274,13 +274,18 @@ class Worker:
         interrupts the block as the function's ``cancel_mode`` says; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
         mistake a cancelled block for a finished one. ``parent`` (a run's context or id)
-        makes this run its child: cancelling the parent cancels it.
+        makes this run its child: cancelling the parent cancels it. An ``event.ts`` (ms)
+        says when the run was triggered (a job's enqueue time): a cancel event published
+        after it, while the job was queued, cancels the run when it registers (tombstones).
         """
         fn = self._functions.get(function_id)
         if fn is None:
             raise UnknownFunctionError(
                 f"function {function_id!r} is not declared on app {self.app_id!r}"
             )
+        # A caller's ``ts`` says when the run was triggered (a job's enqueue time): cancel
+        # events published since then apply, even those that came before it registered.
+        trigger_ms = event.ts or None
         if not event.id:
             event = msgspec.structs.replace(
                 event, id=f"local-{uuid.uuid4().hex}", ts=event.ts or int(time.time() * 1000)
@@ -293,7 +298,11 @@ class Worker:
             check_id("parent run id", parent_run_id)
         runner = self._require_runner()
         run = await runner.register(
-            fn, event, run_id or uuid.uuid4().hex, parent_run_id=parent_run_id
+            fn,
+            event,
+            run_id or uuid.uuid4().hex,
+            parent_run_id=parent_run_id,
+            trigger_ms=trigger_ms,
         )
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
             run.state.body_started = True
