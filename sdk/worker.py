@@ -249,6 +249,7 @@ class Worker:
         # rolled back as it starts) is a clean stop, never the default action's kill.
         with _os_signals() as signals:
             async with self:
+                await self._create_trigger_groups()
                 consuming = anyio.CancelScope()
                 async with anyio.create_task_group() as tg:
                     if signals is not None:
@@ -419,12 +420,18 @@ class Worker:
     # -- triggers ------------------------------------------------------------------
 
     async def _create_groups(self, redis: Redis) -> None:
-        # The broker's group too: from the moment a run can exist, cancel events are kept
-        # for the broker even if no broker has started yet.
+        # The broker's group: from the moment a run can exist, cancel events are kept for
+        # the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)
+
+    async def _create_trigger_groups(self) -> None:
+        # Only a worker that consumes triggers has the functions' groups: a group nobody
+        # reads (a worker that only holds runs with worker.run: Celery, arq, a web app)
+        # would keep the events stream from ever being trimmed.
+        runner = self._require_runner()
         for fn in self._functions.values():
             await create_group(
-                redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
+                runner.store.redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
             )
 
     async def _consume_triggers(self) -> None:

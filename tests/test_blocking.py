@@ -251,3 +251,14 @@ async def test_a_trigger_time_lets_a_cancel_sent_while_queued_apply(
                 await anyio.sleep(5)
         async with worker.run("generate-report", Event(name=TRIGGER, data={"reportId": "q1"})):
             await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_a_worker_that_only_holds_runs_creates_no_trigger_groups(
+    redis: Redis, redis_url: str, namespace: str
+) -> None:
+    """A group nobody reads would keep the events stream from ever being trimmed."""
+    worker = make_worker(redis_url, namespace)
+    async with worker:
+        groups = await redis.xinfo_groups(f"{namespace}:events")
+    assert [group["name"] for group in groups] == ["broker"]
