@@ -212,7 +212,8 @@ class BlockingWorker:
     ) -> AsyncIterator[BlockingRun]:
         """:meth:`run` for a body on another asyncio event loop (arq's): the run's cancel
         interrupts the block at its current await (a cancel scope in the caller's loop,
-        cancelled from the worker's thread), and is level-triggered as in a worker."""
+        cancelled from the worker's thread), and is level-triggered as in a worker. A run
+        cancelled before it starts raises ``RunCancelled`` on entry."""
         portal = self._require_portal()
         loop = asyncio.get_running_loop()
         scope = anyio.CancelScope()
@@ -227,10 +228,12 @@ class BlockingWorker:
             future, run = await anyio.to_thread.run_sync(
                 portal.start_task, self._hold, function_id, event, run_id, parent, interrupt, grace
             )
+        if run.cancelled:  # cancelled on registration: the block must not start
+            portal.start_task_soon(_body_result, run, None)
+            await asyncio.wrap_future(future)  # raises RunCancelled once it is recorded
+            raise RunCancelled(run.run_id, run.cancel_reason)
         error: BaseException | None = None
         try:
-            if run.cancelled:
-                scope.cancel()
             with scope:
                 yield run
         except BaseException as exc:

@@ -60,6 +60,7 @@ from celery.exceptions import Ignore
 from sdk.blocking import BlockingRun, BlockingWorker
 from sdk.context import CancelMode, RunContext
 from sdk.errors import DuplicateRunError, RunCancelled
+from sdk.integrations.arguments import EventData, keyword_data
 from sdk.rules import CancelOn
 from sdk.wire import Event
 from sdk.worker import Worker
@@ -74,7 +75,6 @@ SENT_HEADER: Final = "cancel_broker_sent_ms"
 INTERRUPT_SIGNAL: Final = signal.SIGUSR2
 
 F = TypeVar("F", bound=Callable[..., Any])
-EventData = Callable[..., dict[str, Any]]
 
 _current: contextvars.ContextVar[BlockingRun] = contextvars.ContextVar("cancel_broker_celery_run")
 
@@ -91,17 +91,14 @@ class TaskCancelled(BaseException):
         self.run_id = run_id
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[TaskCancelled], tuple[str, str | None]]:
+        return type(self), (self.run_id, self.reason)
+
 
 def current_run() -> BlockingRun:
     """The run of the task executing in this thread (``check()``, ``sleep()``,
     ``cancelled``). Raises ``LookupError`` outside a cancellable task."""
     return _current.get()
-
-
-def keyword_data(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """The default trigger data: the task's keyword arguments, and its positional ones as
-    ``args`` (rules match paths like ``data.report_id``)."""
-    return {**kwargs, "args": list(args)} if args else dict(kwargs)
 
 
 async def _run_by_celery(ctx: RunContext) -> None:
