@@ -27,13 +27,16 @@ from typing import Self
 
 import anyio
 import anyio.from_thread
+import structlog
 from anyio.abc import TaskStatus
 
 from sdk.context import CancelState, RunContext
 from sdk.errors import RunCancelled, WorkerNotStartedError
-from sdk.runner import INTERRUPTED_REASON
+from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.wire import Event
 from sdk.worker import Worker
+
+log = structlog.get_logger("sdk.blocking")
 
 #: Called in the worker's thread, with the reason, when a cancel interrupts a run: it must
 #: return at once (send a signal, schedule a cancel), never block.
@@ -122,11 +125,26 @@ class BlockingWorker:
             self._stack, self._portal = stack, portal
 
     def stop(self) -> None:
-        """Leave the worker (runs still held are recorded ``cancelled``) and stop the thread."""
+        """Cancel the runs still held (reason ``worker shutdown``), wait for them to be
+        recorded, leave the worker and stop the thread."""
         with self._lock:
-            stack, self._stack, self._portal = self._stack, None, None
-        if stack is not None:
+            stack, portal = self._stack, self._portal
+            self._stack = self._portal = None
+        if stack is None or portal is None:
+            return
+        try:
+            portal.call(self._release_runs)
+        finally:
             stack.close()
+
+    async def _release_runs(self) -> None:
+        # Job queues wait for their jobs before they stop us: a run still held is being
+        # abandoned. Its body is interrupted (on_interrupt, grace) and its outcome recorded
+        # while the worker's connections are still open.
+        runner = self.worker._require_runner()
+        runner.cancel_all(SHUTDOWN_REASON, interrupt=True)
+        with anyio.move_on_after(self.worker.shutdown_timeout):
+            await runner.wait_empty()
 
     @property
     def started(self) -> bool:
@@ -273,7 +291,10 @@ class BlockingWorker:
                 # The run was interrupted (its cancel, or the worker stopping): stop the body,
                 # then wait, shielded, for it to be over before the outcome is recorded.
                 if on_interrupt is not None:
-                    on_interrupt(state.reason or "cancelled")
+                    try:
+                        on_interrupt(state.reason or "cancelled")
+                    except Exception:  # the body still gets its grace
+                        log.exception("run.on_interrupt_failed", run_id=run.run_id)
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(self.worker.thread_grace if grace is None else grace):
                         await run._finished.wait()

@@ -130,6 +130,8 @@ class Worker:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runner: Runner | None = None
+        #: Set by serve(): entering then creates the functions' consumer groups.
+        self._consumes_triggers = False
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
 
@@ -248,17 +250,20 @@ class Worker:
         # Installed before anything else: a SIGTERM from the first moment on (a deploy
         # rolled back as it starts) is a clean stop, never the default action's kill.
         with _os_signals() as signals:
-            async with self:
-                await self._create_trigger_groups()
-                consuming = anyio.CancelScope()
-                async with anyio.create_task_group() as tg:
-                    if signals is not None:
-                        tg.start_soon(self._handle_os_signals, signals, consuming)
-                    task_status.started()
-                    with consuming:
-                        await self._consume_triggers()
-                    await self._drain()
-                    tg.cancel_scope.cancel()
+            self._consumes_triggers = True  # entering creates the functions' groups
+            try:
+                async with self:
+                    consuming = anyio.CancelScope()
+                    async with anyio.create_task_group() as tg:
+                        if signals is not None:
+                            tg.start_soon(self._handle_os_signals, signals, consuming)
+                        task_status.started()
+                        with consuming:
+                            await self._consume_triggers()
+                        await self._drain()
+                        tg.cancel_scope.cancel()
+            finally:
+                self._consumes_triggers = False
 
     @asynccontextmanager
     async def run(
@@ -423,15 +428,14 @@ class Worker:
         # The broker's group: from the moment a run can exist, cancel events are kept for
         # the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)
-
-    async def _create_trigger_groups(self) -> None:
-        # Only a worker that consumes triggers has the functions' groups: a group nobody
-        # reads (a worker that only holds runs with worker.run: Celery, arq, a web app)
-        # would keep the events stream from ever being trimmed.
-        runner = self._require_runner()
+        if not self._consumes_triggers:
+            # Only a worker that consumes triggers has the functions' groups: a group
+            # nobody reads (a worker that only holds runs with worker.run: Celery, arq, a
+            # web app) would keep the events stream from ever being trimmed.
+            return
         for fn in self._functions.values():
             await create_group(
-                runner.store.redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
+                redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
             )
 
     async def _consume_triggers(self) -> None:

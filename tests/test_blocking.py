@@ -262,3 +262,29 @@ async def test_a_worker_that_only_holds_runs_creates_no_trigger_groups(
     async with worker:
         groups = await redis.xinfo_groups(f"{namespace}:events")
     assert [group["name"] for group in groups] == ["broker"]
+
+
+def test_stopping_the_host_cancels_the_runs_it_still_holds(
+    redis_url: str, namespace: str, sync_client: SyncClient
+) -> None:
+    host = BlockingWorker(make_worker(redis_url, namespace, thread_grace=2.0))
+    host.start()
+    entered = threading.Event()
+    reasons: list[str | None] = []
+
+    def body() -> None:
+        try:
+            with host.run("generate-report", report("r9"), run_id="r9-run") as run:
+                entered.set()
+                run.sleep(30)
+        except RunCancelled as exc:
+            reasons.append(exc.reason)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    assert entered.wait(5)
+    host.stop()
+    thread.join(5)
+    assert reasons == ["worker shutdown"]
+    info = sync_client.wait("r9-run", timeout=5)
+    assert (info.status, info.cancel_reason) == ("cancelled", "worker shutdown")
