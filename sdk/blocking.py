@@ -105,6 +105,8 @@ class BlockingWorker:
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
+        # Its functions' triggers are consumed by nobody here: no consumer groups for them.
+        worker._trigger_groups = False
         self._stack: ExitStack | None = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
         self._lock = threading.Lock()

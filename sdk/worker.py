@@ -130,8 +130,10 @@ class Worker:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runner: Runner | None = None
-        #: Set by serve(): entering then creates the functions' consumer groups.
-        self._consumes_triggers = False
+        #: Entering creates the functions' consumer groups, so that triggers wait for a
+        #: worker. BlockingWorker turns it off: a group nobody reads (its worker only holds
+        #: runs) would keep the events stream from ever being trimmed.
+        self._trigger_groups = True
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
 
@@ -250,20 +252,16 @@ class Worker:
         # Installed before anything else: a SIGTERM from the first moment on (a deploy
         # rolled back as it starts) is a clean stop, never the default action's kill.
         with _os_signals() as signals:
-            self._consumes_triggers = True  # entering creates the functions' groups
-            try:
-                async with self:
-                    consuming = anyio.CancelScope()
-                    async with anyio.create_task_group() as tg:
-                        if signals is not None:
-                            tg.start_soon(self._handle_os_signals, signals, consuming)
-                        task_status.started()
-                        with consuming:
-                            await self._consume_triggers()
-                        await self._drain()
-                        tg.cancel_scope.cancel()
-            finally:
-                self._consumes_triggers = False
+            async with self:
+                consuming = anyio.CancelScope()
+                async with anyio.create_task_group() as tg:
+                    if signals is not None:
+                        tg.start_soon(self._handle_os_signals, signals, consuming)
+                    task_status.started()
+                    with consuming:
+                        await self._consume_triggers()
+                    await self._drain()
+                    tg.cancel_scope.cancel()
 
     @asynccontextmanager
     async def run(
@@ -425,13 +423,10 @@ class Worker:
     # -- triggers ------------------------------------------------------------------
 
     async def _create_groups(self, redis: Redis) -> None:
-        # The broker's group: from the moment a run can exist, cancel events are kept for
-        # the broker even if no broker has started yet.
+        # The broker's group too: from the moment a run can exist, cancel events are kept
+        # for the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)
-        if not self._consumes_triggers:
-            # Only a worker that consumes triggers has the functions' groups: a group
-            # nobody reads (a worker that only holds runs with worker.run: Celery, arq, a
-            # web app) would keep the events stream from ever being trimmed.
+        if not self._trigger_groups:
             return
         for fn in self._functions.values():
             await create_group(

@@ -254,12 +254,11 @@ async def test_a_trigger_time_lets_a_cancel_sent_while_queued_apply(
 
 
 @pytest.mark.anyio
-async def test_a_worker_that_only_holds_runs_creates_no_trigger_groups(
+async def test_a_blocking_worker_creates_no_trigger_groups(
     redis: Redis, redis_url: str, namespace: str
 ) -> None:
     """A group nobody reads would keep the events stream from ever being trimmed."""
-    worker = make_worker(redis_url, namespace)
-    async with worker:
+    with BlockingWorker(make_worker(redis_url, namespace)):
         groups = await redis.xinfo_groups(f"{namespace}:events")
     assert [group["name"] for group in groups] == ["broker"]
 

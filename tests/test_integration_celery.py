@@ -197,3 +197,28 @@ def test_threads_a_task_without_cancellable_points_is_abandoned_not_stopped(
     assert "completed" not in [o["what"] for o in setup.observed("t2")]
     setup.wait_observed("t2", "completed", timeout=5)
     setup.wait_state(result, "REVOKED")  # its result is discarded
+
+
+def test_sending_a_task_stamps_the_time_it_was_sent(redis_url: str, namespace: str) -> None:
+    """The stamp orders the run against cancel events published while it is queued."""
+    from sdk import Worker
+    from sdk.integrations.celery import CeleryCancellation
+
+    app = Celery("stamps", broker="memory://")
+    cancels = CeleryCancellation(app, Worker("stamps", redis_url, namespace=namespace))
+
+    @cancels.task(name="stamps.job")
+    def job(report_id: str) -> None:  # pragma: no cover - only sent
+        pass
+
+    before = int(time.time() * 1000)
+    job.delay(report_id="s1")
+    job.apply_async(kwargs={"report_id": "s2"}, headers={"other": "kept"})
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("celery")
+        first, second = queue.get(timeout=2), queue.get(timeout=2)
+        queue.close()
+    after = int(time.time() * 1000)
+    assert before <= first.headers[SENT_HEADER] <= after
+    assert before <= second.headers[SENT_HEADER] <= after
+    assert second.headers["other"] == "kept"

@@ -175,7 +175,8 @@ class CeleryCancellation:
         """
 
         def declare(fn: F) -> Any:
-            name = celery_options.get("name") or self.app.gen_task_name(fn.__name__, fn.__module__)
+            options = dict(celery_options)
+            name = options.pop("name", None) or self.app.gen_task_name(fn.__name__, fn.__module__)
             function = self.worker.function(
                 id=name,
                 trigger=trigger or f"celery/{name}",
@@ -185,7 +186,7 @@ class CeleryCancellation:
             )(_run_by_celery)
             base = type(
                 f"Cancellable_{fn.__name__}",
-                (celery_options.pop("base", CancellableTask),),
+                (options.pop("base", CancellableTask),),
                 {
                     "cancellation": self,
                     "function_id": function.id,
@@ -193,7 +194,7 @@ class CeleryCancellation:
                     "event_data": staticmethod(event_data),
                 },
             )
-            return self.app.task(base=base, name=name, **celery_options)(fn)
+            return self.app.task(base=base, name=name, **options)(fn)
 
         return declare
 
