@@ -26,7 +26,7 @@ What a cancel does depends on where the task runs:
   a blocking call. ``TaskCancelled`` is a ``BaseException``: ``except Exception`` cannot
   swallow it (Celery's ``SoftTimeLimitExceeded`` is an ``Exception``); ``finally`` blocks
   and ``with`` exits run.
-- **threads, solo, gevent, eventlet**: Python cannot safely stop a thread from outside
+- **threads, solo**: Python cannot safely stop a thread from outside
   (an exception injected into a thread lands in whatever it runs, locks and ``finally``
   blocks included, and never interrupts a blocking call). The task stops at its next
   cancellable point: ``current_run().check()`` or ``current_run().sleep(s)`` (a sleep the
@@ -215,7 +215,7 @@ class CeleryCancellation:
         pool = getattr(sender, "pool_cls", None)
         name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         if "prefork" not in name:
-            self.host()  # tasks run in this process: threads, solo, gevent, eventlet
+            self.host()  # tasks run in this process: threads, solo
         # prefork: each pool process starts its own (_process_started), after its fork.
 
     def _process_started(self, **_: Any) -> None:
