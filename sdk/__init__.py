@@ -3,6 +3,7 @@
 from sdk import Worker, Client, CancelOn, RunContext
 """
 
+from sdk.blocking import BlockingRun, BlockingWorker
 from sdk.client import OPERATOR, Client
 from sdk.context import RunContext
 from sdk.errors import (
@@ -20,6 +21,7 @@ from sdk.errors import (
 from sdk.expressions import ExpressionError
 from sdk.function import Function
 from sdk.rules import CancelOn
+from sdk.sync_client import SyncClient
 from sdk.version import __version__
 from sdk.wire import RUN_CANCELLED_EVENT, CancelResult, Event, RunInfo, RunStatus
 from sdk.worker import Worker
@@ -27,6 +29,8 @@ from sdk.worker import Worker
 __all__ = [
     "OPERATOR",
     "RUN_CANCELLED_EVENT",
+    "BlockingRun",
+    "BlockingWorker",
     "CancelBrokerError",
     "CancelOn",
     "CancelResult",
@@ -44,6 +48,7 @@ __all__ = [
     "RunInfo",
     "RunNotFinishedError",
     "RunStatus",
+    "SyncClient",
     "UnknownFunctionError",
     "Worker",
     "WorkerNotStartedError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar, overload
 
@@ -29,6 +30,9 @@ def is_async_callable(fn: object) -> bool:
     )
 
 
+#: Guards the lazy creation of a run's threading.Event (threads that wait for a cancel).
+_EVENT_CREATION: Final = threading.Lock()
+
 CancelMode = Literal["immediate", "between_steps"]
 CANCEL_MODES: Final[tuple[CancelMode, ...]] = ("immediate", "between_steps")
 #: Seconds a thread step gets to return (or raise ``RunCancelled``) once its run is
@@ -52,6 +56,8 @@ class CancelState:
         # Read by thread steps (ctx.cancelled, ctx.check()) as well: one attribute, set
         # once and never cleared, needs no lock (and a threading.Event per run is not free).
         self._received = False
+        # Made only for a thread that blocks until the cancel (wait_received).
+        self._received_event: threading.Event | None = None
         #: Until the body starts, nothing of the user's can be cut short: any mode interrupts.
         self.body_started = False
         #: A thread step ignored the interruption past its grace and was left running.
@@ -62,6 +68,8 @@ class CancelState:
         if self.reason is None:
             self.reason = reason  # before the flag: a thread that sees the flag sees why
         self._received = True
+        if self._received_event is not None:
+            self._received_event.set()
         if interrupt or self.mode == "immediate" or not self.body_started:
             self.scope.cancel()
 
@@ -72,6 +80,14 @@ class CancelState:
     @property
     def cancelled(self) -> bool:
         return self._received
+
+    def wait_received(self, timeout: float | None) -> bool:
+        """Block the calling thread until a cancel is received or ``timeout`` passes."""
+        with _EVENT_CREATION:
+            if self._received_event is None:
+                self._received_event = threading.Event()
+        # Read after the event exists: a cancel that came before it set only the flag.
+        return self._received or self._received_event.wait(timeout)
 
 
 Backstop = Callable[[], Awaitable[None]]

@@ -67,6 +67,10 @@ class RunCancelled(CancelBrokerError):
         self.run_id = run_id
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[RunCancelled], tuple[str, str | None]]:
+        # Picklable with its fields: job queues store it as the job's result (arq, Celery).
+        return type(self), (self.run_id, self.reason)
+
 
 class RunNotFinishedError(CancelBrokerError, TimeoutError):
     """``Client.wait`` gave up: the run had not finished within the timeout."""

@@ -83,7 +83,13 @@ class Runner:
         return len(self._runs)
 
     async def register(
-        self, fn: Function, event: Event, run_id: str, *, parent_run_id: str | None = None
+        self,
+        fn: Function,
+        event: Event,
+        run_id: str,
+        *,
+        parent_run_id: str | None = None,
+        trigger_ms: int | None = None,
     ) -> Run:
         """Register a run in Redis; raises :class:`DuplicateRunError` if the id is taken.
 
@@ -91,7 +97,9 @@ class Runner:
         registered matches (a tombstone), is returned already cancelled: its body stops at
         its first await.
         """
-        run, request = self._admit(fn, event, run_id, parent_run_id or event.parent)
+        run, request = self._admit(
+            fn, event, run_id, parent_run_id or event.parent, trigger_ms=trigger_ms
+        )
         try:
             # Shielded: a run must not be half registered because its starter was cancelled.
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
@@ -139,7 +147,13 @@ class Runner:
         return results
 
     def _admit(
-        self, fn: Function, event: Event, run_id: str, parent_run_id: str | None
+        self,
+        fn: Function,
+        event: Event,
+        run_id: str,
+        parent_run_id: str | None,
+        *,
+        trigger_ms: int | None = None,
     ) -> tuple[Run, RegisterRequest]:
         """Put a run in the registry, before its registration script runs: a signal can
         arrive the moment the script returns."""
@@ -159,6 +173,7 @@ class Runner:
             entries=entries,
             parent_run_id=parent_run_id,
             owner=self._owner(fn, event),
+            trigger_ms=trigger_ms,
         )
         return run, request
 

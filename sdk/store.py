@@ -100,6 +100,9 @@ class RegisterRequest(msgspec.Struct, frozen=True):
     entries: Sequence[IndexEntry]
     parent_run_id: str | None = None
     owner: tuple[str, str | None] | None = None
+    #: When a trigger that did not come through the stream was triggered (a job's enqueue
+    #: time, ms); it orders the run against cancel events (tombstones).
+    trigger_ms: int | None = None
 
 
 def _registration(request: RegisterRequest, reply: Any) -> Registration:
@@ -208,6 +211,7 @@ class RunStore:
             "parent_run_id": r.parent_run_id,
             "owned": None if r.owner is None else "1",
             "owner": None if r.owner is None else r.owner[1],
+            "trigger_ms": None if r.trigger_ms is None else str(r.trigger_ms),
         }
         parent = r.parent_run_id or r.run_id
         keys = [

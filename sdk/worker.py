@@ -130,6 +130,10 @@ class Worker:
         self._stack: AsyncExitStack | None = None
         self._tg: TaskGroup | None = None
         self._runner: Runner | None = None
+        #: Entering creates the functions' consumer groups, so that triggers wait for a
+        #: worker. BlockingWorker turns it off: a group nobody reads (its worker only holds
+        #: runs) would keep the events stream from ever being trimmed.
+        self._trigger_groups = True
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
 
@@ -274,13 +278,18 @@ class Worker:
         interrupts the block as the function's ``cancel_mode`` says; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
         mistake a cancelled block for a finished one. ``parent`` (a run's context or id)
-        makes this run its child: cancelling the parent cancels it.
+        makes this run its child: cancelling the parent cancels it. An ``event.ts`` (ms)
+        says when the run was triggered (a job's enqueue time): a cancel event published
+        after it, while the job was queued, cancels the run when it registers (tombstones).
         """
         fn = self._functions.get(function_id)
         if fn is None:
             raise UnknownFunctionError(
                 f"function {function_id!r} is not declared on app {self.app_id!r}"
             )
+        # A caller's ``ts`` says when the run was triggered (a job's enqueue time): cancel
+        # events published since then apply, even those that came before it registered.
+        trigger_ms = event.ts or None
         if not event.id:
             event = msgspec.structs.replace(
                 event, id=f"local-{uuid.uuid4().hex}", ts=event.ts or int(time.time() * 1000)
@@ -293,7 +302,11 @@ class Worker:
             check_id("parent run id", parent_run_id)
         runner = self._require_runner()
         run = await runner.register(
-            fn, event, run_id or uuid.uuid4().hex, parent_run_id=parent_run_id
+            fn,
+            event,
+            run_id or uuid.uuid4().hex,
+            parent_run_id=parent_run_id,
+            trigger_ms=trigger_ms,
         )
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
             run.state.body_started = True
@@ -413,6 +426,8 @@ class Worker:
         # The broker's group too: from the moment a run can exist, cancel events are kept
         # for the broker even if no broker has started yet.
         await create_group(redis, self.keys.events, BROKER_GROUP)
+        if not self._trigger_groups:
+            return
         for fn in self._functions.values():
             await create_group(
                 redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)

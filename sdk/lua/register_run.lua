@@ -20,7 +20,8 @@
 -- ARGV[7]  the parent run's id, or ''
 -- ARGV[8 + 2(i-1)], ARGV[9 + 2(i-1)]  entry i: 'm' or 'c' (an expression decides), and
 --          its cancel event's name
--- ARGV[8 + 2n ..]  run hash fields, as field/value pairs
+-- ARGV[8 + 2n ..]  run hash fields, as field/value pairs; 'trigger_ms' (when the run was
+--          triggered, for a trigger that did not come through the stream) is not stored
 -- Returns {'registered', hits} or {'cancelled', reason, cancelled_by}, or {'taken', status}
 -- when the id is taken by another run (a trigger delivered twice never starts a second run).
 -- hits: {i, cancel event id, its JSON} for each tombstone under an entry with an
@@ -77,19 +78,27 @@ if existing[1] then
 end
 
 local fields = {'status', 'running', 'started_at', ms(now)}
-local event_id
+local event_id, trigger_ms
 for i = 8 + 2 * n, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
+  if ARGV[i] == 'trigger_ms' then
+    trigger_ms = tonumber(ARGV[i + 1])
+  else
+    fields[#fields + 1] = ARGV[i]
+    fields[#fields + 1] = ARGV[i + 1]
+  end
   if ARGV[i] == 'event_id' then
     event_id = ARGV[i + 1]
   end
 end
--- Where the run stands in the order of events: its trigger's stream id, or for a run
--- whose trigger did not come through the stream, the moment it registered.
+-- Where the run stands in the order of events: its trigger's stream id; for a run whose
+-- trigger did not come through the stream, when it was triggered (trigger_ms, a job's
+-- enqueue time: a cancel published while it was queued still applies), never later than
+-- now; else the moment it registered.
 local trigger_seq = ms(now) .. '-0'
 if event_id and string.match(event_id, '^%d+%-%d+$') then
   trigger_seq = event_id
+elseif trigger_ms and trigger_ms < now then
+  trigger_seq = ms(trigger_ms) .. '-0'
 end
 fields[#fields + 1] = 'trigger_seq'
 fields[#fields + 1] = trigger_seq

@@ -1,0 +1,90 @@
+"""Celery tasks for tests/test_integration_celery.py, run by a real ``celery worker``.
+
+``python -m celery -A tests.apps.celery_tasks worker --pool prefork|threads -Q <queue>``
+with ``REDIS_URL`` and ``NAMESPACE`` in the environment. Each task writes what its body
+observed to the list ``{namespace}:test:observed:{report_id}`` (``started``, ``cancelled``
+with the exception's class, ``swallowed``, ``completed``, ``ended``), so the test process
+can check what really happened in the pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+from celery import Celery
+
+from broker.logs import configure_logging
+from sdk import CancelOn, Worker
+from sdk.integrations.celery import CeleryCancellation, current_run
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+NAMESPACE = os.environ.get("NAMESPACE", "cancel")
+
+configure_logging("info", "json")
+app = Celery("reports", broker=REDIS_URL, backend=REDIS_URL)
+app.conf.update(
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    # The JSON log lines go to the real stderr, which the test reads.
+    worker_redirect_stdouts=False,
+    task_acks_late=True,
+)
+worker = Worker("reports", REDIS_URL, namespace=NAMESPACE, heartbeat_interval=1.0, thread_grace=1.0)
+cancels = CeleryCancellation(app, worker)
+recorder = redis.Redis.from_url(REDIS_URL)
+RULE = CancelOn(event="report/cancel.requested", match="data.report_id")
+
+
+def record(report_id: str, what: str, **extra: Any) -> None:
+    entry = {"what": what, "pid": os.getpid(), "monotonic": time.monotonic(), **extra}
+    recorder.rpush(f"{NAMESPACE}:test:observed:{report_id}", json.dumps(entry))
+
+
+def kind(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}"
+
+
+@cancels.task(trigger="report/generate.requested", cancel_on=[RULE], owner="data.account_id")
+def blocking_report(report_id: str, account_id: str = "a1", seconds: float = 30) -> str:
+    """One long blocking call that checks nothing: only a signal can stop it."""
+    record(report_id, "started")
+    try:
+        try:
+            time.sleep(seconds)
+        except Exception as exc:  # the trap from the seeds: must not swallow a cancel
+            record(report_id, "swallowed", exception=kind(exc))
+    except BaseException as exc:
+        record(report_id, "cancelled", exception=kind(exc))
+        raise
+    else:
+        record(report_id, "completed")
+    finally:
+        record(report_id, "ended")
+    return "report"
+
+
+@cancels.task(
+    trigger="report/generate.requested",
+    cancel_on=[RULE],
+    autoretry_for=(Exception,),
+    retry_backoff=False,
+    max_retries=3,
+    default_retry_delay=0,
+)
+def polling_report(report_id: str, seconds: float = 30) -> str:
+    """A loop with cancellable points (for the thread pool), retried on any Exception."""
+    record(report_id, "started")
+    try:
+        current_run().sleep(seconds)
+    except BaseException as exc:
+        record(report_id, "cancelled", exception=kind(exc))
+        raise
+    finally:
+        record(report_id, "ended")
+    record(report_id, "completed")
+    return "report"

@@ -1,0 +1,224 @@
+"""Celery: tasks are runs. A real ``celery worker`` (prefork, then threads) on the private
+Redis, a real broker process, and the test as the app: it sends tasks with Celery and
+cancels them with ``SyncClient``."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from broker import EmbeddedRedis
+from sdk import SyncClient
+from sdk.integrations.celery import SENT_HEADER
+from tests.processes import ProcessHandle, start_broker
+
+pytestmark = pytest.mark.e2e
+
+BLOCKING = "tests.apps.celery_tasks.blocking_report"
+POLLING = "tests.apps.celery_tasks.polling_report"
+
+
+class Setup:
+    def __init__(self, redis_url: str, namespace: str) -> None:
+        self.redis_url = redis_url
+        self.namespace = namespace
+        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
+        self.celery = Celery("sender", broker=redis_url, backend=redis_url)
+        self.client = SyncClient(redis_url, namespace=namespace)
+
+    def send(self, name: str, queue: str, task_id: str | None = None, **kwargs: Any) -> AsyncResult:
+        # What CancellableTask.apply_async adds (the tests send by name, without importing
+        # the tasks' module, whose worker is configured for the worker process).
+        headers = {SENT_HEADER: int(time.time() * 1000)}
+        return self.celery.send_task(
+            name, kwargs=kwargs, queue=queue, task_id=task_id, headers=headers
+        )
+
+    def observed(self, report_id: str) -> list[dict[str, Any]]:
+        raw = self.redis.lrange(f"{self.namespace}:test:observed:{report_id}", 0, -1)
+        return [json.loads(item) for item in raw]
+
+    def wait_observed(self, report_id: str, what: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in self.observed(report_id):
+                if entry["what"] == what:
+                    return entry
+            time.sleep(0.01)
+        raise TimeoutError(f"{report_id}: no {what!r} in {self.observed(report_id)}")
+
+    def wait_state(self, result: AsyncResult, state: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while result.state != state:
+            assert time.monotonic() < deadline, f"{result.id} is {result.state}, not {state}"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker, _ = start_broker(redis_server.url, namespace)
+    setup = Setup(redis_server.url, namespace)
+    try:
+        yield setup
+    finally:
+        setup.client.close()
+        setup.celery.close()
+        broker.terminate()
+
+
+def start_celery(setup: Setup, pool: str, queue: str, concurrency: int) -> ProcessHandle:
+    args = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_tasks", "worker"]
+    args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", queue]
+    args += ["-n", f"{queue}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    args += ["--loglevel", "WARNING"]
+    env = {"REDIS_URL": setup.redis_url, "NAMESPACE": setup.namespace}
+    handle = ProcessHandle(args, env=env, new_session=True)
+    handle.wait_for_log("worker.started", timeout=30)
+    return handle
+
+
+@pytest.fixture(scope="module")
+def prefork(setup: Setup) -> Iterator[str]:
+    queue = f"{setup.namespace}-prefork"
+    handle = start_celery(setup, "prefork", queue, concurrency=1)
+    try:
+        yield queue
+    finally:
+        handle.stop_group()
+
+
+@pytest.fixture(scope="module")
+def threads(setup: Setup) -> Iterator[str]:
+    queue = f"{setup.namespace}-threads"
+    handle = start_celery(setup, "threads", queue, concurrency=2)
+    try:
+        yield queue
+    finally:
+        handle.stop_group()
+
+
+def test_prefork_a_cancel_by_task_id_stops_a_blocking_call_at_once(
+    setup: Setup, prefork: str
+) -> None:
+    result = setup.send(BLOCKING, prefork, report_id="p1", account_id="a1")
+    setup.wait_observed("p1", "started")
+    # The task id is the run id; the function declares an owner.
+    assert setup.client.cancel(result.id, actor="a2").outcome == "forbidden"
+    cancelled_at = time.monotonic()
+    assert setup.client.cancel(result.id, actor="a1").outcome == "signalled"
+    seen = setup.wait_observed("p1", "cancelled")
+    assert seen["monotonic"] - cancelled_at < 1.0  # not the 30 s sleep
+    # A BaseException: the task's `except Exception` did not swallow it; `finally` ran.
+    assert seen["exception"] == "sdk.integrations.celery.TaskCancelled"
+    assert [o["what"] for o in setup.observed("p1")] == ["started", "cancelled", "ended"]
+    setup.wait_state(result, "REVOKED")
+    info = setup.client.wait(result.id, timeout=5)
+    assert info.status == "cancelled"
+    assert info.function_id == BLOCKING
+
+
+def test_prefork_a_cancel_event_matches_the_task_by_its_arguments(
+    setup: Setup, prefork: str
+) -> None:
+    result = setup.send(BLOCKING, prefork, report_id="p2")
+    setup.wait_observed("p2", "started")
+    setup.client.send("report/cancel.requested", {"report_id": "p2"})
+    setup.wait_state(result, "REVOKED")
+    assert setup.wait_observed("p2", "cancelled")["exception"].endswith("TaskCancelled")
+    info = setup.client.wait(result.id, timeout=5)
+    assert info.cancel_reason == "cancel event report/cancel.requested"
+    # The pool process survived: it runs the next task.
+    done = setup.send(BLOCKING, prefork, report_id="p3", seconds=0)
+    assert done.get(timeout=10) == "report"
+
+
+def test_prefork_a_task_cancelled_while_queued_is_revoked_without_running(
+    setup: Setup, prefork: str
+) -> None:
+    busy = setup.send(BLOCKING, prefork, report_id="p4", account_id="a1")  # the only pool process
+    setup.wait_observed("p4", "started")
+    queued = setup.send(BLOCKING, prefork, report_id="p5")
+    setup.client.send("report/cancel.requested", {"report_id": "p5"})
+    time.sleep(0.2)  # the broker handles the cancel while p5 waits in the queue
+    assert setup.client.cancel(busy.id, actor="a1").outcome == "signalled"
+    setup.wait_state(queued, "REVOKED")
+    assert setup.observed("p5") == []
+    info = setup.client.wait(queued.id, timeout=5)
+    assert "before the run registered" in (info.cancel_reason or "")
+
+
+def test_a_cancelled_task_delivered_again_never_runs(setup: Setup, prefork: str) -> None:
+    result = setup.send(BLOCKING, prefork, report_id="p6", account_id="a1")
+    setup.wait_observed("p6", "started")
+    setup.client.cancel(result.id, actor="a1")
+    setup.wait_state(result, "REVOKED")
+    again = setup.send(BLOCKING, prefork, task_id=result.id, report_id="p6b")
+    time.sleep(0.5)
+    setup.wait_state(again, "REVOKED")
+    assert setup.observed("p6b") == []
+
+
+def test_threads_a_cancel_stops_the_task_at_its_cancellable_point_and_is_not_retried(
+    setup: Setup, threads: str
+) -> None:
+    result = setup.send(POLLING, threads, report_id="t1")
+    setup.wait_observed("t1", "started")
+    cancelled_at = time.monotonic()
+    setup.client.cancel(result.id)
+    seen = setup.wait_observed("t1", "cancelled")
+    assert seen["monotonic"] - cancelled_at < 1.0
+    setup.wait_state(result, "REVOKED")
+    # autoretry_for=(Exception,) would have retried RunCancelled: never for a cancel.
+    time.sleep(0.5)
+    assert [o["what"] for o in setup.observed("t1")] == ["started", "cancelled", "ended"]
+    assert setup.client.wait(result.id, timeout=5).status == "cancelled"
+
+
+def test_threads_a_task_without_cancellable_points_is_abandoned_not_stopped(
+    setup: Setup, threads: str
+) -> None:
+    """The documented limit: a thread cannot be stopped from outside."""
+    result = setup.send(BLOCKING, threads, report_id="t2", account_id="a1", seconds=2)
+    setup.wait_observed("t2", "started")
+    setup.client.cancel(result.id, actor="a1")
+    # Recorded cancelled after the worker's thread_grace (1 s), while the body still runs.
+    info = setup.client.wait(result.id, timeout=5)
+    assert (info.status, info.abandoned_thread) == ("cancelled", True)
+    assert "completed" not in [o["what"] for o in setup.observed("t2")]
+    setup.wait_observed("t2", "completed", timeout=5)
+    setup.wait_state(result, "REVOKED")  # its result is discarded
+
+
+def test_sending_a_task_stamps_the_time_it_was_sent(redis_url: str, namespace: str) -> None:
+    """The stamp orders the run against cancel events published while it is queued."""
+    from sdk import Worker
+    from sdk.integrations.celery import CeleryCancellation
+
+    app = Celery("stamps", broker="memory://")
+    cancels = CeleryCancellation(app, Worker("stamps", redis_url, namespace=namespace))
+
+    @cancels.task(name="stamps.job")
+    def job(report_id: str) -> None:  # pragma: no cover - only sent
+        pass
+
+    before = int(time.time() * 1000)
+    job.delay(report_id="s1")
+    job.apply_async(kwargs={"report_id": "s2"}, headers={"other": "kept"})
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue("celery")
+        first, second = queue.get(timeout=2), queue.get(timeout=2)
+        queue.close()
+    after = int(time.time() * 1000)
+    assert before <= first.headers[SENT_HEADER] <= after
+    assert before <= second.headers[SENT_HEADER] <= after
+    assert second.headers["other"] == "kept"
