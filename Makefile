@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: run test lint demo bench format clean check-python
+.PHONY: run test lint docs demo bench format clean check-python
 
 check-python:
 	@test -n "$(PYTHON)" || { echo "error: Python 3.11 or newer is required (set PYTHON=...)" >&2; exit 1; }
@@ -33,12 +33,22 @@ run: $(VENV)/.installed
 
 ## lint: ruff and mypy --strict on the packages
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff check sdk broker tests docs/examples
-	$(BIN)/ruff format --check sdk broker tests docs/examples
+	$(BIN)/ruff check sdk broker tests docs/examples docs/_hooks
+	$(BIN)/ruff format --check sdk broker tests docs/examples docs/_hooks
 	$(BIN)/mypy
 
-## test: lint, then the whole suite (pytest exits non-zero when no test ran)
-test: lint
+# The documentation site's tools: the `docs` extra, for `make docs` (and so `make test`).
+$(VENV)/.installed-docs: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	@touch $@ $(VENV)/.installed
+
+## docs: the documentation site (mkdocs.yml) into site/, in strict mode: a broken link or
+## anchor, a missing page or a docstring mkdocstrings cannot read fails the build. Offline.
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+## test: lint, the docs build, then the whole suite (pytest exits non-zero when no test ran)
+test: lint docs
 	$(BIN)/python -m pytest $(ARGS)
 
 ## demo: a report run cancelled end to end, broker and worker as separate processes
@@ -62,8 +72,8 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/benchmarks/peers.py $(PEERS_ARGS)
 
 format: $(VENV)/.installed-dev
-	$(BIN)/ruff check --fix sdk broker tests docs/examples
-	$(BIN)/ruff format sdk broker tests docs/examples
+	$(BIN)/ruff check --fix sdk broker tests docs/examples docs/_hooks
+	$(BIN)/ruff format sdk broker tests docs/examples docs/_hooks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache site
