@@ -180,6 +180,7 @@ class Broker:
             max_event_bytes=self.max_event_bytes,
             tombstone_ms=self.tombstone_ms,
             log=self._log,
+            consumer=self.consumer,
         )
 
     async def readiness(self) -> tuple[bool, str]:
