@@ -20,6 +20,8 @@ import structlog
 
 import sdk
 from broker.cli_errors import UsageError, diagnose, leaf
+from broker.dashboard_access import CancelAccess, DashboardMode, is_loopback
+from broker.dashboard_routes import dashboard_routes
 from broker.embedded import EmbeddedRedis
 from broker.findings import SyncState, Windows, collect_state
 from broker.http import create_app, serve_http
@@ -127,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the broker",
         description="Run the broker: consume cancel events, signal the matched runs' workers,"
-        " serve /healthz, /readyz, /metrics and /v1/sync.\n\nEvery option has an environment"
-        " variable; a flag wins over it. Durations are seconds or 90s, 30m, 2h, 7d.",
+        " serve /healthz, /readyz, /metrics, /v1/sync and the dashboard at /.\n\nEvery option"
+        " has an environment variable; a flag wins over it. Durations are seconds or 90s, 30m,"
+        " 2h, 7d.",
     )
     Settings.add_arguments(run, ["broker", "detection"])
     run.set_defaults(handler=_run, settings_groups=["connection", "broker", "detection"])
@@ -294,11 +297,19 @@ async def _serve(url: str, settings: Settings) -> None:
         history_length=settings.history_length,
         tombstone_lookback_s=settings.tombstone_lookback,
     )
+    access = CancelAccess(
+        mode=cast(DashboardMode, settings.dashboard),
+        token=settings.dashboard_token,
+        loopback=is_loopback(settings.http_host),
+    )
+    if access.mode == "on" and not access.cancel_enabled:
+        log.warning("dashboard.cancel_off", reason=access.cancel_disabled_reason)
+    routes = dashboard_routes(access, broker.dashboard, namespace=settings.namespace)
     async with anyio.create_task_group() as tg:
         tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)
         port = await tg.start(
             serve_http,
-            create_app(metrics.registry, broker),
+            create_app(metrics.registry, broker, routes),
             settings.http_host,
             settings.http_port,
         )
@@ -308,6 +319,7 @@ async def _serve(url: str, settings: Settings) -> None:
             redis_url=redact_url(url),
             namespace=settings.namespace,
             http=f"http://{settings.http_host}:{port}",
+            dashboard=settings.dashboard,
             version=sdk.__version__,
         )
 

@@ -1,10 +1,11 @@
-"""The broker's one small HTTP server: /healthz, /readyz, /metrics and /v1/sync."""
+"""The broker's one small HTTP server: /healthz, /readyz, /metrics, /v1/sync, and the
+dashboard's routes (:mod:`broker.dashboard_routes`)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import anyio
@@ -16,7 +17,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from broker.findings import SyncState
 from sdk.connection import REDIS_ERRORS
@@ -32,7 +33,11 @@ class BrokerStatus(Protocol):
     async def sync_state(self) -> SyncState: ...
 
 
-def create_app(registry: CollectorRegistry, broker: BrokerStatus | None = None) -> Starlette:
+def create_app(
+    registry: CollectorRegistry,
+    broker: BrokerStatus | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -65,6 +70,7 @@ def create_app(registry: CollectorRegistry, broker: BrokerStatus | None = None) 
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/v1/sync", sync),
+            *extra_routes,
         ]
     )
 

@@ -9,9 +9,11 @@ For a batch read from the events stream:
    tombstones and cancels the runs its keys name;
 4. evaluate rule expressions on the candidates the scripts return (rare), and cancel
    those they hold for;
-5. count, and write one audit line per cancel event.
+5. count, and write one audit line per cancel event;
+6. record the batch's decisions in ``{ns}:decisions`` (one more round trip, for the
+   dashboard: :mod:`broker.decisions`).
 
-Two round trips per batch instead of two per event: what lets one broker keep up with
+Three round trips per batch instead of two per event: what lets one broker keep up with
 tens of thousands of cancel events per second. Handling a batch again (a crash, a
 transient error) changes nothing: a run already cancelling is not signalled again.
 """
@@ -23,6 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
+from broker import decisions
 from broker.findings import is_cancel_like
 from broker.metrics import BrokerMetrics
 from broker.sync import EventWatch
@@ -72,6 +75,7 @@ class Matcher:
         max_event_bytes: int,
         tombstone_ms: int,
         log: Any,
+        consumer: str = "",
     ) -> None:
         self.store = store
         self.keys: Keys = store.keys
@@ -81,6 +85,7 @@ class Matcher:
         self.max_event_bytes = max_event_bytes
         self.tombstone_ms = tombstone_ms
         self._log = log
+        self.consumer = consumer
         self._expressions: dict[str, Expression | str] = {}
 
     async def handle(self, entries: Sequence[Entry]) -> None:
@@ -106,6 +111,7 @@ class Matcher:
             tombstone_ms=self.tombstone_ms,
         )
         replied = iter(replies)
+        recorded: list[decisions.Recorded] = []
         for entry_id, fields, event, found in planned:
             reply = next(replied) if found else ([], [])
             try:
@@ -114,7 +120,7 @@ class Matcher:
                 results, candidates = reply
                 if candidates:
                     results = results + await self._evaluate(event, candidates)
-                self._decided(event, found, results, started)
+                recorded.append(self._decided(event, found, results, started))
             except Exception as exc:
                 if is_transient(exc):
                     raise  # not acknowledged: handled again once Redis can answer (and counted)
@@ -123,6 +129,8 @@ class Matcher:
                 self._log.exception("event.handling_failed", entry_id=entry_id)
                 await self.dead_letter(entry_id, fields, "broker_error", repr(exc))
                 self._count("dead_lettered")
+                recorded.append(decisions.failed(event, "broker_error", repr(exc), self.consumer))
+        await decisions.record(self.store.redis, self.keys, recorded, self._log)
 
     async def _decode(self, entry_id: str, fields: dict[str, str] | None) -> Event | None:
         if not fields:
@@ -156,7 +164,8 @@ class Matcher:
 
     def _decided(
         self, event: Event, found: list[Lookup], results: list[CancelResult], started: float
-    ) -> None:
+    ) -> decisions.Recorded:
+        """Count the decision, write its audit line; returns its record."""
         outcomes = Counter(result.outcome for result in results)
         matched = sum(outcomes[o] for o in MATCHED)
         signalled = outcomes["signalled"]
@@ -170,18 +179,29 @@ class Matcher:
         elapsed = time.perf_counter() - started
         self._count(decision)
         self.metrics.handling_seconds.observe(elapsed)
+        rules = [lookup.selector.text for lookup in found]
         # The audit line: one per cancel event, whatever it did.
         self._log.info(
             "cancel.decided",
             event_id=event.id,
             event_name=event.name,
             decision=decision,
-            rules=[lookup.selector.text for lookup in found],
+            rules=rules,
             runs_matched=matched,
             signals_sent=signalled + cascaded,
             cascaded=cascaded,
             outcomes=dict(outcomes),
             latency_ms=round(elapsed * 1000, 3),
+        )
+        return decisions.decided(
+            event,
+            decision,
+            rules=rules,
+            matched=(result.run_id for result in results if result.outcome in MATCHED),
+            outcomes=outcomes,
+            signals_sent=signalled + cascaded,
+            latency_ms=elapsed * 1000,
+            consumer=self.consumer,
         )
 
     async def _evaluate(

@@ -18,12 +18,14 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from broker.dashboard import DashboardData
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
 from broker.matching import Matcher
 from broker.metrics import BrokerMetrics
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
+from sdk.client import Client
 from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, RedisClient, command_client
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
 from sdk.store import RunStore
@@ -88,6 +90,7 @@ class Broker:
         )
         self._redis: RedisClient | None = None
         self._events: GroupConsumer | None = None
+        self._dashboard: DashboardData | None = None
         #: Set when :meth:`run` has returned (after :meth:`stop`, or cancellation).
         self.stopped = anyio.Event()
 
@@ -102,6 +105,8 @@ class Broker:
         Signals ``task_status`` once listening.
         """
         redis = command_client(self.redis_url)
+        # The dashboard's Cancel goes through the SDK's own cancel by id.
+        client = Client(self.redis_url, namespace=self.keys.namespace)
         try:
             await self._wait_for_redis(redis)
             store = RunStore(redis, self.keys)
@@ -140,6 +145,7 @@ class Broker:
                 monitor.wake()
 
             self._redis = redis
+            self._dashboard = DashboardData(redis, self.keys, client, self.sync_state)
             self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
             task_status.started()
             async with anyio.create_task_group() as tg:
@@ -150,8 +156,9 @@ class Broker:
                 await events.run(handle_events)
                 tg.cancel_scope.cancel()  # stopped: the rest is housekeeping
         finally:
-            self._redis = self._events = None
+            self._redis = self._events = self._dashboard = None
             with anyio.CancelScope(shield=True):
+                await client.aclose()
                 await redis.aclose()
             self.stopped.set()
             self._log.info("broker.stopped")
@@ -180,6 +187,7 @@ class Broker:
             max_event_bytes=self.max_event_bytes,
             tombstone_ms=self.tombstone_ms,
             log=self._log,
+            consumer=self.consumer,
         )
 
     async def readiness(self) -> tuple[bool, str]:
@@ -201,6 +209,12 @@ class Broker:
         if self._redis is None:
             raise RuntimeError("the broker is not running")
         return await collect_state(self._redis, self.keys, windows=self.windows)
+
+    def dashboard(self) -> DashboardData:
+        """What the dashboard reads and cancels through, while the broker runs."""
+        if self._dashboard is None:
+            raise RuntimeError("the broker is not running")
+        return self._dashboard
 
     async def _wait_for_redis(self, redis: RedisClient) -> None:
         """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""

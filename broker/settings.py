@@ -133,13 +133,26 @@ class Settings:
     http_host: str = _setting(
         "127.0.0.1",
         metavar="HOST",
-        help="address of /healthz, /readyz and /metrics (0.0.0.0 in a container)",
+        help="address of /healthz, /readyz, /metrics and the dashboard (0.0.0.0 in a container)",
     )
     http_port: int = _setting(
         "8750",
         parse=_port,
         metavar="PORT",
-        help="port of /healthz, /readyz and /metrics; 0 for any free port",
+        help="port of /healthz, /readyz, /metrics and the dashboard; 0 for any free port",
+    )
+    dashboard: str = _setting(
+        "on",
+        choices=("on", "readonly", "off"),
+        help="the live dashboard at / and its JSON endpoints; readonly: no Cancel button;"
+        " on an address other than loopback, Cancel also needs --dashboard-token",
+    )
+    dashboard_token: str | None = _setting(
+        None,
+        unset="none",
+        metavar="TOKEN",
+        help="a secret the dashboard's Cancel must send (X-Cancel-Broker-Token); give it"
+        " through the environment, not on a command line others can read",
     )
     consumer: str | None = _setting(
         None,

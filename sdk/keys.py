@@ -88,6 +88,12 @@ class Keys:
         return f"{self.prefix}runs:active"
 
     @property
+    def finished_runs(self) -> str:
+        """Sorted set of the most recently finished runs, scored by when each ended (ms);
+        capped (``FINISHED_RUNS_KEPT``): what the dashboard lists besides running runs."""
+        return f"{self.prefix}runs:finished"
+
+    @property
     def cancelling_runs(self) -> str:
         """Sorted set of runs whose cancel signal is not yet acknowledged, by when sent (ms)."""
         return f"{self.prefix}runs:cancelling"
@@ -135,6 +141,13 @@ class Keys:
     def tombstone_event(self, event_id: str) -> str:
         """A tombstoned cancel event's JSON, for rules whose expression needs its data."""
         return f"{self.prefix}tomb-event:{event_id}"
+
+    @property
+    def decisions(self) -> str:
+        """Capped list of the brokers' recent cancel decisions (JSON, newest first), one per
+        cancel event: what it matched or tombstoned, or why it was dead-lettered. The
+        dashboard's record."""
+        return f"{self.prefix}decisions"
 
     @property
     def signal_prefix(self) -> str:

@@ -36,6 +36,9 @@ from sdk.wire import (
 
 #: How long a finished run's record stays readable (``Client.get_run``).
 DEFAULT_RETENTION: Final = timedelta(days=1)
+#: Recently finished runs listed in ``{ns}:runs:finished`` (the dashboard's history); the
+#: records themselves stay readable for the retention, listed or not.
+FINISHED_RUNS_KEPT: Final = 1_000
 #: Approximate cap on a worker's signal stream; signals are read within milliseconds.
 SIGNAL_STREAM_MAXLEN: Final = 10_000
 
@@ -268,6 +271,7 @@ class RunStore:
             self.keys.children(run_id),
             self.keys.events,
             self.keys.finished_stats,
+            self.keys.finished_runs,
             *index_keys,
         ]
         extra = _pairs(
@@ -286,6 +290,7 @@ class RunStore:
             self.keys.finished(run_id),
             RUN_CANCELLED_EVENT,
             EVENT_FIELD,
+            FINISHED_RUNS_KEPT,
             *extra,
         ]
         reply = await self._finish(keys=keys, args=args)

@@ -20,6 +20,15 @@ from sdk.keys import Keys
 from tests.cluster import RedisClusterServer
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--dashboard-screenshot",
+        default=None,
+        metavar="PATH",
+        help="tests/test_dashboard_browser.py also saves a screenshot of the dashboard here",
+    )
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:

@@ -342,10 +342,24 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
 
             await wait_until(heartbeat)
 
-            # The broker's sync state (/v1/sync) and trimming, as the broker's user.
+            # The broker's sync state (/v1/sync), its dashboard (runs listed, finished ones
+            # too; functions; decisions; Cancel) and trimming, as the broker's user.
+            r4 = await start_report(publisher, operator, "acl-4")
+            await wait_started(admin, "acl-4")
             async with httpx.AsyncClient(base_url=http) as web:
                 sync = (await web.get("/v1/sync")).json()
+                listed = (await web.get("/v1/runs")).json()["runs"]
+                functions = (await web.get("/v1/functions")).json()["functions"]
+                decided = (await web.get("/v1/decisions")).json()["decisions"]
+                cancelled = await web.post(
+                    f"/v1/runs/{r4.run_id}/cancel", headers={"X-Cancel-Broker-Request": "1"}
+                )
             assert [w["worker_id"] for w in sync["workers"]] == [worker_id]
+            assert {r1.run_id, r2.run_id, r4.run_id} <= {run["run_id"] for run in listed}
+            assert [f["function_id"] for f in functions] == ["generate-report"]
+            assert {d["decision"] for d in decided} >= {"matched", "dead_lettered"}
+            assert cancelled.json()["result"]["outcome"] == "signalled"
+            await wait_for_status(operator, r4.run_id, "cancelled")
             async with decoded(acl_server.url("broker")) as as_broker:
                 await trim_acknowledged(as_broker, KEYS.events)
 

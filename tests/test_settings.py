@@ -40,6 +40,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dead_rule_window": ("2h", 7200.0),
     "orphan_window": ("90s", 90.0),
     "cancel_events": ("a/stop,b/halt", ("a/stop", "b/halt")),
+    "dashboard": ("readonly", "readonly"),
+    "dashboard_token": ("s3cret", "s3cret"),
 }
 
 

@@ -10,7 +10,8 @@
 -- KEYS[7]  the run's children (set)
 -- KEYS[8]  the events stream (for the outcome event)
 -- KEYS[9]  finished runs per app/function/outcome (hash)
--- KEYS[10 ..]  index sets the run was registered under
+-- KEYS[10] recently finished runs (zset, scored by when each ended; capped)
+-- KEYS[11 ..]  index sets the run was registered under
 -- ARGV[1]  run id
 -- ARGV[2]  outcome: completed | cancelled | failed | lost
 -- ARGV[3]  record retention in seconds
@@ -18,7 +19,8 @@
 --          Redis clock, as the cancel's was, so the latency does not depend on host clocks
 -- ARGV[5]  the run's 'finished' channel
 -- ARGV[6]  name of the outcome event; ARGV[7] the field events are written in
--- ARGV[8 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
+-- ARGV[8]  how many recently finished runs KEYS[10] keeps
+-- ARGV[9 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
 --             on_cancel_error), as field/value pairs
 -- Returns {the status the run had before, the cancel latency in ms or ''}, or false when the
 -- run is unknown.
@@ -35,7 +37,7 @@ local now = tonumber(now_raw[1]) * 1000 + tonumber(now_raw[2]) / 1000
 local finished_at = string.format('%.0f', now)
 
 local fields = {'status', outcome, 'finished_at', finished_at}
-for i = 8, #ARGV do
+for i = 9, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[1], unpack(fields))
@@ -53,7 +55,9 @@ if run[1] and run[2] then
     redis.call('HDEL', KEYS[3], config)
   end
 end
-for i = 10, #KEYS do
+redis.call('ZADD', KEYS[10], finished_at, run_id)
+redis.call('ZREMRANGEBYRANK', KEYS[10], 0, -1 - tonumber(ARGV[8]))
+for i = 11, #KEYS do
   redis.call('SREM', KEYS[i], run_id)
 end
 if run[3] and run[1] then
