@@ -5,9 +5,10 @@ so the same decision also goes to ``{ns}:decisions``, a list capped at ``DECISIO
 entries (newest first), which the dashboard reads together with the dead letters
 (``{ns}:events:dead``).
 
-A batch's decisions cost two commands in one round trip whatever the batch's size: one
-``LPUSH`` of them all, one ``LTRIM``. (A stream would take one ``XADD`` per decision,
-and packing that many commands in redis-py measurably slowed the broker down.)
+A batch's decisions cost two commands whatever the batch's size, one ``LPUSH`` of them
+all and one ``LTRIM``, sent in the round trip that acknowledges the batch. (A stream
+would take one ``XADD`` per decision, and packing that many commands in redis-py
+measurably slowed the broker down.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, Final, cast
 
 import msgspec
 
-from sdk.connection import REDIS_ERRORS, RedisClient
+from sdk.connection import RedisClient, RedisPipeline
 from sdk.keys import EVENT_FIELD, Keys
 from sdk.wire import CancelOutcome, Event, encode_json
 
@@ -112,21 +113,12 @@ def failed(event: Event, reason: str, detail: str, consumer: str) -> Recorded:
     )
 
 
-async def record(redis: RedisClient, keys: Keys, batch: Sequence[Recorded], log: Any) -> None:
-    """Prepend a batch's decisions (the last one first) and cap the list, in one round trip.
-
-    The record is for people; a Redis error here is logged, not raised: the decisions are
-    made and their effects written, and the batch must still be acknowledged.
-    """
-    if not batch:
-        return
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.lpush(keys.decisions, *(_encoder.encode(decision) for decision in batch))
-            pipe.ltrim(keys.decisions, 0, DECISIONS_KEPT - 1)
-            await pipe.execute()
-    except REDIS_ERRORS as exc:
-        log.warning("decisions.not_recorded", decisions=len(batch), error=repr(exc))
+def queue(pipe: RedisPipeline, keys: Keys, batch: Sequence[Recorded]) -> None:
+    """Add to ``pipe`` the commands that prepend a batch's decisions (the last one first)
+    and cap the list: two commands, whatever the batch's size."""
+    if batch:
+        pipe.lpush(keys.decisions, *(_encoder.encode(decision) for decision in batch))
+        pipe.ltrim(keys.decisions, 0, DECISIONS_KEPT - 1)
 
 
 def _json(text: str | None, default: Any) -> Any:

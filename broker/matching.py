@@ -10,12 +10,14 @@ For a batch read from the events stream:
 4. evaluate rule expressions on the candidates the scripts return (rare), and cancel
    those they hold for;
 5. count, and write one audit line per cancel event;
-6. record the batch's decisions in ``{ns}:decisions`` (one more round trip, for the
-   dashboard: :mod:`broker.decisions`).
+6. return the batch's decisions, which the broker records in ``{ns}:decisions`` (for
+   the dashboard: :mod:`broker.decisions`) in the round trip that acknowledges the
+   batch.
 
-Three round trips per batch instead of two per event: what lets one broker keep up with
-tens of thousands of cancel events per second. Handling a batch again (a crash, a
-transient error) changes nothing: a run already cancelling is not signalled again.
+Three round trips per batch, its acknowledgement included, instead of two per event:
+what lets one broker keep up with tens of thousands of cancel events per second.
+Handling a batch again (a crash, a transient error) changes nothing: a run already
+cancelling is not signalled again.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ class Matcher:
         self.consumer = consumer
         self._expressions: dict[str, Expression | str] = {}
 
-    async def handle(self, entries: Sequence[Entry]) -> None:
-        """Decide every entry of the batch. Raises (nothing acknowledged) only when Redis
-        cannot answer now; the batch is then handled again."""
+    async def handle(self, entries: Sequence[Entry]) -> list[decisions.Recorded]:
+        """Decide every entry of the batch; returns the decisions to record. Raises
+        (nothing acknowledged) only when Redis cannot answer now; the batch is then
+        handled again."""
         started = time.perf_counter()
         events: list[tuple[str, dict[str, str] | None, Event]] = []
         for entry_id, fields in entries:
@@ -130,7 +133,7 @@ class Matcher:
                 await self.dead_letter(entry_id, fields, "broker_error", repr(exc))
                 self._count("dead_lettered")
                 recorded.append(decisions.failed(event, "broker_error", repr(exc), self.consumer))
-        await decisions.record(self.store.redis, self.keys, recorded, self._log)
+        return recorded
 
     async def _decode(self, entry_id: str, fields: dict[str, str] | None) -> Event | None:
         if not fields:

@@ -18,6 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from broker import decisions
 from broker.dashboard import DashboardData
 from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
@@ -135,9 +136,20 @@ class Broker:
             matcher = self.matcher(store)
 
             async def handle_events(entries: Sequence[Entry]) -> None:
-                await matcher.handle(entries)
-                await self._watch.flush(redis)
-                await events.ack(*(entry_id for entry_id, _ in entries))
+                recorded = await matcher.handle(entries)
+                # What the dashboard and the sync findings read, and the acknowledgement,
+                # in one round trip; only a failed acknowledgement fails the batch.
+                async with redis.pipeline(transaction=False) as pipe:
+                    decisions.queue(pipe, self.keys, recorded)
+                    self._watch.queue(pipe)
+                    pipe.xack(events.stream, events.group, *(entry_id for entry_id, _ in entries))
+                    *notes, acked = await pipe.execute(raise_on_error=False)
+                if isinstance(acked, Exception):
+                    raise acked
+                if failed := [note for note in notes if isinstance(note, Exception)]:
+                    self._log.warning(
+                        "decisions.not_recorded", decisions=len(recorded), error=repr(failed[0])
+                    )
 
             async def handle_syncs(entries: Sequence[Entry]) -> None:
                 await recorder.record(entries)

@@ -28,7 +28,7 @@ from broker.findings import (
     load_configs,
 )
 from broker.metrics import BrokerMetrics
-from sdk.connection import REDIS_ERRORS, RedisClient
+from sdk.connection import REDIS_ERRORS, RedisClient, RedisPipeline
 from sdk.keys import Keys
 from sdk.streams import Entry
 from sdk.wire import Event, decode_worker, encode_json
@@ -143,19 +143,15 @@ class EventWatch:
                 self._capped = True
                 self._log.warning("sync.orphan_names_capped", limit=MAX_ORPHAN_NAMES)
 
-    async def flush(self, redis: RedisClient) -> None:
-        """Write what was noticed since the last flush (one round trip, once per batch)."""
-        if not self._last_seen and not self._orphans:
-            return
+    def queue(self, pipe: RedisPipeline) -> None:
+        """Add to ``pipe`` what was noticed since the last call (sent once per batch)."""
         last_seen: dict[Any, Any] = self._last_seen
         orphans = self._orphans
         self._last_seen, self._orphans = {}, Counter()
-        async with redis.pipeline(transaction=False) as pipe:
-            if last_seen:
-                pipe.hset(self.keys.event_last_seen, mapping=last_seen)
-            for name, count in orphans.items():
-                pipe.hincrby(self.keys.orphan_events, name, count)
-            await pipe.execute()
+        if last_seen:
+            pipe.hset(self.keys.event_last_seen, mapping=last_seen)
+        for name, count in orphans.items():
+            pipe.hincrby(self.keys.orphan_events, name, count)
 
     def refresh(self, state: SyncState, orphan_names: set[str]) -> None:
         self.rule_events = state.listened_events
