@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
+from broker.output import progress_bar  # noqa: E402
 from sdk import Client  # noqa: E402
 from tests.processes import start_broker, start_worker  # noqa: E402
 
@@ -115,12 +116,14 @@ async def measure(redis_url: str, runs: int, workloads: list[str]) -> list[str]:
         for workload in workloads:
             latencies: list[float] = []
             misses = 0
-            for i in range(runs):
-                seen = await trial(client, redis, f"{workload}-{i}", workload)
-                if seen is None:
-                    misses += 1
-                else:
-                    latencies.append(seen.latency)
+            with progress_bar(f"{workload} trials") as tick:
+                for i in range(runs):
+                    seen = await trial(client, redis, f"{workload}-{i}", workload)
+                    if seen is None:
+                        misses += 1
+                    else:
+                        latencies.append(seen.latency)
+                    tick(i + 1, runs)
             rows.append(summary(workload, latencies, misses))
     return rows
 

@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
+from broker.output import progress_bar  # noqa: E402
 from sdk import RUN_CANCELLED_EVENT  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import EVENT_FIELD, Keys  # noqa: E402
@@ -60,7 +61,9 @@ class Published:
     elapsed: float = 0.0
 
 
-async def generate(redis: Redis, keys: Keys, args: argparse.Namespace) -> Published:
+async def generate(
+    redis: Redis, keys: Keys, args: argparse.Namespace, progress: Callable[[int, int], None]
+) -> Published:
     """Publish at the asked rates on an absolute schedule, so a slow tick is caught up."""
     out = Published()
     started_at: list[float] = []  # monotonic publication time of run i
@@ -99,6 +102,7 @@ async def generate(redis: Redis, keys: Keys, args: argparse.Namespace) -> Publis
             await pipe.execute()
         out.starts += starts
         out.cancels += cancels
+        progress(int(elapsed), int(args.seconds))
         if elapsed >= args.seconds:
             out.elapsed = time.monotonic() - began
             return out
@@ -155,7 +159,8 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, list[int]]
     try:
         load_before = os.getloadavg()[0]
         cpu_before = {role: sum(map(cpu_seconds, ids)) for role, ids in pids.items()}
-        published = await generate(redis, keys, args)
+        with progress_bar("seconds of load") as tick:
+            published = await generate(redis, keys, args, tick)
         cpu = {role: sum(map(cpu_seconds, ids)) - cpu_before[role] for role, ids in pids.items()}
         load_during = os.getloadavg()[0]
         deadline = time.monotonic() + args.run_seconds + SETTLE_S
