@@ -37,6 +37,7 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -76,6 +77,11 @@ _TRANSIENT_REPLIES: Final = (
     ReadOnlyError,
     TryAgainError,
     MasterDownError,
+    # A cluster changing under the command: a slot moving (redirections until redis-py's
+    # own retries ran out: "TTL exhausted"), or no node serving it for the moment.
+    ClusterError,
+    ClusterDownError,
+    SlotNotCoveredError,
 )
 _TRANSIENT_PREFIXES: Final = ("BUSY", "LOADING", "OOM", "READONLY", "MASTERDOWN", "NOREPLICAS")
 

@@ -58,3 +58,30 @@ async def test_cancels_sent_while_the_namespace_moves_to_another_node_all_land(
         await redis.aclose()
         if redis_cluster.owner_of(slot).port != source:
             await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, source)
+
+
+async def test_a_node_that_forgot_the_scripts_still_applies_every_cancel(
+    redis_cluster: RedisClusterServer, namespace: str
+) -> None:
+    """What a promoted replica or a restarted node looks like to the broker: no script in
+    its cache. The broker's batch answers NOSCRIPT without running; it loads and resends."""
+    count = 50
+    keys = Keys(namespace)
+    redis = command_client(redis_cluster.url)
+    broker, _ = start_broker(redis_cluster.url, namespace)
+    worker = start_worker(redis_cluster.url, namespace, shutdown_timeout="1")
+    try:
+        await start_runs(redis, namespace, count)
+        for port in redis_cluster.ports:
+            with redis_cluster.node(port) as node:
+                node.script_flush()
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(count):
+                body = encode_event("report/cancel.requested", {"reportId": f"r{i}"})
+                pipe.xadd(keys.events, {"event": body})
+            await pipe.execute()
+        await assert_each_cancelled_once(redis, namespace, count, worker)
+    finally:
+        worker.terminate()
+        broker.terminate()
+        await redis.aclose()

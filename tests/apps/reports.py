@@ -26,7 +26,7 @@ import anyio
 import structlog
 
 from sdk import CancelOn, RunContext, Worker
-from sdk.connection import command_client
+from sdk.connection import CONNECTION_ERRORS, command_client
 from tests.apps import serve
 
 REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
@@ -57,7 +57,17 @@ async def record(ctx: RunContext, what: str, **extra: Any) -> None:
     entry = {"what": what, "run_id": ctx.run_id, "monotonic": time.monotonic(), **extra}
     with anyio.CancelScope(shield=True):
         key = f"{NAMESPACE}:test:observed:{ctx.event.data['reportId']}"
-        await recorder.rpush(key, json.dumps(entry))
+        for attempt in range(5):
+            try:
+                await recorder.rpush(key, json.dumps(entry))
+                return
+            except CONNECTION_ERRORS:
+                # redis-py's cluster client drops connections in use when its slot map
+                # changes (a slot moving under the cluster tests): the observation is the
+                # test's evidence, so it is sent again.
+                if attempt == 4:
+                    raise
+                await anyio.sleep(0.05)
 
 
 async def call_llm(seconds: float) -> str:
