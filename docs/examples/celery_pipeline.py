@@ -8,10 +8,11 @@ pool); each ends ``REVOKED`` and its run ``cancelled``, and none is retried, alt
 ``render_scene`` retries any ``Exception``. Run it:
 
     make run                       # the broker, on an embedded Redis; prints its URL
+    .venv/bin/pip install -e '.[celery]'                      # in another shell
     export CANCEL_BROKER_REDIS_URL=redis://127.0.0.1:PORT/0   # the URL `make run` printed
     cd docs/examples
     ../../.venv/bin/celery -A celery_pipeline worker --pool prefork --concurrency 4
-    ../../.venv/bin/python celery_pipeline.py     # in another shell: render, then cancel
+    ../../.venv/bin/python celery_pipeline.py     # another shell, same export and folder
 
 The last command sends a video of three scenes, waits until they are rendering, cancels
 the video by its task id and prints what happened to each task. (Celery uses the same

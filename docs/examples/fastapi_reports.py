@@ -4,6 +4,7 @@ The page lists your reports with their status, updated live; **Generate** starts
 **Cancel** stops it in the middle of its long call. Three processes, as in production:
 
     make run                       # the broker, on an embedded Redis; prints its URL
+    .venv/bin/pip install -e '.[fastapi]'                     # in another shell
     export CANCEL_BROKER_REDIS_URL=redis://127.0.0.1:PORT/0   # the URL `make run` printed
     .venv/bin/python docs/examples/fastapi_reports.py worker          # the worker
     .venv/bin/uvicorn fastapi_reports:app --app-dir docs/examples     # the app
