@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,27 @@ class ProcessHandle:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise TimeoutError(f"no {event!r} log from {self.args}:\n{self.output}")
+                self._changed.wait(remaining)
+
+    def wait_for_line(self, pattern: str, timeout: float = 15.0) -> re.Match[str]:
+        """The first output line matching the regular expression ``pattern`` (for
+        processes that do not log JSON: uvicorn, a Celery worker, an example)."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in list(self.lines):
+                    if found := compiled.search(line):
+                        return found
+                if self.process.poll() is not None and not self._reader.is_alive():
+                    raise RuntimeError(
+                        f"{self.args} exited ({self.process.returncode}):\n{self.output}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"no line matching {pattern!r} from {self.args}:\n{self.output}"
+                    )
                 self._changed.wait(remaining)
 
     @property

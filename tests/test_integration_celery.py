@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 
 BLOCKING = "tests.apps.celery_tasks.blocking_report"
 POLLING = "tests.apps.celery_tasks.polling_report"
+SPAWNING = "tests.apps.celery_tasks.spawning_report"
 
 
 class Setup:
@@ -197,6 +198,48 @@ def test_threads_a_task_without_cancellable_points_is_abandoned_not_stopped(
     assert "completed" not in [o["what"] for o in setup.observed("t2")]
     setup.wait_observed("t2", "completed", timeout=5)
     setup.wait_state(result, "REVOKED")  # its result is discarded
+
+
+def test_a_spawned_task_and_its_retry_are_cancelled_with_their_parent(
+    setup: Setup, threads: str
+) -> None:
+    """``task.spawn`` makes the task a child of the current run; a retry of the child stays
+    that run's child, so cancelling the parent still reaches it. (The prefork pool, where
+    the children are interrupted mid-call: tests/test_example_celery_pipeline.py.)"""
+    parent = setup.send(SPAWNING, threads, report_id="s1")
+    child_id = setup.wait_observed("s1", "spawned")["child"]
+    deadline = time.monotonic() + 10
+    while (retry := setup.observed("s1-section")[-1])["retries"] != 1:
+        assert time.monotonic() < deadline, setup.observed("s1-section")
+        time.sleep(0.02)
+    assert retry["run_id"] == f"{child_id}-retry-1"
+    info = setup.client.get_run(retry["run_id"])
+    assert info is not None
+    assert info.parent_run_id == parent.id
+
+    result = setup.client.cancel(parent.id)
+    assert result.outcome == "signalled"
+    assert result.cascaded == (retry["run_id"],)
+    assert setup.wait_observed("s1-section", "cancelled")["exception"].endswith("RunCancelled")
+    assert setup.client.wait(retry["run_id"], timeout=5).cancel_reason == (
+        f"parent run {parent.id} was cancelled"
+    )
+    setup.wait_state(parent, "REVOKED")
+
+
+def test_spawn_outside_a_cancellable_task_has_no_parent(redis_url: str, namespace: str) -> None:
+    from sdk import Worker
+    from sdk.integrations.celery import CeleryCancellation
+
+    app = Celery("spawns", broker="memory://")
+    cancels = CeleryCancellation(app, Worker("spawns", redis_url, namespace=namespace))
+
+    @cancels.task(name="spawns.job")
+    def job() -> None:  # pragma: no cover - never sent
+        pass
+
+    with pytest.raises(LookupError):
+        job.spawn()
 
 
 def test_sending_a_task_stamps_the_time_it_was_sent(redis_url: str, namespace: str) -> None:

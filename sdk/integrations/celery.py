@@ -18,6 +18,9 @@ and owners apply to Celery tasks.
 The task's keyword arguments are the run's trigger ``data`` (``event_data=`` to map them
 otherwise), and its id is the run id: ``Client.cancel(task_id)`` cancels it.
 
+A task that starts others sends them with ``other_task.spawn(...)`` (``delay`` as a child
+of the current run): cancelling the parent cancels them too, running or queued.
+
 What a cancel does depends on where the task runs:
 
 - **prefork** (Celery's default): the task runs in the main thread of a pool process. The
@@ -70,6 +73,9 @@ log = structlog.get_logger("sdk.integrations.celery")
 #: Message header carrying when the task was sent (ms): cancel events published since
 #: then apply, even to a task still queued.
 SENT_HEADER: Final = "cancel_broker_sent_ms"
+#: Message header naming the run a task was sent from (:meth:`CancellableTask.spawn`):
+#: the task's run is that run's child, so cancelling the parent cancels it too.
+PARENT_HEADER: Final = "cancel_broker_parent_run"
 #: The signal that stops a task in a prefork pool process (SIGUSR1 is billiard's soft
 #: time limit).
 INTERRUPT_SIGNAL: Final = signal.SIGUSR2
@@ -124,11 +130,30 @@ class CancellableTask(Task):  # type: ignore[misc]  # celery is untyped
         headers.setdefault(SENT_HEADER, int(time.time() * 1000))
         return super().apply_async(*args, headers=headers, **options)
 
+    def spawn(self, *args: Any, **kwargs: Any) -> Any:
+        """``delay(*args, **kwargs)`` as a child of the run executing in this thread: a
+        cancel of that run (by id, by a cancel event, or of its own parent) cancels the
+        child too, running or still queued, and a child that arrives after its parent was
+        cancelled is revoked without running. Returns the ``AsyncResult``.
+
+        Raises ``LookupError`` outside a cancellable task (there is no run to be the
+        child of). To pass other ``apply_async`` options, set the header yourself:
+        ``apply_async(kwargs=..., headers={PARENT_HEADER: current_run().run_id})``.
+        """
+        parent = current_run().run_id
+        return self.apply_async(args, kwargs, headers={PARENT_HEADER: parent})
+
     def retry(self, *args: Any, **kwargs: Any) -> Any:
         run = _current.get(None)
         if run is not None and run.cancelled:  # a cancelled task is never retried
             raise TaskCancelled(run.run_id, run.cancel_reason)
         return super().retry(*args, **kwargs)
+
+
+def _header(request: Any, name: str) -> Any:
+    """A custom message header: an attribute of the request (message protocol 2), or in
+    its ``headers`` (protocol 1)."""
+    return getattr(request, name, None) or (request.headers or {}).get(name)
 
 
 class CeleryCancellation:
@@ -270,23 +295,26 @@ class CeleryCancellation:
     def _execute(
         self, task: CancellableTask, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        sent_ms = getattr(request, SENT_HEADER, None) or (request.headers or {}).get(SENT_HEADER)
+        sent_ms = _header(request, SENT_HEADER)
         event = Event(
             name=task.cancel_trigger,
             data=task.event_data(*args, **kwargs),
             ts=int(sent_ms) if sent_ms else 0,
         )
         retries = int(request.retries or 0)
-        # A retry is another run (a run id is never registered twice), the child of the
-        # first attempt: if that one was cancelled, the retry is cancelled on arrival.
+        # A retry is another run (a run id is never registered twice). A spawned task's
+        # retry stays the child of the run that spawned it, so cancelling that run still
+        # reaches it; any other retry is the child of the first attempt: if that one was
+        # cancelled, the retry is cancelled on arrival.
         run_id = request.id if not retries else f"{request.id}-retry-{retries}"
+        parent = _header(request, PARENT_HEADER) or (request.id if retries else None)
         interrupt = self._interrupter()
         try:
             with self.host().run(
                 task.function_id,
                 event,
                 run_id=run_id,
-                parent=request.id if retries else None,
+                parent=parent,
                 on_interrupt=interrupt,
             ) as run:
                 token = _current.set(run)

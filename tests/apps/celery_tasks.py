@@ -88,3 +88,33 @@ def polling_report(report_id: str, seconds: float = 30) -> str:
         record(report_id, "ended")
     record(report_id, "completed")
     return "report"
+
+
+@cancels.task(trigger="report/generate.requested", cancel_on=[RULE])
+def spawning_report(report_id: str) -> str:
+    """Spawns a section task (a child of this run), then waits for a cancel."""
+    child = flaky_section.spawn(report_id=f"{report_id}-section")
+    record(report_id, "spawned", child=child.id)
+    current_run().sleep(30)
+    return "report"
+
+
+@cancels.task(
+    trigger="section/write.requested",
+    bind=True,
+    autoretry_for=(ValueError,),
+    max_retries=1,
+    default_retry_delay=0,
+    queue=f"{NAMESPACE}-threads",  # the thread pool's queue (spawn is delay: default routing)
+)
+def flaky_section(self: Any, report_id: str) -> str:
+    """Fails its first attempt; the retry waits for a cancel (cooperatively)."""
+    record(report_id, "started", retries=self.request.retries, run_id=current_run().run_id)
+    if not self.request.retries:
+        raise ValueError("the first attempt fails")
+    try:
+        current_run().sleep(30)
+    except BaseException as exc:
+        record(report_id, "cancelled", exception=kind(exc))
+        raise
+    return "section"
