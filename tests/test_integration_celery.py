@@ -209,9 +209,11 @@ def test_a_spawned_task_and_its_retry_are_cancelled_with_their_parent(
     parent = setup.send(SPAWNING, threads, report_id="s1")
     child_id = setup.wait_observed("s1", "spawned")["child"]
     deadline = time.monotonic() + 10
-    while (retry := setup.observed("s1-section")[-1])["retries"] != 1:
-        assert time.monotonic() < deadline, setup.observed("s1-section")
+    # The child records once per attempt; until its first attempt has, there is nothing.
+    while not (sections := setup.observed("s1-section")) or sections[-1]["retries"] != 1:
+        assert time.monotonic() < deadline, sections
         time.sleep(0.02)
+    retry = sections[-1]
     assert retry["run_id"] == f"{child_id}-retry-1"
     info = setup.client.get_run(retry["run_id"])
     assert info is not None
