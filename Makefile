@@ -61,7 +61,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed-dev $(VENV)/.installed
 
 ## bench: cancel latency, broker throughput, per-run overhead and memory, latency under load,
-## then latency against the peers
+## brokers on a local Redis Cluster, then latency against the peers
 ## (tests/benchmarks/; PEERS_ARGS, by default the options of the run in docs/benchmarks.md)
 PEERS_ARGS ?= --trials 100 --trials-for dramatiq:long=12
 bench: $(VENV)/.installed-bench
@@ -69,6 +69,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python tests/benchmarks/throughput.py
 	$(BIN)/python tests/benchmarks/overhead.py
 	$(BIN)/python tests/benchmarks/load.py
+	$(BIN)/python tests/benchmarks/scaling.py
 	$(BIN)/python tests/benchmarks/peers.py $(PEERS_ARGS)
 
 format: $(VENV)/.installed-dev

@@ -125,3 +125,31 @@ def test_load_benchmark_cancels_every_run_it_names() -> None:
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert int(cells[0].replace(",", "")) >= 50  # ~85 named: 100/s for 2 s, half, after 0.3 s
     assert cells[-1] == "0"
+
+
+def test_scaling_benchmark_prints_a_row_per_setup() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tests/benchmarks/scaling.py",
+            "--brokers",
+            "1,2",
+            "--events",
+            "500",
+            "--runs",
+            "100",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    rows = [
+        line for line in result.stdout.splitlines() if line.startswith("| ") and "namespace" in line
+    ]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "1 namespace, 1 broker(s)",
+        "1 namespace, 2 broker(s)",
+        "3 namespaces on 3 primaries, 1 broker each",
+    ]
