@@ -72,7 +72,7 @@ def test_peers_benchmark_prints_its_table() -> None:
         reason="PEERS BENCHMARK NOT RUN: the peer libraries are the `bench` extra, which"
         " `make test` does not install (`pip install -e '.[bench]'` or `make bench`)",
     )
-    args = ["--trials", "3", "--systems", "cancel-broker,arq"]
+    args = ["--trials", "3", "--systems", "cancel-broker,cancel-broker-by-id,arq"]
     result = subprocess.run(
         [sys.executable, "tests/benchmarks/peers.py", *args],
         cwd=ROOT,
@@ -84,11 +84,13 @@ def test_peers_benchmark_prints_its_table() -> None:
     rows = [
         [cell.strip() for cell in line.strip("|").split("|")]
         for line in result.stdout.splitlines()
-        if line.startswith(("| cancel-broker ", "| arq "))
+        if line.startswith(("| cancel-broker ", "| cancel-broker-by-id ", "| arq "))
     ]
     assert [row[:2] for row in rows] == [
         ["cancel-broker", "long"],
         ["cancel-broker", "steps"],
+        ["cancel-broker-by-id", "long"],
+        ["cancel-broker-by-id", "steps"],
         ["arq", "long"],
         ["arq", "steps"],
     ]

@@ -47,20 +47,32 @@ class Seen:
 
 
 async def trial(
-    client: Client, redis: Redis, report_id: str, workload: str, *, max_pause: float = 0.05
+    client: Client,
+    redis: Redis,
+    report_id: str,
+    workload: str,
+    *,
+    max_pause: float = 0.05,
+    by_id: bool = False,
 ) -> Seen | None:
-    """One run started, then cancelled after a random 0-``max_pause`` s pause; None is a miss."""
+    """One run started, then cancelled after a random 0-``max_pause`` s pause; None is a miss.
+
+    The cancel is the event ``report/cancel.requested`` the run's rule matches, or with
+    ``by_id`` a ``Client.cancel`` of the run's id (no matching: one script signals it)."""
     observed = f"{NAMESPACE}:test:observed:{report_id}"
     await client.send(
         "report/generate.requested", {"reportId": report_id, "seconds": 60, "mode": workload}
     )
     started = await redis.blpop([observed], timeout=MISS_AFTER_S)
-    if started is None or json.loads(started[1])["what"] != "started":
+    if started is None or (first := json.loads(started[1]))["what"] != "started":
         return None
     # A random phase, so any periodic behaviour (a poll, a step boundary) is sampled fairly.
     await anyio.sleep(random.uniform(0, max_pause))
     sent = time.monotonic()
-    await client.send("report/cancel.requested", {"reportId": report_id})
+    if by_id:
+        await client.cancel(first["run_id"])
+    else:
+        await client.send("report/cancel.requested", {"reportId": report_id})
     seen = await redis.blpop([observed], timeout=MISS_AFTER_S)
     if seen is None:
         return None

@@ -171,6 +171,27 @@ class CancelBroker(System):
         return Outcome(seen.latency, describe(str(seen.record.get("exception", "?"))))
 
 
+class CancelBrokerById(CancelBroker):
+    """The same, cancelled by run id: what ``revoke``, ``abort`` and ``send_stop_job_command``
+    are (the job's id names it; nothing is matched)."""
+
+    name = "cancel-broker-by-id"
+    configuration = (
+        "as cancel-broker, but the cancel is `Client.cancel(run_id)`: one script"
+        " (`request_cancel.lua`) moves the run to cancelling and signals its worker, with no"
+        " event and no broker on the way, like the peers' cancels by job id."
+    )
+
+    async def trial(self, key: str, workload: str) -> Outcome:
+        mode = "sleep" if workload == "long" else workload
+        seen = await latency.trial(
+            self.client, self.redis, key, mode, max_pause=PAUSE_MAX_S, by_id=True
+        )
+        if seen is None:
+            return Outcome(None, "nothing within 5 s")
+        return Outcome(seen.latency, describe(str(seen.record.get("exception", "?"))))
+
+
 class Peer(System):
     """A peer whose worker is a separate process running ``peer_apps/{module}.py`` and whose
     jobs record what they saw in the list ``peers:observed:{key}``."""
@@ -431,7 +452,7 @@ class Rq(Peer):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    system.name: system for system in (CancelBroker, Arq, Dramatiq, Celery, Rq)
+    system.name: system for system in (CancelBroker, CancelBrokerById, Arq, Dramatiq, Celery, Rq)
 }
 
 
