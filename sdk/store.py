@@ -12,7 +12,6 @@ from importlib import resources
 from typing import Any, Final, Literal, cast
 
 import msgspec
-from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -184,36 +183,28 @@ class RunStore:
         self, script: AsyncScript, calls: Iterable[tuple[list[str], list[ScriptArg]]]
     ) -> list[Any]:
         """Call ``script`` once per ``(keys, args)`` in one round trip; Redis runs the calls
-        in order, and a call that failed answers its exception, in its place."""
-        if isinstance(self.redis, RedisCluster):
-            return await self._cluster_pipelined(script, list(calls))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                await script(keys=keys, args=args, client=pipe)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-            return replies
+        in order, and a call that failed answers its exception, in its place.
 
-    async def _cluster_pipelined(
-        self, script: AsyncScript, calls: list[tuple[list[str], list[ScriptArg]]]
-    ) -> list[Any]:
-        """:meth:`_pipelined` on a cluster. redis-py's cluster pipeline refuses its
-        ``evalsha`` method but sends a plain ``EVALSHA`` command: in order, in one round
-        trip to the node of the namespace's slot. A node that does not know the script yet
-        (a new primary after a failover) answers NOSCRIPT without running anything: the
-        script is loaded and those calls sent again."""
-        replies: list[Any] = [None] * len(calls)
-        pending = list(range(len(calls)))
+        Plain ``EVALSHA`` commands, not redis-py's pipelined scripts: those first ask the
+        server which scripts it knows (``SCRIPT EXISTS``, one more round trip per batch),
+        and a cluster pipeline refuses them altogether. A server that does not know the
+        script (restarted, or a replica promoted after a failover) answers NOSCRIPT
+        without running anything: the script is loaded and those calls sent again.
+        """
+        batch = list(calls)
+        replies: list[Any] = [None] * len(batch)
+        pending = list(range(len(batch)))
         for attempt in range(2):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for i in pending:
-                    keys, args = calls[i]
+                    keys, args = batch[i]
                     pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
                 answered = await pipe.execute(raise_on_error=False)
             for i, reply in zip(pending, answered, strict=True):
                 replies[i] = reply
             pending = [i for i in pending if isinstance(replies[i], NoScriptError)]
             if not pending or attempt:
-                return replies
+                break
             await self.redis.script_load(script.script)
         return replies
 

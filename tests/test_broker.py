@@ -226,3 +226,19 @@ async def test_broker_waits_for_redis_instead_of_dying(namespace: str) -> None:
             tg.cancel_scope.cancel()
     finally:
         server.close()
+
+
+async def test_a_server_that_forgot_the_scripts_still_matches_every_event(
+    redis: Redis, store: RunStore
+) -> None:
+    """A restarted server (or a promoted replica) answers NOSCRIPT to the batch's EVALSHAs
+    without running them: the script is loaded and those calls sent again, once."""
+    await register(store, "r1", "r1", event_id="1700000000000-0")
+    await redis.script_flush()
+    events = [cancel_event(f"170000000000{i}-1") for i in range(1, 4)]
+    replies = await store.match_events(
+        [(event, lookups(event, ["data.reportId"], store.keys)) for event in events],
+        tombstone_ms=60_000,
+    )
+    outcomes = [[result.outcome for result in reply[0]] for reply in replies]  # type: ignore[index]
+    assert outcomes == [["signalled"], ["already_cancelling"], ["already_cancelling"]]
