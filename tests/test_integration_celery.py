@@ -121,6 +121,7 @@ def test_prefork_a_cancel_by_task_id_stops_a_blocking_call_at_once(
     assert seen["monotonic"] - cancelled_at < 1.0  # not the 30 s sleep
     # A BaseException: the task's `except Exception` did not swallow it; `finally` ran.
     assert seen["exception"] == "sdk.integrations.celery.TaskCancelled"
+    setup.wait_observed("p1", "ended")  # its `finally` records just after
     assert [o["what"] for o in setup.observed("p1")] == ["started", "cancelled", "ended"]
     setup.wait_state(result, "REVOKED")
     info = setup.client.wait(result.id, timeout=5)
@@ -181,6 +182,7 @@ def test_threads_a_cancel_stops_the_task_at_its_cancellable_point_and_is_not_ret
     setup.wait_state(result, "REVOKED")
     # autoretry_for=(Exception,) would have retried RunCancelled: never for a cancel.
     time.sleep(0.5)
+    setup.wait_observed("t1", "ended")
     assert [o["what"] for o in setup.observed("t1")] == ["started", "cancelled", "ended"]
     assert setup.client.wait(result.id, timeout=5).status == "cancelled"
 
