@@ -179,7 +179,10 @@ class DashboardData:
             )
             runs += await self._collect(active, query, query.limit)
         if (query.status is None or query.status in TERMINAL_STATUSES) and len(runs) < query.limit:
-            runs += await self._collect(self.keys.finished_runs, query, query.limit - len(runs))
+            finished = await self._collect(self.keys.finished_runs, query, query.limit - len(runs))
+            # A run that ended between the two reads is in both: once, as it ended.
+            ended = {run.run_id for run in finished}
+            runs = [run for run in runs if run.run_id not in ended] + finished
         return RunsPage(runs=runs, active_total=active_total, finished_total=finished_total)
 
     async def _collect(self, zset: str, query: RunsQuery, limit: int) -> list[RunInfo]:

@@ -139,6 +139,20 @@ async def test_the_list_of_finished_runs_is_capped(
     assert await client.get_run(finished[0]) is not None
 
 
+async def test_a_run_that_ends_between_the_two_reads_is_listed_once(
+    redis_url: str, namespace: str, client: Client, broker: Broker, redis: Redis
+) -> None:
+    # What the page sees when a run finishes between its read of the unfinished runs and
+    # its read of the finished ones: the run in both lists.
+    worker = report_worker(redis_url, namespace)
+    async with serving(worker.serve), web(broker) as http:
+        run_id = await start(client, "r1", seconds=0)
+        await wait_for_status(client, run_id, "completed")
+        await redis.zadd(broker.keys.active_runs, {run_id: 1})
+        listed = await runs(http)
+    assert [(run["run_id"], run["status"]) for run in listed] == [(run_id, "completed")]
+
+
 async def test_cancel_from_the_dashboard_stops_the_run(
     redis_url: str, namespace: str, client: Client, broker: Broker
 ) -> None:
