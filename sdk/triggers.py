@@ -134,7 +134,7 @@ class FunctionTriggers:
                 elif isinstance(result, DuplicateRunError):
                     self._log.info("run.duplicate_trigger", run_id=run_id, status=result.status)
                 elif isinstance(result, REDIS_ERRORS):
-                    self._failed(entry_id, result)
+                    self._failed([entry_id], result)
                     continue
                 else:
                     raise result
@@ -143,7 +143,7 @@ class FunctionTriggers:
         except (*REDIS_ERRORS, TimeoutError) as exc:
             # Not acknowledged: the entries stay pending and are read again; a run that did
             # get registered is adopted then (same id, same worker).
-            self._failed(", ".join(entry_id for entry_id, _ in batch), exc)
+            self._failed([entry_id for entry_id, _ in batch], exc)
         finally:
             # Even when this task is being cancelled: a registered run must run (or be
             # recorded as cancelled), never be left "running" by nobody.
@@ -152,6 +152,6 @@ class FunctionTriggers:
             self.starting.difference_update(entry_id for entry_id, _ in batch)
             self.runner.notify()
 
-    def _failed(self, entry_id: str, exc: BaseException) -> None:
-        self._log.warning("triggers.start_failed", entry_id=entry_id, error=repr(exc))
+    def _failed(self, entry_ids: list[str], exc: BaseException) -> None:
+        self._log.warning("triggers.start_failed", entry_ids=entry_ids, error=repr(exc))
         self.consumer.reread_pending()

@@ -44,6 +44,8 @@ from tests.benchmarks.latency import percentile  # noqa: E402
 from tests.processes import start_broker, start_worker  # noqa: E402
 
 NAMESPACE = "load"
+REPORT_STARTED = "report/generate.requested"
+CANCEL = "report/cancel.requested"
 TICK_S = 0.010
 #: How long after the load the last outcomes may take before a named run counts as missed.
 SETTLE_S = 5.0
@@ -106,10 +108,6 @@ async def generate(
         if elapsed >= args.seconds:
             out.elapsed = time.monotonic() - began
             return out
-
-
-REPORT_STARTED = "report/generate.requested"
-CANCEL = "report/cancel.requested"
 
 
 async def outcomes(redis: Redis, keys: Keys) -> dict[str, float]:

@@ -143,6 +143,8 @@ class CancelBroker(System):
 
     name = "cancel-broker"
     db = 0
+    #: Cancelled by run id (``Client.cancel``) rather than by a cancel event.
+    by_id: ClassVar[bool] = False
     libraries = ("cancel-broker",)
     configuration = (
         "`cancel-broker run` and the report worker of `tests/apps/reports.py` (as"
@@ -165,7 +167,9 @@ class CancelBroker(System):
 
     async def trial(self, key: str, workload: str) -> Outcome:
         mode = "sleep" if workload == "long" else workload
-        seen = await latency.trial(self.client, self.redis, key, mode, max_pause=PAUSE_MAX_S)
+        seen = await latency.trial(
+            self.client, self.redis, key, mode, max_pause=PAUSE_MAX_S, by_id=self.by_id
+        )
         if seen is None:
             return Outcome(None, "nothing within 5 s")
         return Outcome(seen.latency, describe(str(seen.record.get("exception", "?"))))
@@ -176,20 +180,12 @@ class CancelBrokerById(CancelBroker):
     are (the job's id names it; nothing is matched)."""
 
     name = "cancel-broker-by-id"
+    by_id = True
     configuration = (
         "as cancel-broker, but the cancel is `Client.cancel(run_id)`: one script"
         " (`request_cancel.lua`) moves the run to cancelling and signals its worker, with no"
         " event and no broker on the way, like the peers' cancels by job id."
     )
-
-    async def trial(self, key: str, workload: str) -> Outcome:
-        mode = "sleep" if workload == "long" else workload
-        seen = await latency.trial(
-            self.client, self.redis, key, mode, max_pause=PAUSE_MAX_S, by_id=True
-        )
-        if seen is None:
-            return Outcome(None, "nothing within 5 s")
-        return Outcome(seen.latency, describe(str(seen.record.get("exception", "?"))))
 
 
 class Peer(System):
