@@ -296,6 +296,7 @@ async def _serve(url: str, settings: Settings) -> None:
         dead_letter_maxlen=settings.dead_letter_maxlen,
         history_length=settings.history_length,
         tombstone_lookback_s=settings.tombstone_lookback,
+        partitions=settings.partitions,
     )
     access = CancelAccess(
         mode=cast(DashboardMode, settings.dashboard),
@@ -352,7 +353,9 @@ async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
 
 def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
     async def go() -> T:
-        async with Client(settings.redis_url, namespace=settings.namespace) as client:
+        async with Client(
+            settings.redis_url, namespace=settings.namespace, partitions=settings.partitions
+        ) as client:
             return await action(client)
 
     return anyio.run(go)

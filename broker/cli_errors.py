@@ -19,6 +19,7 @@ from sdk.errors import (
     ConfigurationError,
     InvalidEventError,
     InvalidIdError,
+    PartitionCountError,
     RunNotFinishedError,
 )
 
@@ -96,6 +97,8 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
         return Diagnosis(message, "copy the id as printed by `send`, `get-run` or the logs")
     if isinstance(exc, InvalidEventError):
         return Diagnosis(message, "see docs/protocol.md for what an event may contain")
+    if isinstance(exc, PartitionCountError):
+        return Diagnosis(message, "docs/scaling.md#partitions says how partitions are set")
     if isinstance(exc, ConfigurationError):
         return Diagnosis(
             message, "--if takes a CEL expression over event, e.g. 'event.data.tier == \"free\"'"

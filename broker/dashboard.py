@@ -8,6 +8,7 @@ thing; nothing is kept in the broker's memory. Cancel goes through
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Final, cast
 
 import msgspec
@@ -18,6 +19,7 @@ from broker.findings import Finding, SyncState, WorkerView
 from sdk import OPERATOR, Client
 from sdk.connection import RedisClient
 from sdk.keys import Keys, check_name
+from sdk.partitions import Partitions
 from sdk.wire import TERMINAL_STATUSES, CancelResult, RuleConfig, RunInfo, decode_run
 
 #: Runs listed per request at most, and run ids read per round trip while filtering.
@@ -149,43 +151,74 @@ def functions_page(state: SyncState) -> FunctionsPage:
     )
 
 
+def _started(run: RunInfo) -> datetime:
+    return run.started_at
+
+
+def _finished(run: RunInfo) -> datetime:
+    return run.finished_at or run.started_at
+
+
 class DashboardData:
     """The dashboard's reads, and its one write (Cancel), over one broker's connection."""
 
     def __init__(
         self,
         redis: RedisClient,
-        keys: Keys,
+        partitions: Partitions,
         client: Client,
         sync_state: Callable[[], Awaitable[SyncState]],
     ) -> None:
         self.redis = redis
-        self.keys = keys
+        self.partitions = partitions
+        self.keys = partitions.base
         self.client = client
         self._sync_state = sync_state
 
     async def runs(self, query: RunsQuery) -> RunsPage:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zcard(self.keys.active_runs)
-            pipe.zcard(self.keys.finished_runs)
-            active_total, finished_total = cast(list[int], await pipe.execute())
+            for keys in self.partitions.keys:
+                pipe.zcard(keys.active_runs)
+                pipe.zcard(keys.finished_runs)
+            totals = cast(list[int], await pipe.execute())
+        active_total, finished_total = sum(totals[0::2]), sum(totals[1::2])
         runs: list[RunInfo] = []
         if query.status is None or query.status in ACTIVE_STATUSES:
             # One function's runs have a set of their own: no need to filter the others out.
-            active = (
-                self.keys.function_runs(query.app, query.function)
+            active = [
+                keys.function_runs(query.app, query.function)
                 if query.app and query.function
-                else self.keys.active_runs
-            )
-            runs += await self._collect(active, query, query.limit)
+                else keys.active_runs
+                for keys in self.partitions.keys
+            ]
+            runs += await self._collect_all(active, query, query.limit, newest=_started)
         if (query.status is None or query.status in TERMINAL_STATUSES) and len(runs) < query.limit:
-            finished = await self._collect(self.keys.finished_runs, query, query.limit - len(runs))
+            finished = await self._collect_all(
+                [keys.finished_runs for keys in self.partitions.keys],
+                query,
+                query.limit - len(runs),
+                newest=_finished,
+            )
             # A run that ended between the two reads is in both: once, as it ended.
             ended = {run.run_id for run in finished}
             runs = [run for run in runs if run.run_id not in ended] + finished
         return RunsPage(runs=runs, active_total=active_total, finished_total=finished_total)
 
-    async def _collect(self, zset: str, query: RunsQuery, limit: int) -> list[RunInfo]:
+    async def _collect_all(
+        self,
+        zsets: list[str],
+        query: RunsQuery,
+        limit: int,
+        *,
+        newest: Callable[[RunInfo], datetime],
+    ) -> list[RunInfo]:
+        """:meth:`_collect` over one sorted set per partition, merged newest first."""
+        found: list[RunInfo] = []
+        for partition, zset in enumerate(zsets):
+            found += await self._collect(self.partitions.keys[partition], zset, query, limit)
+        return sorted(found, key=newest, reverse=True)[:limit]
+
+    async def _collect(self, keys: Keys, zset: str, query: RunsQuery, limit: int) -> list[RunInfo]:
         """Up to ``limit`` runs of ``zset`` (highest score first) that ``query`` wants."""
         found: list[RunInfo] = []
         chunk = max(limit, 100)
@@ -196,7 +229,7 @@ class DashboardData:
                 break
             async with self.redis.pipeline(transaction=False) as pipe:
                 for run_id in ids:
-                    pipe.hgetall(self.keys.run(run_id))
+                    pipe.hgetall(keys.run(run_id))
                 records = cast(list[dict[str, str]], await pipe.execute())
             for fields in records:
                 if not fields:

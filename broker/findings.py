@@ -17,6 +17,7 @@ import msgspec
 
 from sdk.connection import RedisClient
 from sdk.keys import Keys
+from sdk.partitions import stored_partitions
 from sdk.registration import LIVE_INTERVALS, redis_now_ms
 from sdk.wire import (
     SYSTEM_EVENT_PREFIX,
@@ -232,11 +233,13 @@ async def collect_state(
     workers = await live_workers(redis, keys, now)
     apps = set(cast(set[str], await redis.smembers(keys.apps))) | {w.app_id for w in workers}
     ordered_apps = sorted(apps)
+    parts = [keys.in_partition(p) for p in range(await stored_partitions(redis, keys))]
     async with redis.pipeline(transaction=False) as pipe:
         for app_id in ordered_apps:
             pipe.hgetall(keys.app_functions(app_id))
-            pipe.hgetall(keys.run_configs(app_id))
             pipe.xrevrange(keys.app_history(app_id), count=HISTORY_SHOWN)
+            for part in parts:
+                pipe.hgetall(part.run_configs(app_id))
         pipe.hgetall(keys.rule_events)
         pipe.hgetall(keys.event_last_seen)
         pipe.hgetall(keys.orphan_events)
@@ -248,15 +251,18 @@ async def collect_state(
     synced: dict[str, dict[str, str]] = {}
     runs: dict[str, dict[str, dict[str, int]]] = {}
     history: dict[str, list[HistoryEntry]] = {}
+    width = 2 + len(parts)
     for i, app_id in enumerate(ordered_apps):
-        synced[app_id] = replies[3 * i]
+        synced[app_id] = replies[width * i]
+        history[app_id] = [decode_history(eid, f) for eid, f in replies[width * i + 1]]
         per_function: dict[str, dict[str, int]] = defaultdict(dict)
-        for field, count in replies[3 * i + 1].items():
-            function_id, _, config = field.partition(":")
-            if int(count) > 0:
-                per_function[function_id][config] = int(count)
+        for counts in replies[width * i + 2 : width * (i + 1)]:
+            for field, count in counts.items():
+                function_id, _, config = field.partition(":")
+                if int(count) > 0:
+                    total = per_function[function_id].get(config, 0) + int(count)
+                    per_function[function_id][config] = total
         runs[app_id] = per_function
-        history[app_id] = [decode_history(eid, f) for eid, f in replies[3 * i + 2]]
 
     served: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for worker in workers:

@@ -14,6 +14,7 @@ harmless, as each step is idempotent.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Final, cast
 
 import anyio
@@ -35,10 +36,11 @@ REAP_SLEEP_S: Final = (0.05, 1.0)
 
 
 class Housekeeping:
-    def __init__(self, store: RunStore, metrics: BrokerMetrics, log: Any) -> None:
-        self.store = store
-        self.keys = store.keys
-        self.redis = store.redis
+    def __init__(self, stores: Sequence[RunStore], metrics: BrokerMetrics, log: Any) -> None:
+        #: One run store per partition: every step goes over all of them.
+        self.stores = tuple(stores)
+        self.keys = self.stores[0].keys
+        self.redis = self.stores[0].redis
         self.metrics = metrics
         self._log = log
         # During a Redis outage nobody can heartbeat: silence is counted from the moment
@@ -95,19 +97,21 @@ class Housekeeping:
         return min(max(shortest / 10, REAP_SLEEP_S[0]), REAP_SLEEP_S[1])
 
     async def _reap(self, worker_id: str, *, silent_ms: int) -> None:
-        run_ids = cast(set[str], await self.redis.smembers(self.keys.worker_runs(worker_id)))
         error = f"worker {worker_id} stopped heartbeating {silent_ms / 1000:.1f} s ago"
         lost = 0
-        for run_id in sorted(run_ids):
-            finished = await self.store.reap(run_id, worker_id=worker_id, error=error)
-            if finished.previous in ("running", "cancelling"):
-                lost += 1
+        for store in self.stores:
+            keys = store.keys
+            run_ids = cast(set[str], await self.redis.smembers(keys.worker_runs(worker_id)))
+            for run_id in sorted(run_ids):
+                finished = await store.reap(run_id, worker_id=worker_id, error=error)
+                if finished.previous in ("running", "cancelling"):
+                    lost += 1
+            # One slot per transaction: each partition's keys, then the worker's record.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.worker_runs(worker_id), keys.signals(worker_id))
+                await pipe.execute()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(
-                self.keys.worker_runs(worker_id),
-                self.keys.signals(worker_id),
-                self.keys.worker(worker_id),
-            )
+            pipe.delete(self.keys.worker(worker_id))
             pipe.zrem(self.keys.workers, worker_id)
             await pipe.execute()
         self.metrics.runs_lost.inc(lost)
@@ -115,7 +119,11 @@ class Housekeeping:
         self._log.warning("worker.lost", worker_id=worker_id, runs_lost=lost, silent_ms=silent_ms)
 
     async def resend_once(self) -> float:
-        resent = await self.store.resend_signals(after_ms=RESEND_AFTER_MS)
+        resent = [
+            run_id
+            for store in self.stores
+            for run_id in await store.resend_signals(after_ms=RESEND_AFTER_MS)
+        ]
         if resent:
             self.metrics.signals_resent.inc(len(resent))
             self._log.warning("signals.resent", runs=len(resent), sample=resent[:5])
@@ -123,7 +131,7 @@ class Housekeeping:
 
     async def trim_once(self) -> float:
         """Drop what every consumer group has acknowledged, from each consumed stream."""
-        for stream in (self.keys.events, self.keys.syncs):
+        for stream in (self.keys.syncs, *(store.keys.events for store in self.stores)):
             try:
                 trimmed = await trim_acknowledged(self.redis, stream)
             except REDIS_ERRORS as exc:

@@ -35,8 +35,9 @@ from sdk.connection import is_transient
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.expressions import Expression, compile_rule_expression, describe_error, event_variable
 from sdk.keys import Keys
+from sdk.partitions import Partitions
 from sdk.rules import Lookup, lookups
-from sdk.store import MatchCandidate, RunStore
+from sdk.store import MatchCandidate, RunStore, match_events
 from sdk.streams import Entry
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
@@ -69,7 +70,8 @@ class Matcher:
 
     def __init__(
         self,
-        store: RunStore,
+        partitions: Partitions,
+        stores: Sequence[RunStore],
         *,
         metrics: BrokerMetrics,
         watch: EventWatch,
@@ -79,8 +81,11 @@ class Matcher:
         log: Any,
         consumer: str = "",
     ) -> None:
-        self.store = store
-        self.keys: Keys = store.keys
+        self.partitions = partitions
+        #: One run store per partition, indexed by partition.
+        self.stores = tuple(stores)
+        self.store = self.stores[0]
+        self.keys: Keys = self.store.keys
         self.metrics = metrics
         self.watch = watch
         self.dead_letter = dead_letter
@@ -90,37 +95,54 @@ class Matcher:
         self.consumer = consumer
         self._expressions: dict[str, Expression | str] = {}
 
-    async def handle(self, entries: Sequence[Entry]) -> list[decisions.Recorded]:
-        """Decide every entry of the batch; returns the decisions to record. Raises
-        (nothing acknowledged) only when Redis cannot answer now; the batch is then
-        handled again."""
+    async def handle(
+        self, entries: Sequence[Entry], partition: int = 0
+    ) -> list[decisions.Recorded]:
+        """Decide every entry of a batch read from ``partition``'s stream; returns the
+        decisions to record. Raises (nothing acknowledged) only when Redis cannot answer
+        now; the batch is then handled again.
+
+        A cancel event is looked up in its own partition, or in every partition when its
+        rules do not all place it with the runs it matches (broadcast).
+        """
         started = time.perf_counter()
         events: list[tuple[str, dict[str, str] | None, Event]] = []
         for entry_id, fields in entries:
-            event = await self._decode(entry_id, fields)
+            event = await self._decode(entry_id, fields, partition)
             if event is not None:
                 events.append((entry_id, fields, event))
-        selectors = await self.store.declared_selectors(event.name for _, _, event in events)
-        planned: list[tuple[str, dict[str, str] | None, Event, list[Lookup]]] = []
+        names = [event.name for _, _, event in events]
+        selectors = await self.store.declared_selectors(names)
+        broadcast = await self.partitions.broadcast(names)
+        planned: list[tuple[str, dict[str, str] | None, Event, list[Lookup], list[int]]] = []
+        calls: list[tuple[RunStore, Event, list[Lookup]]] = []
         for entry_id, fields, event in events:
             declared = selectors[event.name]
             self._observe(event, declared)
             if not declared:
                 self._count("ignored")
                 continue
-            planned.append((entry_id, fields, event, lookups(event, declared, self.keys)))
-        replies = await self.store.match_events(
-            [(event, found) for _, _, event, found in planned if found],
-            tombstone_ms=self.tombstone_ms,
-        )
-        replied = iter(replies)
+            targets = self.stores if event.name in broadcast else (self.stores[partition],)
+            # The same selectors in each partition: only the keys' tags differ.
+            per_target = [(store, lookups(event, declared, store.keys)) for store in targets]
+            found = per_target[0][1]
+            slots = []
+            for store, store_found in per_target if found else ():
+                slots.append(len(calls))
+                calls.append((store, event, store_found))
+            planned.append((entry_id, fields, event, found, slots))
+        replies = await match_events(calls, tombstone_ms=self.tombstone_ms)
         recorded: list[decisions.Recorded] = []
-        for entry_id, fields, event, found in planned:
-            reply = next(replied) if found else ([], [])
+        for entry_id, fields, event, found, slots in planned:
             try:
-                if isinstance(reply, Exception):
-                    raise reply
-                results, candidates = reply
+                results: list[CancelResult] = []
+                candidates: list[MatchCandidate] = []
+                for slot in slots:
+                    reply = replies[slot]
+                    if isinstance(reply, Exception):
+                        raise reply
+                    results += reply[0]
+                    candidates += reply[1]
                 if candidates:
                     results = results + await self._evaluate(event, candidates)
                 recorded.append(self._decided(event, found, results, started))
@@ -135,12 +157,16 @@ class Matcher:
                 recorded.append(decisions.failed(event, "broker_error", repr(exc), self.consumer))
         return recorded
 
-    async def _decode(self, entry_id: str, fields: dict[str, str] | None) -> Event | None:
+    async def _decode(
+        self, entry_id: str, fields: dict[str, str] | None, partition: int
+    ) -> Event | None:
         if not fields:
             self._count("ignored")  # deleted from the stream after delivery: nothing to do
             return None
         try:
-            return decode_event(entry_id, fields, max_bytes=self.max_event_bytes)
+            return decode_event(
+                entry_id, fields, max_bytes=self.max_event_bytes, partition=partition
+            )
         except InvalidEventError as exc:
             self._log.warning(
                 "event.dead_lettered", entry_id=entry_id, reason=exc.reason, detail=exc.detail
@@ -241,14 +267,21 @@ class Matcher:
                 matched.append(candidate.run_id)
             else:
                 final[candidate.run_id] = "condition_false"
-        await self.store.record_rule_errors(errors)
-        results = await self.store.request_cancel(
-            matched,
-            event_id=event.id,
-            reason=f"cancel event {event.name}",
-            cancelled_by=event.id,
-            cancel_at_ms=entry_timestamp(event.id),
-        )
+        partition_of = {candidate.run_id: candidate.partition for candidate in candidates}
+        results: list[CancelResult] = []
+        for partition, store in enumerate(self.stores):
+            await store.record_rule_errors(
+                {run_id: e for run_id, e in errors.items() if partition_of[run_id] == partition}
+            )
+            held = [run_id for run_id in matched if partition_of[run_id] == partition]
+            if held:
+                results += await store.request_cancel(
+                    held,
+                    event_id=event.id,
+                    reason=f"cancel event {event.name}",
+                    cancelled_by=event.id,
+                    cancel_at_ms=entry_timestamp(event.id),
+                )
         unmatched = [
             CancelResult(
                 run_id=run_id, outcome=outcome, status="running", previous_status="running"

@@ -42,7 +42,7 @@ class BrokerMetrics:
             " (matched: found at least one run; tombstoned: rules listen to the name, no run"
             " matched, a tombstone waits for runs that register later; unmatched: the same"
             " without tombstones; ignored: no rule listens to the name; dead_lettered:"
-            " malformed).",
+            " malformed; moved: published without a partition, appended to its own).",
             ["result"],
             registry=self.registry,
         )
@@ -122,7 +122,7 @@ class BrokerMetrics:
             "cancel_broker_build", "Version of the running broker.", registry=self.registry
         )
         self.build.info({"version": sdk.__version__})
-        for result in ("matched", "tombstoned", "unmatched", "ignored", "dead_lettered"):
+        for result in ("matched", "tombstoned", "unmatched", "ignored", "dead_lettered", "moved"):
             self.events.labels(result=result)
         # Present from the start at 0, so that increase() sees the first dead letter.
         for reason in DEAD_LETTER_REASONS:

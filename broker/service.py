@@ -9,6 +9,7 @@ cancelling is not signalled again.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Sequence
@@ -24,11 +25,13 @@ from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
 from broker.housekeeping import Housekeeping
 from broker.matching import Matcher
 from broker.metrics import BrokerMetrics
+from broker.routing import move_unplaced
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from sdk.client import Client
 from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, RedisClient, command_client
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
+from sdk.partitions import Partitions, check_partitions
 from sdk.store import RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
@@ -71,9 +74,12 @@ class Broker:
         dead_letter_maxlen: int = DEAD_LETTER_MAXLEN,
         history_length: int = HISTORY_MAXLEN,
         tombstone_lookback_s: float = TOMBSTONE_LOOKBACK_S,
+        partitions: int | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(namespace)
+        #: The number of partitions this broker expects (None: whatever the namespace has).
+        self.partitions = check_partitions(partitions)
         self.consumer = consumer or default_consumer_name()
         self.metrics = metrics or BrokerMetrics()
         self.max_event_bytes = max_event_bytes
@@ -90,15 +96,16 @@ class Broker:
             on_failure=self.metrics.redis_errors.inc, on_recovery=self.metrics.redis_reconnects.inc
         )
         self._redis: RedisClient | None = None
-        self._events: GroupConsumer | None = None
+        self._partitions: Partitions | None = None
+        self._events: list[GroupConsumer] = []
         self._dashboard: DashboardData | None = None
         #: Set when :meth:`run` has returned (after :meth:`stop`, or cancellation).
         self.stopped = anyio.Event()
 
     def stop(self) -> None:
         """Stop reading events; the batch in hand is finished and acknowledged first."""
-        if self._events is not None:
-            self._events.stop()
+        for events in self._events:
+            events.stop()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume cancel events until :meth:`stop` or cancellation.
@@ -107,11 +114,11 @@ class Broker:
         """
         redis = command_client(self.redis_url)
         # The dashboard's Cancel goes through the SDK's own cancel by id.
-        client = Client(self.redis_url, namespace=self.keys.namespace)
+        client = Client(self.redis_url, namespace=self.keys.namespace, partitions=self.partitions)
         try:
-            await self._wait_for_redis(redis)
-            store = RunStore(redis, self.keys)
-            events, syncs = (
+            partitions = await self._wait_for_redis(redis)
+            stores = partitions.stores()
+            syncs, *events = (
                 GroupConsumer(
                     self.redis_url,
                     redis,
@@ -125,7 +132,7 @@ class Broker:
                     log=self._log,
                     backoff_hooks=self._backoff_hooks,
                 )
-                for stream in (self.keys.events, self.keys.syncs)
+                for stream in (self.keys.syncs, *(keys.events for keys in partitions.keys))
             )
             self._events = events
             recorder = SyncRecorder(redis, self.keys, self._log, history_length=self.history_length)
@@ -133,16 +140,20 @@ class Broker:
                 redis, self.keys, self._watch, self.metrics, self.windows, self._log
             )
 
-            matcher = self.matcher(store)
+            matcher = self.matcher(partitions, stores)
 
-            async def handle_events(entries: Sequence[Entry]) -> None:
-                recorded = await matcher.handle(entries)
+            async def handle_events(partition: int, entries: Sequence[Entry]) -> None:
+                placed = await move_unplaced(partitions, entries, partition)
+                if moved := len(entries) - len(placed):
+                    self.metrics.events.labels(result="moved").inc(moved)
+                recorded = await matcher.handle(placed, partition) if placed else []
                 # What the dashboard and the sync findings read, and the acknowledgement,
                 # in one round trip; only a failed acknowledgement fails the batch.
+                stream = events[partition]
                 async with redis.pipeline(transaction=False) as pipe:
                     decisions.queue(pipe, self.keys, recorded)
                     self._watch.queue(pipe)
-                    pipe.xack(events.stream, events.group, *(entry_id for entry_id, _ in entries))
+                    pipe.xack(stream.stream, stream.group, *(entry_id for entry_id, _ in entries))
                     *notes, acked = await pipe.execute(raise_on_error=False)
                 if isinstance(acked, Exception):
                     raise acked
@@ -156,19 +167,29 @@ class Broker:
                 await syncs.ack(*(entry_id for entry_id, _ in entries))
                 monitor.wake()
 
-            self._redis = redis
-            self._dashboard = DashboardData(redis, self.keys, client, self.sync_state)
-            self._log.info("broker.started", stream=self.keys.events, group=BROKER_GROUP)
+            self._redis, self._partitions = redis, partitions
+            self._dashboard = DashboardData(redis, partitions, client, self.sync_state)
+            self._log.info(
+                "broker.started",
+                stream=self.keys.events,
+                group=BROKER_GROUP,
+                partitions=partitions.count,
+            )
             task_status.started()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(Housekeeping(store, self.metrics, self._log).run)
+                tg.start_soon(Housekeeping(stores, self.metrics, self._log).run)
                 tg.start_soon(self._refresh_cluster_stats, redis)
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
-                await events.run(handle_events)
+                async with anyio.create_task_group() as consuming:
+                    for partition, stream in enumerate(events):
+                        consuming.start_soon(
+                            stream.run, functools.partial(handle_events, partition)
+                        )
                 tg.cancel_scope.cancel()  # stopped: the rest is housekeeping
         finally:
-            self._redis = self._events = self._dashboard = None
+            self._redis = self._partitions = self._dashboard = None
+            self._events = []
             with anyio.CancelScope(shield=True):
                 await client.aclose()
                 await redis.aclose()
@@ -183,16 +204,17 @@ class Broker:
 
         return park
 
-    def matcher(self, store: RunStore) -> Matcher:
-        """What decides this broker's batches of events, over ``store``."""
+    def matcher(self, partitions: Partitions, stores: Sequence[RunStore]) -> Matcher:
+        """What decides this broker's batches of events, over one store per partition."""
 
         async def dead_letter(
             entry_id: str, fields: dict[str, str] | None, reason: str, detail: str
         ) -> None:
-            await self._dead_letter(store.redis, entry_id, fields, reason, detail)
+            await self._dead_letter(partitions.redis, entry_id, fields, reason, detail)
 
         return Matcher(
-            store,
+            partitions,
+            stores,
             metrics=self.metrics,
             watch=self._watch,
             dead_letter=dead_letter,
@@ -204,21 +226,22 @@ class Broker:
 
     async def readiness(self) -> tuple[bool, str]:
         """Whether this broker can do its work now: RedisClient answers and its groups exist."""
-        redis = self._redis
-        if redis is None:
+        redis, partitions = self._redis, self._partitions
+        if redis is None or partitions is None:
             return False, "the broker is not running"
-        try:
-            with anyio.fail_after(2):
-                groups = {g["name"] for g in await redis.xinfo_groups(self.keys.events)}
-        except (*REDIS_ERRORS, TimeoutError) as exc:
-            return False, f"Redis is unreachable: {exc!r}"
-        if BROKER_GROUP not in groups:
-            return False, f"consumer group {BROKER_GROUP!r} is missing on {self.keys.events}"
+        for keys in partitions.keys:
+            try:
+                with anyio.fail_after(2):
+                    groups = {g["name"] for g in await redis.xinfo_groups(keys.events)}
+            except (*REDIS_ERRORS, TimeoutError) as exc:
+                return False, f"Redis is unreachable: {exc!r}"
+            if BROKER_GROUP not in groups:
+                return False, f"consumer group {BROKER_GROUP!r} is missing on {keys.events}"
         return True, "ready"
 
     async def sync_state(self) -> SyncState:
         """Registrations and stale-configuration findings, computed now."""
-        if self._redis is None:
+        if self._redis is None or self._partitions is None:
             raise RuntimeError("the broker is not running")
         return await collect_state(self._redis, self.keys, windows=self.windows)
 
@@ -228,18 +251,21 @@ class Broker:
             raise RuntimeError("the broker is not running")
         return self._dashboard
 
-    async def _wait_for_redis(self, redis: RedisClient) -> None:
-        """Create the group, retrying while Redis is unreachable: the broker waits, not dies."""
+    async def _wait_for_redis(self, redis: RedisClient) -> Partitions:
+        """Agree on the partitions and create the groups, retrying while Redis is
+        unreachable: the broker waits, not dies."""
         backoff = Backoff(self._log, "broker.startup", hooks=self._backoff_hooks)
         while True:
             try:
-                await create_group(redis, self.keys.events, BROKER_GROUP)
+                partitions = await Partitions.open(redis, self.keys, self.partitions)
+                for keys in partitions.keys:
+                    await create_group(redis, keys.events, BROKER_GROUP)
                 await create_group(redis, self.keys.syncs, BROKER_GROUP)
             except REDIS_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
-            return
+            return partitions
 
     async def _refresh_cluster_stats(self, redis: RedisClient) -> None:
         while True:

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 from sdk.durations import parse_duration
 from sdk.keys import DEFAULT_NAMESPACE
+from sdk.partitions import check_partitions
 
 ENV_PREFIX: Final = "CANCEL_BROKER_"
 
@@ -106,6 +107,13 @@ def _positive_int(text: str) -> int:
     return number
 
 
+def _partitions(text: str) -> int:
+    count = check_partitions(text)
+    if count is None:
+        raise ValueError("give a number of partitions")
+    return count
+
+
 def _duration(text: str) -> float:
     return parse_duration(text)
 
@@ -129,6 +137,16 @@ class Settings:
     )
     namespace: str = _setting(
         DEFAULT_NAMESPACE, group="connection", metavar="PREFIX", help="prefix of every key"
+    )
+    partitions: int | None = _setting(
+        None,
+        group="connection",
+        parse=_partitions,
+        unset="as stored, else 1",
+        metavar="N",
+        help="partitions of the namespace's run state, each its own Redis Cluster hash slot;"
+        " the first process stores the number in Redis and every process must agree (give"
+        " workers and clients the same CANCEL_BROKER_PARTITIONS)",
     )
     http_host: str = _setting(
         "127.0.0.1",

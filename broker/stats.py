@@ -11,6 +11,7 @@ broker) reads Redis and :meth:`ClusterStats.collect` only hands out the last sna
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, cast
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 from sdk.connection import RedisClient
 from sdk.keys import Keys
 from sdk.metrics import LATENCY_BUCKETS
+from sdk.partitions import stored_partitions
 
 #: Seconds between two reads of the cluster's figures.
 REFRESH_INTERVAL_S: Final = 2.0
@@ -52,29 +54,41 @@ class ClusterStats(Collector):
         self.snapshot = Snapshot()
 
     async def refresh(self, redis: RedisClient, keys: Keys) -> None:
+        """Read every partition's figures and sum them."""
+        partitions = [keys.in_partition(p) for p in range(await stored_partitions(redis, keys))]
         snapshot = Snapshot()
-        finished = cast(dict[str, str], await redis.hgetall(keys.finished_stats))
-        for field_name, count in finished.items():
-            app, _, rest = field_name.partition("/")
-            function, _, outcome = rest.rpartition("/")
-            snapshot.runs_finished[(app, function, outcome)] = int(count)
-        functions = {(app, function) for app, function, _ in snapshot.runs_finished}
+        functions: set[tuple[str, str]] = set()
         for app in cast(set[str], await redis.smembers(keys.apps)):
             for function in cast(list[str], await redis.hkeys(keys.app_functions(app))):
                 functions.add((app, function))
+        signals: defaultdict[str, float] = defaultdict(float)
+        for part in partitions:
+            finished = cast(dict[str, str], await redis.hgetall(part.finished_stats))
+            for field_name, count in finished.items():
+                app, _, rest = field_name.partition("/")
+                function, _, outcome = rest.rpartition("/")
+                labels = (app, function, outcome)
+                snapshot.runs_finished[labels] = snapshot.runs_finished.get(labels, 0) + int(count)
+                functions.add((app, function))
+            for name, value in cast(dict[str, str], await redis.hgetall(part.signal_stats)).items():
+                signals[name] += float(value)
+        ordered = sorted(functions)
         async with redis.pipeline(transaction=False) as pipe:
-            for app, function in sorted(functions):
-                pipe.zcard(keys.function_runs(app, function))
+            for app, function in ordered:
+                for part in partitions:
+                    pipe.zcard(part.function_runs(app, function))
             counts = cast(list[int], await pipe.execute())
-        snapshot.runs_active = dict(zip(sorted(functions), counts, strict=True))
-        signals = cast(dict[str, str], await redis.hgetall(keys.signal_stats))
-        snapshot.signals_acknowledged = int(signals.get("acknowledged", 0))
-        snapshot.delivery_sum = float(signals.get("delivery:sum", 0))
+        width = len(partitions)
+        snapshot.runs_active = {
+            name: sum(counts[i * width : (i + 1) * width]) for i, name in enumerate(ordered)
+        }
+        snapshot.signals_acknowledged = int(signals["acknowledged"])
+        snapshot.delivery_sum = float(signals["delivery:sum"])
         snapshot.delivery_buckets = [
-            int(signals.get(f"delivery:{index}", 0))
+            int(signals[f"delivery:{index}"])
             for index in [*map(str, range(1, len(LATENCY_BUCKETS) + 1)), "inf"]
         ]
-        for stream in (keys.events, keys.syncs):
+        for stream in (keys.syncs, *(part.events for part in partitions)):
             for group in await redis.xinfo_groups(stream):
                 name = str(group["name"])
                 lag = group.get("lag")

@@ -15,13 +15,15 @@ from redis.asyncio.cluster import RedisCluster
 from sdk.connection import command_client, resolve_url
 from sdk.errors import RunNotFinishedError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
-from sdk.keys import DEFAULT_NAMESPACE, EVENT_FIELD, Keys, check_id, check_name
+from sdk.keys import DEFAULT_NAMESPACE, Keys, check_id, check_name
+from sdk.partitions import Partitions, check_partitions
 from sdk.rules import value_token
 from sdk.store import OPERATOR_ACTOR, RunStore
 from sdk.wire import (
     MAX_EVENT_BYTES,
     TERMINAL_STATUSES,
     CancelResult,
+    Event,
     RunInfo,
     decode_stored_event,
     encode_event,
@@ -75,12 +77,16 @@ class Client:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        partitions: int | None = None,
     ) -> None:
         self.redis_url = resolve_url(redis_url)
         self.keys = Keys(namespace)
         self.max_event_bytes = max_event_bytes
+        #: The number of partitions this client expects (None: whatever the namespace has).
+        self.partitions = check_partitions(partitions)
         self._redis = command_client(self.redis_url)
-        self._store = RunStore(self._redis, self.keys)
+        self._partitions: Partitions | None = None
+        self._stores: tuple[RunStore, ...] = ()
 
     async def __aenter__(self) -> Self:
         return self
@@ -96,21 +102,42 @@ class Client:
     async def aclose(self) -> None:
         await self._redis.aclose()
 
+    async def _open(self) -> Partitions:
+        """The namespace's partitions, read from Redis on first use."""
+        if self._partitions is not None:
+            return self._partitions
+        # A client only reads the number: publishing needs no right to write it.
+        partitions = await Partitions.open(self._redis, self.keys, self.partitions, store=False)
+        self._stores = partitions.stores()
+        if partitions.known:
+            self._partitions = partitions
+        return partitions
+
+    async def _store_of(self, run_id: str) -> RunStore | None:
+        """The store of the partition holding the run, or None if there is no such run."""
+        partitions = await self._open()
+        partition = (await partitions.locate([run_id])).get(run_id)
+        return None if partition is None else self._stores[partition]
+
     async def send(self, name: str, data: dict[str, Any] | None = None) -> str:
         """Publish an event; returns its id (the stream entry id).
 
         Raises :class:`~sdk.errors.InvalidEventError` for an event the broker would refuse.
         """
         body = encode_event(name, data, max_bytes=self.max_event_bytes)
-        return str(await self._redis.xadd(self.keys.events, {EVENT_FIELD: body}))
+        partitions = await self._open()
+        return await partitions.publish(body, Event(name=name, data=data or {}))
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """The run's record, or None if there is no such run (or it expired)."""
-        return await self._store.get(check_id("run id", run_id))
+        store = await self._store_of(check_id("run id", run_id))
+        return None if store is None else await store.get(run_id)
 
     async def runs_for_event(self, event_id: str) -> list[RunInfo]:
         """The runs an event triggered."""
-        return await self._store.runs_for_event(check_id("event id", event_id))
+        check_id("event id", event_id)
+        await self._open()
+        return [run for store in self._stores for run in await store.runs_for_event(event_id)]
 
     async def cancel(
         self, run_id: str, *, reason: str | None = None, actor: Actor = None
@@ -123,12 +150,16 @@ class Client:
         ``not_found``, or ``forbidden``: the function declares an ``owner`` and ``actor``
         is not that value (pass :data:`OPERATOR` to cancel any run).
         """
-        (result,) = await self._store.request_cancel(
-            [check_id("run id", run_id)],
-            reason=reason or "cancelled by request",
-            cancelled_by="api",
-            actor=_actor_token(actor),
-        )
+        store = await self._store_of(check_id("run id", run_id))
+        if store is None:
+            result = CancelResult(run_id=run_id, outcome="not_found", status=None)
+        else:
+            (result,) = await store.request_cancel(
+                [run_id],
+                reason=reason or "cancelled by request",
+                cancelled_by="api",
+                actor=_actor_token(actor),
+            )
         # The audit line of a cancel by id, refused ones included.
         (log.warning if result.outcome == "forbidden" else log.info)(
             "cancel.requested",
@@ -164,6 +195,7 @@ class Client:
         """
         check_name("function id", function_id)
         condition = None if if_ is None else compile_trigger_filter(if_)
+        await self._open()
         apps = (
             [check_name("app id", app_id)]
             if app_id
@@ -174,25 +206,29 @@ class Client:
         high = "+inf" if started_before is None else f"({_ms(started_before)}"
         # Listed first, so that progress knows the total.
         listed = [
-            cast(
-                list[str],
-                await self._redis.zrangebyscore(
-                    self.keys.function_runs(app, function_id), low, high
+            (
+                store,
+                cast(
+                    list[str],
+                    await self._redis.zrangebyscore(
+                        store.keys.function_runs(app, function_id), low, high
+                    ),
                 ),
             )
             for app in apps
+            for store in self._stores
         ]
-        total = sum(map(len, listed))
+        total = sum(len(run_ids) for _, run_ids in listed)
         done = 0
         if progress is not None:
             progress(done, total)
         results: list[CancelResult] = []
-        for run_ids in listed:
+        for store, run_ids in listed:
             for batch in _batches(run_ids, BULK_BATCH):
                 done += len(batch)
                 if condition is not None:
-                    batch = await self._filter(batch, condition)
-                results += await self._store.request_cancel(
+                    batch = await self._filter(store, batch, condition)
+                results += await store.request_cancel(
                     batch,
                     reason=reason or f"bulk cancel of {function_id}",
                     cancelled_by="api",
@@ -211,11 +247,13 @@ class Client:
         )
         return results
 
-    async def _filter(self, run_ids: list[str], condition: Expression) -> list[str]:
+    async def _filter(
+        self, store: RunStore, run_ids: list[str], condition: Expression
+    ) -> list[str]:
         """The runs whose trigger satisfies ``condition``; an error selects nothing."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for run_id in run_ids:
-                pipe.hget(self.keys.run(run_id), "event")
+                pipe.hget(store.keys.run(run_id), "event")
             triggers = cast(list[str | None], await pipe.execute())
         selected = []
         for run_id, trigger in zip(run_ids, triggers, strict=True):
@@ -247,7 +285,7 @@ class Client:
             await pubsub.subscribe(self.keys.finished(run_id))
             with anyio.move_on_after(timeout):
                 while True:
-                    info = await self._store.get(run_id)
+                    info = await self.get_run(run_id)
                     if info is not None and info.status in TERMINAL_STATUSES:
                         return info
                     # Also wakes up now and then: a record that expired, a lost notice.

@@ -79,3 +79,19 @@ class RunNotFinishedError(CancelBrokerError, TimeoutError):
         super().__init__(f"run {run_id} did not finish within {timeout} s")
         self.run_id = run_id
         self.timeout = timeout
+
+
+class PartitionCountError(ConfigurationError):
+    """This process was configured with another number of partitions than the namespace
+    stored in Redis: it would look for runs and events where they are not."""
+
+    def __init__(self, namespace: str, stored: int, configured: int) -> None:
+        super().__init__(
+            f"namespace {namespace!r} has {stored} partition(s) in Redis, but this process"
+            f" was configured with {configured}; give every process the same number"
+            f" (CANCEL_BROKER_PARTITIONS), or drain the namespace and delete"
+            f" {{{namespace}}}:partitions to change it"
+        )
+        self.namespace = namespace
+        self.stored = stored
+        self.configured = configured

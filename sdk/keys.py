@@ -4,9 +4,16 @@ Every process (SDK, client, broker) and every Lua script gets its key names from
 here; the Lua scripts receive prefixes built by this module instead of spelling
 them out. ``docs/protocol.md`` describes each key.
 
-Every key starts with the namespace in braces (``{cancel}:run:...``): a Redis Cluster
-hash tag, so all of a namespace's keys live in one slot and every script and MULTI,
-whatever keys it touches, runs on one node.
+Every key starts with a Redis Cluster hash tag, so that every script and MULTI, whatever
+keys it touches, runs in one slot on one node:
+
+- the namespace's shared state (sync and registration records, rules, dead letters) is
+  tagged with the namespace: ``{cancel}:workers``;
+- run state (the events stream, runs, the cancel index, tombstones, signal streams) is
+  split into the namespace's *partitions*, each its own tag: ``{cancel}:run:...`` in
+  partition 0 (the only one by default, so one partition is the same layout), and
+  ``{cancel:3}:run:...`` in partition 3. A run, its index entries and the tombstones that
+  guard its registration share its partition.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ BROKER_GROUP = "broker"
 
 #: Stream entry field that carries the event's JSON body.
 EVENT_FIELD = "event"
+#: Stream entry field naming the partition a publisher routed the entry to. With several
+#: partitions, an entry without it (a plain ``XADD``, an outcome event) is moved to its
+#: partition by a broker, and only there handled.
+PARTITION_FIELD = "partition"
+#: Stream entry field of a moved entry: the id it was published under, which stays its id.
+ORIGIN_FIELD = "origin"
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -55,19 +68,51 @@ class Keys:
     """Key names under one namespace (``cancel`` unless configured)."""
 
     namespace: str = DEFAULT_NAMESPACE
+    #: The partition whose run state these keys name (shared keys ignore it).
+    partition: int = 0
 
     def __post_init__(self) -> None:
         check_name("namespace", self.namespace)
+        if self.partition < 0:
+            raise ValueError(f"invalid partition {self.partition}")
+
+    def in_partition(self, partition: int) -> Keys:
+        """The same namespace's keys for another partition."""
+        return self if partition == self.partition else Keys(self.namespace, partition)
 
     @property
     def prefix(self) -> str:
-        """What every key of the namespace starts with: the namespace as a hash tag."""
+        """What the namespace's shared keys start with: the namespace as a hash tag."""
         return f"{{{self.namespace}}}:"
 
     @property
+    def shard(self) -> str:
+        """What this partition's keys start with: the namespace's own tag for partition 0,
+        ``{namespace:N}:`` for partition N."""
+        if self.partition == 0:
+            return self.prefix
+        return f"{{{self.namespace}:{self.partition}}}:"
+
+    # -- shared by every partition ------------------------------------------------------
+
+    @property
+    def partitions(self) -> str:
+        """String: the namespace's number of partitions, stored by the first process."""
+        return f"{self.prefix}partitions"
+
+    @property
+    def routes(self) -> str:
+        """Hash ``trigger:{name}`` / ``cancel:{name}`` -> the path whose value decides an
+        event's partition, or ``*`` for a cancel event matched in every partition."""
+        return f"{self.prefix}routes"
+
+    # -- one partition's run state ------------------------------------------------------
+
+    @property
     def events(self) -> str:
-        """Stream of all published events: triggers and cancel events alike."""
-        return f"{self.prefix}events"
+        """Stream of published events (triggers and cancel events alike) in this
+        partition; partition 0's is also where plain ``XADD`` publishers write."""
+        return f"{self.shard}events"
 
     @property
     def dead_letters(self) -> str:
@@ -76,7 +121,7 @@ class Keys:
 
     @property
     def run_prefix(self) -> str:
-        return f"{self.prefix}run:"
+        return f"{self.shard}run:"
 
     def run(self, run_id: str) -> str:
         """Hash holding one run's state."""
@@ -85,34 +130,34 @@ class Keys:
     @property
     def active_runs(self) -> str:
         """Sorted set of runs not yet finished, scored by start time (ms)."""
-        return f"{self.prefix}runs:active"
+        return f"{self.shard}runs:active"
 
     @property
     def finished_runs(self) -> str:
         """Sorted set of the most recently finished runs, scored by when each ended (ms);
         capped (``FINISHED_RUNS_KEPT``): what the dashboard lists besides running runs."""
-        return f"{self.prefix}runs:finished"
+        return f"{self.shard}runs:finished"
 
     @property
     def cancelling_runs(self) -> str:
         """Sorted set of runs whose cancel signal is not yet acknowledged, by when sent (ms)."""
-        return f"{self.prefix}runs:cancelling"
+        return f"{self.shard}runs:cancelling"
 
     def worker_runs(self, worker_id: str) -> str:
         """Set of the unfinished runs one worker holds (to reap them if the worker dies)."""
-        return f"{self.prefix}worker-runs:{worker_id}"
+        return f"{self.shard}worker-runs:{worker_id}"
 
     def event_runs(self, event_id: str) -> str:
         """Set of run ids one trigger event started."""
-        return f"{self.prefix}event-runs:{event_id}"
+        return f"{self.shard}event-runs:{event_id}"
 
     def function_runs(self, app_id: str, function_id: str) -> str:
         """Sorted set of one function's unfinished runs, scored by start time (ms)."""
-        return f"{self.prefix}fn-runs:{app_id}/{function_id}"
+        return f"{self.shard}fn-runs:{app_id}/{function_id}"
 
     def children(self, run_id: str) -> str:
         """Set of the runs started inside this run: cancelling it cancels them too."""
-        return f"{self.prefix}children:{run_id}"
+        return f"{self.shard}children:{run_id}"
 
     def finished(self, run_id: str) -> str:
         """Pub/Sub channel told when the run reaches a terminal status (``Client.wait``)."""
@@ -131,16 +176,16 @@ class Keys:
 
     def index(self, event_name: str, selector: str, token: str) -> str:
         """Set of run ids whose rule (event_name, selector) has this value token."""
-        return f"{self.prefix}idx:{event_name}:{selector}:{token}"
+        return f"{self.shard}idx:{event_name}:{selector}:{token}"
 
     def tombstone(self, event_name: str, selector: str, token: str) -> str:
         """Sorted set of recent cancel event ids for (event_name, selector, token), scored by
         when each stops counting (ms): runs that register later are cancelled by them."""
-        return f"{self.prefix}tomb:{event_name}:{selector}:{token}"
+        return f"{self.shard}tomb:{event_name}:{selector}:{token}"
 
     def tombstone_event(self, event_id: str) -> str:
         """A tombstoned cancel event's JSON, for rules whose expression needs its data."""
-        return f"{self.prefix}tomb-event:{event_id}"
+        return f"{self.shard}tomb-event:{event_id}"
 
     @property
     def decisions(self) -> str:
@@ -151,7 +196,7 @@ class Keys:
 
     @property
     def signal_prefix(self) -> str:
-        return f"{self.prefix}signals:"
+        return f"{self.shard}signals:"
 
     def signals(self, worker_id: str) -> str:
         """Stream of cancel signals for one worker process."""
@@ -162,12 +207,12 @@ class Keys:
     @property
     def finished_stats(self) -> str:
         """Hash ``app/function/outcome`` -> runs that finished so (since the namespace began)."""
-        return f"{self.prefix}stats:runs-finished"
+        return f"{self.shard}stats:runs-finished"
 
     @property
     def signal_stats(self) -> str:
         """Hash: signals acknowledged, and a histogram of their delivery time (Redis clock)."""
-        return f"{self.prefix}stats:signals"
+        return f"{self.shard}stats:signals"
 
     # -- sync and registration state ------------------------------------------------
 
@@ -204,7 +249,7 @@ class Keys:
 
     def run_configs(self, app_id: str) -> str:
         """Hash ``function_id:config_hash`` -> number of active runs with that config."""
-        return f"{self.prefix}app:{app_id}:run-configs"
+        return f"{self.shard}app:{app_id}:run-configs"
 
     @property
     def rule_events(self) -> str:

@@ -19,6 +19,7 @@ import anyio
 from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline
 from sdk.function import Function
 from sdk.keys import Keys
+from sdk.partitions import declare_routes
 from sdk.rules import CancelOn
 from sdk.version import __version__
 from sdk.wire import WorkerInfo, encode_json
@@ -99,6 +100,8 @@ class Registration:
             functions={fn.id: fn.config_hash for fn in self._functions},
         )
         body = encode_json(info)
+        # Where the functions' events go among the partitions, before any trigger is read.
+        await declare_routes(self.redis, self.keys, self._functions)
         async with self.redis.pipeline(transaction=True) as pipe:
             for fn in self._functions:
                 pipe.set(self.keys.config(fn.config_hash), encode_json(fn.config), ex=CONFIG_TTL)

@@ -11,19 +11,27 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Final
 
 import anyio
+import msgspec
 
 from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.context import DEFAULT_THREAD_GRACE, CancelState, RunContext
 from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.expressions import describe_error, event_variable
 from sdk.function import Function
-from sdk.keys import EVENT_FIELD
 from sdk.metrics import WorkerMetrics
+from sdk.partitions import Partitions
 from sdk.rules import IndexEntry, index_entries, parse_path, value_token
-from sdk.store import Finished, Outcome, RegisterRequest, Registration, RunStore
+from sdk.store import (
+    DEFAULT_RETENTION,
+    Finished,
+    Outcome,
+    RegisterRequest,
+    Registration,
+)
 from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
 #: Registering a run is one short script; longer means Redis is unreachable.
@@ -47,6 +55,8 @@ class Run:
     entries: list[IndexEntry]
     state: CancelState
     parent_run_id: str | None = None
+    #: The partition holding the run's record and index entries.
+    partition: int = 0
     #: When the body stopped (monotonic), for the cancel latency recorded with the outcome.
     stopped_at: float | None = None
     #: When the run's status was last read from Redis (its registration is a read too).
@@ -62,15 +72,19 @@ class Runner:
 
     def __init__(
         self,
-        store: RunStore,
+        partitions: Partitions,
         *,
         app_id: str,
         worker_id: str,
         log: Any,
+        retention: timedelta = DEFAULT_RETENTION,
         thread_grace: float = DEFAULT_THREAD_GRACE,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.store = store
+        self.partitions = partitions
+        #: One run store per partition; a run's is ``stores[run.partition]``.
+        self.stores = partitions.stores(retention=retention)
+        self.store = self.stores[0]
         self.metrics = metrics or WorkerMetrics()
         self.app_id = app_id
         self.worker_id = worker_id
@@ -97,34 +111,46 @@ class Runner:
         registered matches (a tombstone), is returned already cancelled: its body stops at
         its first await.
         """
+        parent_run_id = parent_run_id or event.parent
+        parent = self._runs.get(parent_run_id) if parent_run_id else None
+        partition = await self.partitions.of_event(
+            msgspec.structs.replace(event, parent=parent_run_id),
+            parent_partition=None if parent is None else parent.partition,
+        )
         run, request = self._admit(
-            fn, event, run_id, parent_run_id or event.parent, trigger_ms=trigger_ms
+            fn, event, run_id, parent_run_id, partition, trigger_ms=trigger_ms
         )
         try:
             # Shielded: a run must not be half registered because its starter was cancelled.
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                registration = await self.store.register(request)  # idempotent for this worker
+                await self.partitions.keep_reachable(fn.cancel_on, event, partition)
+                # Idempotent for this worker.
+                registration = await self.stores[partition].register(request)
                 return await self._settle(run, registration)
         except BaseException:
             self._forget(run)
             raise
 
     async def register_many(
-        self, fn: Function, triggers: Sequence[tuple[Event, str]]
+        self, fn: Function, triggers: Sequence[tuple[Event, str]], partition: int = 0
     ) -> list[Run | Exception]:
-        """:meth:`register` for a batch of ``(trigger, run id)`` in one round trip; each
-        gets its run or the exception :meth:`register` would have raised."""
+        """:meth:`register` for a batch of ``(trigger, run id)`` read from ``partition``'s
+        stream, in one round trip; each gets its run or the exception :meth:`register`
+        would have raised."""
         admitted: list[tuple[Run, RegisterRequest] | Exception] = []
         for event, run_id in triggers:
             try:
-                admitted.append(self._admit(fn, event, run_id, event.parent))
+                admitted.append(self._admit(fn, event, run_id, event.parent, partition))
             except DuplicateRunError as exc:
                 admitted.append(exc)
         requests = [item[1] for item in admitted if not isinstance(item, Exception)]
+        store = self.stores[partition]
         results: list[Run | Exception] = []
         try:
             with anyio.fail_after(REGISTER_TIMEOUT_S, shield=True):
-                registrations = iter(await self.store.register_many(requests) if requests else [])
+                for request in requests:
+                    await self.partitions.keep_reachable(fn.cancel_on, request.event, partition)
+                registrations = iter(await store.register_many(requests) if requests else [])
                 for item in admitted:
                     if isinstance(item, Exception):
                         results.append(item)
@@ -152,6 +178,7 @@ class Runner:
         event: Event,
         run_id: str,
         parent_run_id: str | None,
+        partition: int,
         *,
         trigger_ms: int | None = None,
     ) -> tuple[Run, RegisterRequest]:
@@ -159,8 +186,8 @@ class Runner:
         arrive the moment the script returns."""
         if run_id in self._runs:
             raise DuplicateRunError(run_id, "running")
-        entries = index_entries(fn.cancel_on, event, self.store.keys)
-        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id)
+        entries = index_entries(fn.cancel_on, event, self.stores[partition].keys)
+        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id, partition)
         run.status_read_at = time.monotonic()
         self._runs[run_id] = run
         request = RegisterRequest(
@@ -216,7 +243,7 @@ class Runner:
             if not matched:
                 continue
             reason = f"cancel event {cancel.name} (it arrived before the run registered)"
-            (result,) = await self.store.request_cancel(
+            (result,) = await self.stores[run.partition].request_cancel(
                 [run.run_id],
                 event_id=cancel.id,
                 reason=reason,
@@ -234,7 +261,8 @@ class Runner:
     async def spawn(self, parent: Run, name: str, data: dict[str, Any] | None) -> str:
         """Publish an event whose runs are children of ``parent`` (cancelled with it)."""
         body = encode_event(name, data, parent=parent.run_id)
-        return str(await self.store.redis.xadd(self.store.keys.events, {EVENT_FIELD: body}))
+        event = Event(name=name, data=data or {}, parent=parent.run_id)
+        return await self.partitions.publish(body, event, parent_partition=parent.partition)
 
     @asynccontextmanager
     async def running(
@@ -346,7 +374,7 @@ class Runner:
             return
         run.status_read_at = now
         try:
-            status, reason = await self.store.status(run.run_id)
+            status, reason = await self.stores[run.partition].status(run.run_id)
         except REDIS_ERRORS as exc:  # an outage must not fail the step; signals still work
             self._log.debug("run.backstop_unavailable", run_id=run.run_id, error=repr(exc))
             return
@@ -390,7 +418,7 @@ class Runner:
             while True:
                 try:
                     stopped = run.stopped_at or time.monotonic()
-                    finished = await self.store.finish(
+                    finished = await self.stores[run.partition].finish(
                         run.run_id,
                         outcome,
                         [entry.key for entry in run.entries],

@@ -134,6 +134,8 @@ class MatchCandidate(msgspec.Struct, frozen=True):
     run_id: str
     lookup: Lookup
     trigger: Event
+    #: The partition holding the run.
+    partition: int = 0
 
 
 class RunStore:
@@ -346,12 +348,9 @@ class RunStore:
         Runs under a selector with an expression come back as candidates to evaluate. A
         script that failed comes back as its exception, in its place.
         """
-        calls = (self._match_call(event, found, tombstone_ms) for event, found in batch)
-        replies = await self._pipelined(self._match_event, calls)
-        return [
-            reply if isinstance(reply, Exception) else self._matched(found, reply)
-            for (_, found), reply in zip(batch, replies, strict=True)
-        ]
+        return await match_events(
+            [(self, event, found) for event, found in batch], tombstone_ms=tombstone_ms
+        )
 
     async def match_event(
         self, event: Event, found: Sequence[Lookup], *, tombstone_ms: int
@@ -390,15 +389,19 @@ class RunStore:
         ]
         return keys, args
 
-    @staticmethod
     def _matched(
-        found: Sequence[Lookup], reply: Any
+        self, found: Sequence[Lookup], reply: Any
     ) -> tuple[list[CancelResult], list[MatchCandidate]]:
         results, candidates = cast(list[Any], reply)
         # 'evaluated': the candidates below, which the caller decides.
         decided = [result for result in results if result[1] != "evaluated"]
         return _results(decided), [
-            MatchCandidate(str(run_id), found[int(index) - 1], decode_stored_event(trigger))
+            MatchCandidate(
+                str(run_id),
+                found[int(index) - 1],
+                decode_stored_event(trigger),
+                self.keys.partition,
+            )
             for run_id, index, trigger in candidates
         ]
 
@@ -493,3 +496,19 @@ class RunStore:
                 pipe.hgetall(self.keys.run(run_id))
             records = cast(list[dict[str, str]], await pipe.execute())
         return [decode_run(fields) for fields in records if fields]
+
+
+async def match_events(
+    batch: Sequence[tuple[RunStore, Event, Sequence[Lookup]]], *, tombstone_ms: int
+) -> list[tuple[list[CancelResult], list[MatchCandidate]] | Exception]:
+    """:meth:`RunStore.match_events` for calls in several partitions (each ``store`` is
+    its partition's), still in one round trip: each script runs in its own partition."""
+    if not batch:
+        return []
+    calls = (store._match_call(event, found, tombstone_ms) for store, event, found in batch)
+    first = batch[0][0]
+    replies = await first._pipelined(first._match_event, calls)
+    return [
+        reply if isinstance(reply, Exception) else store._matched(found, reply)
+        for (store, _, found), reply in zip(batch, replies, strict=True)
+    ]

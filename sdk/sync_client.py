@@ -34,6 +34,7 @@ class SyncClient:
         *,
         namespace: str = DEFAULT_NAMESPACE,
         max_event_bytes: int = MAX_EVENT_BYTES,
+        partitions: int | None = None,
     ) -> None:
         stack = ExitStack()
         try:
@@ -41,7 +42,7 @@ class SyncClient:
                 anyio.from_thread.start_blocking_portal(name="cancel-broker-client")
             )
             # Created in the portal's loop: its connections belong to that loop.
-            client = portal.call(self._create, redis_url, namespace, max_event_bytes)
+            client = portal.call(self._create, redis_url, namespace, max_event_bytes, partitions)
             stack.callback(portal.call, client.aclose)
         except BaseException:
             stack.close()
@@ -54,8 +55,15 @@ class SyncClient:
         self.keys = client.keys
 
     @staticmethod
-    async def _create(redis_url: str | None, namespace: str, max_event_bytes: int) -> Client:
-        return Client(redis_url, namespace=namespace, max_event_bytes=max_event_bytes)
+    async def _create(
+        redis_url: str | None, namespace: str, max_event_bytes: int, partitions: int | None
+    ) -> Client:
+        return Client(
+            redis_url,
+            namespace=namespace,
+            max_event_bytes=max_event_bytes,
+            partitions=partitions,
+        )
 
     def __enter__(self) -> Self:
         return self

@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup
 from sdk.connection import REDIS_ERRORS
 from sdk.errors import DuplicateRunError, InvalidEventError
 from sdk.function import Function
-from sdk.keys import Keys
+from sdk.keys import PARTITION_FIELD, Keys
 from sdk.runner import Run, Runner
 from sdk.streams import MAX_DELIVERIES, Entry, GroupConsumer, dead_letter
 from sdk.wire import Event, decode_event
@@ -47,6 +47,7 @@ class FunctionTriggers:
         function: Function,
         runner: Runner,
         *,
+        partition: int = 0,
         redis_url: str,
         app_id: str,
         worker_id: str,
@@ -57,6 +58,10 @@ class FunctionTriggers:
     ) -> None:
         self.function = function
         self.runner = runner
+        self.partition = partition
+        #: With several partitions, only entries routed to this one are ours: a broker
+        #: moves the others (plain XADDs, outcome events) to where they belong.
+        self._routed_only = runner.partitions.partitioned
         self.app_id = app_id
         self._tg = task_group
         self._capacity = capacity
@@ -64,7 +69,7 @@ class FunctionTriggers:
         self._log = log
         #: Entries read whose run is being registered (not yet acknowledged).
         self.starting: set[str] = set()
-        keys = runner.store.keys
+        keys = runner.stores[partition].keys
         self.consumer = GroupConsumer(
             redis_url,
             runner.store.redis,
@@ -102,8 +107,11 @@ class FunctionTriggers:
         for entry_id, fields in entries:
             if entry_id in self.starting:
                 continue
+            if self._routed_only and (fields or {}).get(PARTITION_FIELD) != str(self.partition):
+                not_ours.append(entry_id)
+                continue
             try:
-                event = decode_event(entry_id, fields)
+                event = decode_event(entry_id, fields, partition=self.partition)
             except InvalidEventError:
                 not_ours.append(entry_id)  # the broker dead-letters malformed entries
                 continue
@@ -120,12 +128,17 @@ class FunctionTriggers:
         """Register a batch of triggers' runs in one round trip, acknowledge the triggers
         in one more, and start the runs."""
         keys = self.runner.store.keys
-        run_ids = [triggered_run_id(keys, self.app_id, self.function.id, id_) for id_, _ in batch]
+        # From the event's id, not the entry's: unique across partitions, and the same for
+        # an entry a broker moved twice.
+        run_ids = [
+            triggered_run_id(keys, self.app_id, self.function.id, event.id) for _, event in batch
+        ]
         runs: list[Run] = []
         try:
             results = await self.runner.register_many(
                 self.function,
                 [(event, run_id) for (_, event), run_id in zip(batch, run_ids, strict=True)],
+                self.partition,
             )
             started: list[str] = []
             for (entry_id, _), run_id, result in zip(batch, run_ids, results, strict=True):

@@ -10,13 +10,14 @@ The stream entry id is the event id; ``ts`` defaults to the entry's timestamp.
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
 import msgspec
 
 from sdk.errors import InvalidEventError, InvalidIdError
-from sdk.keys import EVENT_FIELD, check_id
+from sdk.keys import EVENT_FIELD, ORIGIN_FIELD, check_id
 
 #: The only event format version this release reads.
 EVENT_VERSION: Final = 1
@@ -237,15 +238,39 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+#: An event id: its stream entry id, and its partition when that is not 0.
+_EVENT_ID: Final = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}(:[0-9]{1,4})?$")
+
+
+def event_id(entry_id: str, partition: int) -> str:
+    """The id of the event in entry ``entry_id`` of ``partition``'s stream.
+
+    Two partitions' streams can hand out the same entry id; the partition, after a ``:``,
+    keeps event ids (and the run ids derived from them) unique, and leaves their order
+    (the entry ids') unchanged. Partition 0 (the only one by default) adds nothing.
+    """
+    return entry_id if partition == 0 else f"{entry_id}:{partition}"
+
+
+def entry_id_of(event_id: str) -> str:
+    """The stream entry id within an event id (for ``XRANGE``)."""
+    return event_id.partition(":")[0]
+
+
 def entry_timestamp(entry_id: str) -> int:
-    """Milliseconds part of a stream entry id (``1700000000000-0``)."""
+    """Milliseconds part of a stream entry id (``1700000000000-0``) or event id."""
     return int(entry_id.partition("-")[0])
 
 
 def decode_event(
-    entry_id: str, fields: dict[str, str] | None, *, max_bytes: int = MAX_EVENT_BYTES
+    entry_id: str,
+    fields: dict[str, str] | None,
+    *,
+    max_bytes: int = MAX_EVENT_BYTES,
+    partition: int = 0,
 ) -> Event:
-    """Validate one stream entry into an :class:`Event`, or raise :class:`InvalidEventError`."""
+    """Validate one stream entry of ``partition``'s stream into an :class:`Event`, or raise
+    :class:`InvalidEventError`."""
     if not fields or EVENT_FIELD not in fields:
         raise InvalidEventError(
             "missing_field",
@@ -278,8 +303,15 @@ def decode_event(
             check_id("parent run id", body.parent)
         except InvalidIdError as exc:
             raise InvalidEventError("invalid_shape", str(exc)) from None
-    ts = body.ts if body.ts is not None else entry_timestamp(entry_id)
-    return Event(name=body.name, data=body.data, id=entry_id, ts=ts, parent=body.parent)
+    # An entry a broker moved to its partition keeps the id it was published under: its
+    # runs' ids and its order against other events derive from it.
+    origin = fields.get(ORIGIN_FIELD)
+    if origin is not None and _EVENT_ID.match(origin):
+        id_ = origin
+    else:
+        id_ = event_id(entry_id, partition)
+    ts = body.ts if body.ts is not None else entry_timestamp(id_)
+    return Event(name=body.name, data=body.data, id=id_, ts=ts, parent=body.parent)
 
 
 def encode_stored_event(event: Event) -> bytes:

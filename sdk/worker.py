@@ -50,10 +50,11 @@ from sdk.errors import (
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_id, check_name
 from sdk.metrics import WorkerMetrics
+from sdk.partitions import Partitions, check_partitions
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
-from sdk.store import DEFAULT_RETENTION, RunStore
+from sdk.store import DEFAULT_RETENTION
 from sdk.streams import create_group
 from sdk.triggers import FunctionTriggers
 from sdk.wire import Event, Signal, decode_signal
@@ -102,6 +103,7 @@ class Worker:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         metrics_registry: CollectorRegistry | None = None,
         thread_grace: float = DEFAULT_THREAD_GRACE,
+        partitions: int | None = None,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -109,6 +111,8 @@ class Worker:
             self.keys = Keys(namespace)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        #: The number of partitions this worker expects (None: whatever the namespace has).
+        self.partitions = check_partitions(partitions)
         if concurrency < 1:
             raise ConfigurationError(f"concurrency must be at least 1, not {concurrency}")
         if not thread_grace >= 0:  # NaN too
@@ -191,13 +195,19 @@ class Worker:
         try:
             redis = command_client(self.redis_url)
             stack.push_async_callback(redis.aclose)
-            signal_reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS)
-            stack.push_async_callback(signal_reader.aclose)
+            partitions = await Partitions.open(redis, self.keys, self.partitions)
+            # One blocking read per partition: their streams live in different slots.
+            signal_readers = []
+            for _ in range(partitions.count):
+                reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS)
+                stack.push_async_callback(reader.aclose)
+                signal_readers.append(reader)
             self._runner = Runner(
-                RunStore(redis, self.keys, retention=self.retention),
+                partitions,
                 app_id=self.app_id,
                 worker_id=self.worker_id,
                 log=self._log,
+                retention=self.retention,
                 thread_grace=self.thread_grace,
                 metrics=self.metrics,
             )
@@ -216,7 +226,8 @@ class Worker:
             stack.push_async_callback(registration.leave)
             stack.push_async_callback(self._delete_signal_stream, redis)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
-            self._tg.start_soon(self._listen_for_signals, signal_reader)
+            for partition, reader in enumerate(signal_readers):
+                self._tg.start_soon(self._listen_for_signals, reader, partition)
             self._tg.start_soon(registration.heartbeat_forever)
         except BaseException:
             self._runner = self._tg = None
@@ -360,8 +371,9 @@ class Worker:
 
     # -- the signal loop -----------------------------------------------------------
 
-    async def _listen_for_signals(self, reader: RedisClient) -> None:
-        stream = self.keys.signals(self.worker_id)
+    async def _listen_for_signals(self, reader: RedisClient, partition: int) -> None:
+        """Apply the signals of one partition's runs as they arrive."""
+        stream = self.keys.in_partition(partition).signals(self.worker_id)
         # This stream is new with this worker id; reading from its start loses nothing,
         # and the last id carried across reconnects makes every signal arrive once.
         last_id = "0-0"
@@ -381,7 +393,7 @@ class Worker:
                         received.append(sig)
             if received:
                 # After the scopes are cancelled: acknowledging costs the cancel no latency.
-                await self._acknowledge(received, last_id)
+                await self._acknowledge(received, last_id, partition)
 
     def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> Signal | None:
         """Cancel the run a signal names; returns the signal, to be acknowledged."""
@@ -399,12 +411,16 @@ class Worker:
         )
         return sig
 
-    async def _acknowledge(self, signals: list[Signal], read_up_to: str) -> None:
+    async def _acknowledge(self, signals: list[Signal], read_up_to: str, partition: int) -> None:
         try:
-            delays = await self._require_runner().store.acknowledge_signals(
-                [(sig.run_id, sig.sent_at) for sig in signals],
-                worker_id=self.worker_id,
-                read_up_to=read_up_to,
+            delays = (
+                await self._require_runner()
+                .stores[partition]
+                .acknowledge_signals(
+                    [(sig.run_id, sig.sent_at) for sig in signals],
+                    worker_id=self.worker_id,
+                    read_up_to=read_up_to,
+                )
             )
         except REDIS_ERRORS as exc:  # unacknowledged: re-sent, and applied once
             self._log.warning("signals.ack_failed", error=repr(exc))
@@ -416,22 +432,24 @@ class Worker:
     async def _delete_signal_stream(self, redis: RedisClient) -> None:
         with anyio.move_on_after(5, shield=True):
             try:
-                await redis.delete(self.keys.signals(self.worker_id))
+                for store in self._require_runner().stores:
+                    await redis.delete(store.keys.signals(self.worker_id))
             except RedisError as exc:
                 self._log.warning("signals.cleanup_failed", error=str(exc))
 
     # -- triggers ------------------------------------------------------------------
 
     async def _create_groups(self, redis: RedisClient) -> None:
-        # The broker's group too: from the moment a run can exist, cancel events are kept
-        # for the broker even if no broker has started yet.
-        await create_group(redis, self.keys.events, BROKER_GROUP)
-        if not self._trigger_groups:
-            return
-        for fn in self._functions.values():
-            await create_group(
-                redis, self.keys.events, self.keys.function_group(self.app_id, fn.id)
-            )
+        for store in self._require_runner().stores:
+            # The broker's group too: from the moment a run can exist, cancel events are
+            # kept for the broker even if no broker has started yet.
+            await create_group(redis, store.keys.events, BROKER_GROUP)
+            if not self._trigger_groups:
+                continue
+            for fn in self._functions.values():
+                await create_group(
+                    redis, store.keys.events, self.keys.function_group(self.app_id, fn.id)
+                )
 
     async def _consume_triggers(self) -> None:
         runner = self._require_runner()
@@ -440,6 +458,7 @@ class Worker:
             FunctionTriggers(
                 fn,
                 runner,
+                partition=partition,
                 redis_url=self.redis_url,
                 app_id=self.app_id,
                 worker_id=self.worker_id,
@@ -449,6 +468,7 @@ class Worker:
                 log=self._log,
             )
             for fn in self._functions.values()
+            for partition in range(runner.partitions.count)
         ]
         async with anyio.create_task_group() as tg:
             for triggers in self._triggers:
@@ -458,8 +478,15 @@ class Worker:
         return sum(len(triggers.starting) for triggers in self._triggers)
 
     async def _wait_for_capacity(self) -> int:
-        """Wait for a free slot: runs held (running or waiting) and runs being started count."""
+        """Wait for a free slot: runs held (running or waiting) and runs being started count.
+
+        Returns how many triggers one reader may take: its share of the free slots. The
+        worker has a reader per function and partition, and readers blocked in ``XREADGROUP``
+        cannot reserve slots between them; with shares, all of them waking at once take
+        fewer extra triggers than there are readers (those runs register and wait for a
+        slot), instead of each taking every free slot.
+        """
         runner = self._require_runner()
         while (free := self.concurrency - len(runner) - self._starting()) < 1:
             await runner.changed()
-        return free
+        return max(1, free // max(1, len(self._triggers)))

@@ -4,6 +4,7 @@ fresh key namespace per test so tests cannot see each other's keys."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from broker import Broker, BrokerMetrics, EmbeddedRedis
 from sdk import CancelOn, Client, RunContext, RunInfo, Worker
 from sdk.connection import RedisClient, command_client
 from sdk.keys import Keys
+from sdk.partitions import PARTITIONS_ENV
 from tests.cluster import RedisClusterServer
 
 
@@ -35,13 +37,17 @@ def redis_server() -> Iterator[EmbeddedRedis]:
         yield server
 
 
-TOPOLOGIES = ("single", "cluster")
+#: One redis-server; a 3-master Redis Cluster; the same cluster with every namespace split
+#: into PARTITIONS partitions (spread over its masters).
+TOPOLOGIES = ("single", "cluster", "partitioned")
+PARTITIONS = 4
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Tests marked ``topologies`` run twice: on one redis-server and on a real 3-master
-    Redis Cluster (every process then connects with a ``redis+cluster://`` URL). Grouped
-    by module, so a module's own processes serve one topology at a time."""
+    """Tests marked ``topologies`` run on each of ``TOPOLOGIES``: one redis-server, a real
+    3-master Redis Cluster (every process then connects with a ``redis+cluster://`` URL),
+    and that cluster with partitioned namespaces. Grouped by module, so a module's own
+    processes serve one topology at a time."""
     if metafunc.definition.get_closest_marker("topologies") and (
         "topology" in metafunc.fixturenames
     ):
@@ -49,13 +55,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="module")
-def topology(request: pytest.FixtureRequest) -> str:
-    return str(getattr(request, "param", "single"))
+def topology(request: pytest.FixtureRequest) -> Iterator[str]:
+    name = str(getattr(request, "param", "single"))
+    with pytest.MonkeyPatch.context() as patch:
+        if name == "partitioned":
+            # Every process of the module, in this one or started from it, asks for them.
+            patch.setenv(PARTITIONS_ENV, str(PARTITIONS))
+        yield name
 
 
 def topology_url(request: pytest.FixtureRequest, topology: str) -> str:
     """The URL of the session's redis-server or Redis Cluster (for module fixtures too)."""
-    if topology == "cluster":
+    if topology in ("cluster", "partitioned"):
         cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
         return cluster.url
     server: EmbeddedRedis = request.getfixturevalue("redis_server")
@@ -146,17 +157,42 @@ async def count_keys(redis: Redis, pattern: str) -> int:
     return len([key async for key in redis.scan_iter(match=pattern, count=1000)])
 
 
+def partition_keys(namespace: str) -> list[Keys]:
+    """The keys of each partition the test's topology splits a namespace into."""
+    count = int(os.environ.get(PARTITIONS_ENV) or 1)
+    return [Keys(namespace, partition) for partition in range(count)]
+
+
+async def count_run_keys(redis: Redis, namespace: str, pattern: str) -> int:
+    """Keys matching ``pattern`` (``idx:*``) in every partition of the namespace."""
+    return sum(
+        [await count_keys(redis, keys.shard + pattern) for keys in partition_keys(namespace)]
+    )
+
+
+async def keys_of_run(redis: Redis, namespace: str, run_id: str) -> Keys:
+    """The keys of the partition holding the run."""
+    for keys in partition_keys(namespace):
+        if await redis.exists(keys.run(run_id)):
+            return keys
+    raise AssertionError(f"run {run_id} is in no partition")
+
+
 async def broker_drained(redis: Redis, namespace: str) -> bool:
-    """The broker group has read every entry of the events stream and acknowledged them all.
+    """The broker group has read every entry of every partition's events stream and
+    acknowledged them all.
 
     (Compares ids rather than XINFO's ``lag``, which Redis 6.2 does not report.)
     """
-    stream = f"{Keys(namespace).prefix}events"
-    last_id = (await redis.xinfo_stream(stream))["last-generated-id"]
-    for group in await redis.xinfo_groups(stream):
-        if group["name"] == "broker":
-            return bool(group["last-delivered-id"] == last_id and group["pending"] == 0)
-    return False
+    for keys in partition_keys(namespace):
+        if not await redis.exists(keys.events):
+            continue
+        last_id = (await redis.xinfo_stream(keys.events))["last-generated-id"]
+        groups = {group["name"]: group for group in await redis.xinfo_groups(keys.events)}
+        group = groups.get("broker")
+        if group is None or group["last-delivered-id"] != last_id or group["pending"]:
+            return False
+    return True
 
 
 RULE = CancelOn(event="report/cancel.requested", match="data.reportId")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,8 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
             "tests/benchmarks/scaling.py",
             "--brokers",
             "1,2",
+            "--partitions",
+            "1,4",
             "--events",
             "500",
             "--runs",
@@ -150,8 +153,11 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
     rows = [
         line for line in result.stdout.splitlines() if line.startswith("| ") and "namespace" in line
     ]
-    assert [row.split("|")[1].strip() for row in rows] == [
-        "1 namespace, 1 broker(s)",
-        "1 namespace, 2 broker(s)",
+    setups = [re.sub(r", on \d primaries", "", row.split("|")[1].strip()) for row in rows]
+    assert setups == [
+        "1 namespace, 1 partition(s), 1 broker(s)",
+        "1 namespace, 1 partition(s), 2 broker(s)",
+        "1 namespace, 4 partition(s), 1 broker(s)",
+        "1 namespace, 4 partition(s), 2 broker(s)",
         "3 namespaces on 3 primaries, 1 broker each",
     ]

@@ -1,8 +1,8 @@
 """The broker and a worker on a real Redis Cluster while the cluster changes under them.
 
 The end-to-end, race and crash tests run on a cluster too (``pytest.mark.topologies``);
-these are the cluster's own events: the namespace's slot moving to another node while
-cancel events flow.
+these are the cluster's own events: the namespace's slot (or one partition's) moving to
+another node while cancel events flow.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from sdk import Client
 from sdk.connection import command_client
 from sdk.keys import Keys
+from sdk.partitions import PARTITIONS_ENV
 from sdk.wire import encode_event
 from tests.cluster import RedisClusterServer
 from tests.processes import start_broker, start_worker
@@ -20,24 +22,33 @@ from tests.test_faults import assert_each_cancelled_once, start_runs
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 
+@pytest.mark.parametrize("partitions", [1, 4])
 async def test_cancels_sent_while_the_namespace_moves_to_another_node_all_land(
-    redis_cluster: RedisClusterServer, namespace: str
+    redis_cluster: RedisClusterServer,
+    namespace: str,
+    partitions: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """One partition: the whole namespace moves. Four: partition 1 moves, while the other
+    partitions (and the namespace's shared keys, in partition 0's slot) stay."""
+    monkeypatch.setenv(PARTITIONS_ENV, str(partitions))
     count = 300
-    keys = Keys(namespace)
-    slot = redis_cluster.slot_of(keys.events)  # every key of the namespace: one hash tag
+    keys = Keys(namespace, partition=partitions - 1 and 1)
+    slot = redis_cluster.slot_of(keys.events)  # every key of the partition: one hash tag
     source = redis_cluster.owner_of(slot).port
     target = next(m.port for m in redis_cluster.masters() if m.port != source)
     redis = command_client(redis_cluster.url)
     broker, _ = start_broker(redis_cluster.url, namespace)
     worker = start_worker(redis_cluster.url, namespace, concurrency="1000", shutdown_timeout="1")
+    client = Client(redis_cluster.url, namespace=namespace)
     try:
         await start_runs(redis, namespace, count)
+        placed = await redis.zcard(keys.active_runs)
+        assert placed > 0 if partitions > 1 else placed == count
 
         async def send_cancels(first: int, last: int) -> None:
             for i in range(first, last):
-                body = encode_event("report/cancel.requested", {"reportId": f"r{i}"})
-                await redis.xadd(keys.events, {"event": body})
+                await client.send("report/cancel.requested", {"reportId": f"r{i}"})
                 await anyio.sleep(0.002)
 
         # A third of the cancels before the move, a third while keys are half moved (the
@@ -55,6 +66,7 @@ async def test_cancels_sent_while_the_namespace_moves_to_another_node_all_land(
     finally:
         worker.terminate()
         broker.terminate()
+        await client.aclose()
         await redis.aclose()
         if redis_cluster.owner_of(slot).port != source:
             await anyio.to_thread.run_sync(redis_cluster.move_slot, slot, source)

@@ -15,8 +15,9 @@ from sdk import Client, RunInfo
 from sdk.keys import Keys
 from tests.conftest import (
     broker_drained,
-    count_keys,
+    count_run_keys,
     observed,
+    partition_keys,
     wait_for_observation,
     wait_for_status,
     wait_until,
@@ -112,7 +113,7 @@ async def test_cancel_after_completion_changes_nothing(
     await client.send("report/cancel.requested", {"reportId": "r4"})
     await wait_until(lambda: broker_drained(redis, namespace))
     # The run left the index when it ended: nothing listens, nothing is signalled.
-    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
+    assert await count_run_keys(redis, namespace, "idx:*") == 0
     result = await client.cancel(run.run_id)
     assert result.outcome == "already_completed"
     assert (result.previous_status, result.status) == ("completed", "completed")
@@ -169,11 +170,16 @@ async def test_registry_is_empty_after_runs_end(
     ]
     assert len(finished) == 20
     # The index, the function's runs and the active set are empty: nothing can leak.
-    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
-    assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
-    assert await redis.zcard(f"{Keys(namespace).prefix}runs:active") == 0
+    assert await count_run_keys(redis, namespace, "idx:*") == 0
+    assert await count_run_keys(redis, namespace, "fn-runs:*") == 0
+    for keys in partition_keys(namespace):
+        assert await redis.zcard(keys.active_runs) == 0
     # Finished run records stay readable for a while, then expire.
-    run_keys = [key async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}run:*")]
+    run_keys = [
+        key
+        for keys in partition_keys(namespace)
+        async for key in redis.scan_iter(match=f"{keys.shard}run:*")
+    ]
     assert len(run_keys) == 20
     for key in run_keys:
         assert 0 < await redis.ttl(key) <= 86400
@@ -194,4 +200,5 @@ async def test_worker_sigterm_finishes_runs_and_exits(
     assert (await wait_for_status(client, quick.run_id, "completed")).status == "completed"
     stopped = await wait_for_status(client, slow.run_id, "cancelled")
     assert stopped.cancel_reason == "worker shutdown"
-    assert await redis.exists(f"{Keys(namespace).prefix}signals:{stopped.worker_id}") == 0
+    for keys in partition_keys(namespace):
+        assert await redis.exists(keys.signals(stopped.worker_id)) == 0

@@ -28,9 +28,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
 
 
 @pytest.fixture(scope="module")
-def namespace() -> str:
-    """One namespace for the module: its tests share one broker and one worker process."""
-    return "e2e-semantics"
+def namespace(topology: str) -> str:
+    """One namespace for the module: its tests share one broker and one worker process.
+    One per topology: the cluster and the partitioned cluster are the same servers."""
+    return f"e2e-semantics-{topology}"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -224,11 +225,11 @@ async def test_cancels_racing_completions_each_end_one_way(
 
 
 async def test_a_cancel_before_the_worker_started_cancels_the_queued_run_only(
-    client: Client, redis: Redis, redis_url: str
+    client: Client, redis: Redis, redis_url: str, topology: str
 ) -> None:
     """The API-cancel seed: the cancel arrives before the run is registered. Here the
     delay is a worker that is not running yet; a Regenerate after the cancel survives."""
-    namespace = "e2e-tombstones"
+    namespace = f"e2e-tombstones-{topology}"
     broker, _ = start_broker(redis_url, namespace)
     # A worker ran before (a deploy): its function's group exists, so triggers published
     # while no worker runs wait in the stream.

@@ -20,7 +20,7 @@ from sdk import Client
 from sdk.keys import Keys
 from sdk.streams import create_group
 from sdk.wire import encode_event
-from tests.conftest import run_of, status_is, wait_until
+from tests.conftest import partition_keys, run_of, status_is, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
@@ -37,7 +37,7 @@ async def start_runs(redis: Redis, namespace: str, count: int) -> None:
         await pipe.execute()
 
     async def all_running() -> bool:
-        return await redis.zcard(Keys(namespace).active_runs) == count
+        return await active_runs(redis, namespace) == count
 
     await wait_until(all_running, timeout=60)
 
@@ -50,12 +50,23 @@ async def send_cancels(redis: Redis, namespace: str, count: int) -> list[str]:
         return [str(entry_id) for entry_id in await pipe.execute()]
 
 
+async def active_runs(redis: Redis, namespace: str) -> int:
+    return sum([await redis.zcard(keys.active_runs) for keys in partition_keys(namespace)])
+
+
 async def broker_delivered(redis: Redis, namespace: str) -> tuple[int, int]:
-    """(last delivered id's milliseconds, pending entries) of the broker group."""
-    for group in await redis.xinfo_groups(f"{Keys(namespace).prefix}events"):
-        if group["name"] == "broker":
-            return int(group["last-delivered-id"].split("-")[0]), int(group["pending"])
-    return 0, 0
+    """(last delivered id's milliseconds in the stream publishers write, pending entries
+    in every partition) of the broker group."""
+    delivered = pending = 0
+    for keys in partition_keys(namespace):
+        if not await redis.exists(keys.events):
+            continue
+        for group in await redis.xinfo_groups(keys.events):
+            if group["name"] == "broker":
+                pending += int(group["pending"])
+                if keys.partition == 0:
+                    delivered = int(group["last-delivered-id"].split("-")[0])
+    return delivered, pending
 
 
 async def past(redis: Redis, namespace: str, entry_id: str) -> bool:
@@ -66,15 +77,15 @@ async def past(redis: Redis, namespace: str, entry_id: str) -> bool:
 async def assert_each_cancelled_once(
     redis: Redis, namespace: str, count: int, worker: ProcessHandle
 ) -> None:
-    keys = Keys(namespace)
 
     async def all_finished() -> bool:
-        return await redis.zcard(keys.active_runs) == 0
+        return await active_runs(redis, namespace) == 0
 
     await wait_until(all_finished, timeout=60)
     statuses: collections.Counter[str] = collections.Counter()
-    async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}run:*", count=1000):
-        statuses[await redis.hget(key, "status")] += 1
+    for keys in partition_keys(namespace):
+        async for key in redis.scan_iter(match=f"{keys.shard}run:*", count=1000):
+            statuses[await redis.hget(key, "status")] += 1
     assert statuses == {"cancelled": count}
     # What the worker applied: each run's cancel, by its signal or by the step backstop
     # (when the run's first step began after the cancel); no signal applied twice.
@@ -134,8 +145,11 @@ async def test_a_surviving_broker_finishes_the_work_of_a_killed_one(
         # What the dead broker read and never acknowledged (it may have applied it: handling
         # again changes nothing) is claimed by the survivor once idle for --claim-idle.
         async def claimed() -> bool:
-            consumers = await redis.xinfo_consumers(f"{Keys(namespace).prefix}events", "broker")
-            return {c["name"]: c["pending"] for c in consumers}.get("doomed", 0) == 0
+            for keys in partition_keys(namespace):
+                consumers = await redis.xinfo_consumers(keys.events, "broker")
+                if {c["name"]: c["pending"] for c in consumers}.get("doomed", 0):
+                    return False
+            return True
 
         await wait_until(claimed, timeout=15)
     finally:

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from broker import Broker, EmbeddedRedis
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError
 from sdk.keys import Keys
+from sdk.partitions import Partitions
 from sdk.registration import declare_rules
 from sdk.rules import MAX_TOKEN_CHARS, index_entries, lookups, value_token
 from sdk.store import RegisterRequest, RunStore
@@ -107,7 +108,9 @@ async def handle_once(url: str, fields: dict[str, str]) -> None:
     redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
     try:
         before = _handled(broker)
-        await broker.matcher(RunStore(redis, broker.keys)).handle([("1700000000000-0", fields)])
+        await broker.matcher(
+            Partitions(redis, broker.keys, 1), [RunStore(redis, broker.keys)]
+        ).handle([("1700000000000-0", fields)])
         assert _handled(broker) - before == 1  # every entry ends in exactly one outcome
     finally:
         await redis.aclose()
@@ -207,7 +210,9 @@ async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) 
             )
         )
         before = _handled(broker)
-        await broker.matcher(store).handle([("1700000000001-0", {"event": body.decode()})])
+        await broker.matcher(Partitions(redis, broker.keys, 1), [store]).handle(
+            [("1700000000001-0", {"event": body.decode()})]
+        )
         assert _handled(broker) - before == 1
         run = await store.get("r1")
         assert run is not None

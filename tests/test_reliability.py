@@ -15,7 +15,15 @@ from sdk import Client, Event, RunCancelled
 from sdk.connection import blocking_client
 from sdk.keys import Keys
 from sdk.runner import BACKSTOP_INTERVAL_S
-from tests.conftest import count_keys, report_worker, run_of, status_is, wait_until
+from tests.conftest import (
+    count_run_keys,
+    keys_of_run,
+    partition_keys,
+    report_worker,
+    run_of,
+    status_is,
+    wait_until,
+)
 from tests.processes import start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.topologies]
@@ -35,13 +43,14 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
         info = await client.get_run(run_id)
         assert info is not None
         worker_id = info.worker_id
+        run_keys = await keys_of_run(redis, namespace, run_id)
     finally:
         worker.kill()  # kill -9: no goodbye
     killed = time.monotonic()
     # A cancel sent to the dead worker: its signal goes nowhere, the run is "cancelling".
     await client.send("report/cancel.requested", {"reportId": "r1"})
     await wait_until(lambda: status_is(client, run_id, "cancelling"))
-    assert await redis.exists(keys.signals(worker_id))
+    assert await redis.exists(run_keys.signals(worker_id))
     await wait_until(lambda: status_is(client, run_id, "lost"), timeout=10)
     assert time.monotonic() - killed < 3 * interval
     lost = await client.get_run(run_id)
@@ -49,11 +58,13 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
     assert lost.error is not None
     assert f"worker {worker_id} stopped heartbeating" in lost.error
     # Nothing of the dead worker or its run is left to match, signal or count.
-    assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
-    assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
-    assert await redis.zcard(keys.active_runs) == 0
-    for key in (keys.worker(worker_id), keys.worker_runs(worker_id), keys.signals(worker_id)):
-        assert not await redis.exists(key), key
+    assert await count_run_keys(redis, namespace, "idx:*") == 0
+    assert await count_run_keys(redis, namespace, "fn-runs:*") == 0
+    for part in partition_keys(namespace):
+        assert await redis.zcard(part.active_runs) == 0
+        for key in (part.worker_runs(worker_id), part.signals(worker_id)):
+            assert not await redis.exists(key), key
+    assert not await redis.exists(keys.worker(worker_id))
     assert await redis.zscore(keys.workers, worker_id) is None
     # A cancel for a lost run answers "lost", not silence.
     result = await client.cancel(run_id)
@@ -64,12 +75,12 @@ async def test_runs_of_a_killed_worker_become_lost_within_three_heartbeats(
 async def test_an_unacknowledged_signal_is_sent_again(
     redis_url: str, namespace: str, redis: Redis, client: Client, broker: Broker
 ) -> None:
-    keys = Keys(namespace)
     async with report_worker(redis_url, namespace) as worker:
         with pytest.raises(RunCancelled):
             async with worker.run(
                 "generate-report", Event(name="report/generate.requested", data={})
             ) as ctx:
+                keys = await keys_of_run(redis, namespace, ctx.run_id)
                 # The cancel was recorded but its signal never reached the worker (a trimmed
                 # or deleted stream): what request_cancel.lua does, minus the XADD.
                 await redis.hset(
@@ -88,13 +99,13 @@ async def test_an_unacknowledged_signal_is_sent_again(
 async def test_a_step_boundary_sees_a_cancel_whose_signal_never_came(
     redis_url: str, namespace: str, redis: Redis, client: Client
 ) -> None:
-    keys = Keys(namespace)
     steps = 0
     async with report_worker(redis_url, namespace) as worker:
         with pytest.raises(RunCancelled):
             async with worker.run(
                 "generate-report", Event(name="report/generate.requested", data={})
             ) as ctx:
+                keys = await keys_of_run(redis, namespace, ctx.run_id)
                 await redis.hset(keys.run(ctx.run_id), "status", "cancelling")  # no signal
                 cancelled_at = time.monotonic()
                 for _ in range(1000):
@@ -128,7 +139,6 @@ async def test_a_signal_sent_while_the_worker_reconnects_arrives(
 async def test_ten_thousand_finished_runs_leave_no_keys_behind(
     redis_url: str, namespace: str, redis: Redis
 ) -> None:
-    keys = Keys(namespace)
     worker = report_worker(redis_url, namespace, retention=timedelta(seconds=1))
 
     async def one(i: int) -> None:
@@ -141,14 +151,15 @@ async def test_ten_thousand_finished_runs_leave_no_keys_behind(
             async with anyio.create_task_group() as tg:
                 for i in range(batch * 100, batch * 100 + 100):
                     tg.start_soon(one, i)
-        assert await count_keys(redis, f"{Keys(namespace).prefix}idx:*") == 0
-        assert await count_keys(redis, f"{Keys(namespace).prefix}fn-runs:*") == 0
-        assert await redis.zcard(keys.active_runs) == 0
-        assert await redis.scard(keys.worker_runs(worker.worker_id)) == 0
-        assert await redis.hlen(keys.run_configs("reports")) == 0
+        assert await count_run_keys(redis, namespace, "idx:*") == 0
+        assert await count_run_keys(redis, namespace, "fn-runs:*") == 0
+        for keys in partition_keys(namespace):
+            assert await redis.zcard(keys.active_runs) == 0
+            assert await redis.scard(keys.worker_runs(worker.worker_id)) == 0
+            assert await redis.hlen(keys.run_configs("reports")) == 0
         await anyio.sleep(2.1)  # records outlive their runs by the retention only
-        assert await count_keys(redis, f"{Keys(namespace).prefix}run:*") == 0
-        assert await count_keys(redis, f"{Keys(namespace).prefix}event-runs:*") == 0
+        assert await count_run_keys(redis, namespace, "run:*") == 0
+        assert await count_run_keys(redis, namespace, "event-runs:*") == 0
 
 
 async def test_blocking_reads_cannot_time_out_into_a_resent_read(redis_url: str) -> None:

@@ -28,6 +28,7 @@ CLI_ONLY = {"-h", "--help", "--debug", "--json"}
 SAMPLES: dict[str, tuple[str, Any]] = {
     "redis_url": ("redis://example:6380/2", "redis://example:6380/2"),
     "namespace": ("other", "other"),
+    "partitions": ("8", 8),
     "http_host": ("0.0.0.0", "0.0.0.0"),
     "http_port": ("9000", 9000),
     "consumer": ("broker-a", "broker-a"),

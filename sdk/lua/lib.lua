@@ -9,10 +9,11 @@ local function ms(value)
   return string.format('%.0f', value)
 end
 
--- Stream ids ("1700000000000-3") in numeric order.
+-- Event ids in the order of their stream ids ("1700000000000-3"; in partitions 1 and up
+-- the id carries its partition, "1700000000000-3:2", which does not change its place).
 local function id_after(a, b)
-  local a_ms, a_seq = string.match(a or '', '^(%d+)%-(%d+)$')
-  local b_ms, b_seq = string.match(b or '', '^(%d+)%-(%d+)$')
+  local a_ms, a_seq = string.match(a or '', '^(%d+)%-(%d+)')
+  local b_ms, b_seq = string.match(b or '', '^(%d+)%-(%d+)')
   if not a_ms or not b_ms then
     return false
   end
@@ -21,7 +22,7 @@ local function id_after(a, b)
 end
 
 local function id_ms(id)
-  local found = string.match(id or '', '^(%d+)%-%d+$')
+  local found = string.match(id or '', '^(%d+)%-%d+')
   return found and tonumber(found)
 end
 

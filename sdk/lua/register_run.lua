@@ -95,7 +95,7 @@ end
 -- enqueue time: a cancel published while it was queued still applies), never later than
 -- now; else the moment it registered.
 local trigger_seq = ms(now) .. '-0'
-if event_id and string.match(event_id, '^%d+%-%d+$') then
+if event_id and string.match(event_id, '^%d+%-%d+') then
   trigger_seq = event_id
 elseif trigger_ms and trigger_ms < now then
   trigger_seq = ms(trigger_ms) .. '-0'

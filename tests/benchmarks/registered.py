@@ -11,10 +11,12 @@ from redis.asyncio import Redis
 
 from sdk import CancelOn, Event
 from sdk.keys import Keys
+from sdk.partitions import partition_of_token
 from sdk.registration import declare_rules
-from sdk.rules import index_entries
+from sdk.rules import index_entries, value_token
 from sdk.store import RegisterRequest, RunStore
 
+TRIGGER: Final = "report/generate.requested"
 RULES: Final = (CancelOn(event="report/cancel.requested", match="data.reportId"),)
 #: Registrations in flight at once.
 BATCH: Final = 1_000
@@ -27,7 +29,7 @@ def report_id(i: int) -> str:
 def trigger(i: int) -> Event:
     """The trigger of run ``i``, as it came through the events stream."""
     return Event(
-        name="report/generate.requested",
+        name=TRIGGER,
         data={"reportId": report_id(i)},
         id=f"{1_700_000_000_000 + i}-0",
     )
@@ -37,19 +39,29 @@ def run_id(i: int) -> str:
     return f"{i:032x}"
 
 
-async def register_runs(redis: Redis, keys: Keys, n: int) -> float:
+def partition_of_report(i: int, partitions: int) -> int:
+    """The partition run ``i`` and the cancel events naming it belong in."""
+    return partition_of_token(str(value_token(report_id(i))), partitions)
+
+
+async def register_runs(redis: Redis, keys: Keys, n: int, *, partitions: int = 1) -> float:
     """Declare :data:`RULES` and register ``n`` running runs of a worker that does not
-    exist (nothing reads its signals); returns the seconds it took. ``redis`` needs a
-    blocking connection pool (``sdk.connection.command_client``)."""
-    store = RunStore(redis, keys)
+    exist (nothing reads its signals), each in its partition; returns the seconds it took.
+    ``redis`` needs a blocking connection pool (``sdk.connection.command_client``)."""
+    stores = [RunStore(redis, keys.in_partition(p)) for p in range(partitions)]
     async with redis.pipeline(transaction=True) as pipe:
         declare_rules(pipe, keys, RULES, 0)
+        # What a worker's sync records: both events placed by the key the rule matches.
+        pipe.hset(
+            keys.routes,
+            mapping={f"place:{name}": "data.reportId" for name in (TRIGGER, RULES[0].event)},
+        )
         await pipe.execute()
     started = time.perf_counter()
     for first in range(0, n, BATCH):
         async with anyio.create_task_group() as tg:
             for i in range(first, min(n, first + BATCH)):
-                tg.start_soon(_register, store, i)
+                tg.start_soon(_register, stores[partition_of_report(i, partitions)], i)
     return time.perf_counter() - started
 
 
