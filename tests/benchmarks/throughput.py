@@ -70,7 +70,9 @@ async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str,
         register_s = await register_runs(redis, keys, size)
         register_cpu = await redis_cpu_s(redis) - cpu
         memory = (await redis.info("memory"))["used_memory"]
+        cpu = await redis_cpu_s(redis)
         last_id = await publish_cancels(redis, keys, min(targets, size), n_events)
+        publish_cpu = await redis_cpu_s(redis) - cpu
         broker, _ = start_broker(url, namespace)
         try:
             cpu = await redis_cpu_s(redis)
@@ -83,6 +85,11 @@ async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str,
             handling_cpu = await redis_cpu_s(redis) - cpu
         finally:
             broker.terminate()
+        # What the events leave behind: their stream entries until trimmed, and a
+        # tombstone per cancel event's key for the lookback (10 minutes by default).
+        retained = (await redis.info("memory"))["used_memory"]
+        await redis.xtrim(keys.events, maxlen=0)
+        tombstones = (await redis.info("memory"))["used_memory"]
         cancelling = await redis.zcard(keys.cancelling_runs)
     finally:
         await redis.aclose()
@@ -96,6 +103,9 @@ async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str,
         "memory_mb": memory / 1e6,
         "redis_us_per_event": handling_cpu / n_events * 1e6,
         "redis_us_per_run": register_cpu / size * 1e6,
+        "redis_us_per_publish": publish_cpu / n_events * 1e6,
+        "stream_bytes_per_event": (retained - tombstones) / n_events,
+        "tombstone_bytes_per_event": (tombstones - memory) / n_events,
     }
 
 
@@ -108,14 +118,17 @@ async def redis_cpu_s(redis: Redis) -> float:
 def table(rows: list[dict[str, float]]) -> str:
     lines = [
         "| active runs | events | events/s | us per event | runs cancelled | Redis MB"
-        " | Redis CPU us per event | Redis CPU us per registration |",
-        "|---|---|---|---|---|---|---|---|",
+        " | Redis CPU us: publish, handle an event | Redis CPU us per registration"
+        " | stream B per event | tombstone B per event |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['runs']:,.0f} | {row['events']:,.0f} | {row['events_per_s']:,.0f}"
             f" | {row['us_per_event']:.1f} | {row['cancelled']:,.0f} | {row['memory_mb']:,.0f}"
-            f" | {row['redis_us_per_event']:.1f} | {row['redis_us_per_run']:.1f} |"
+            f" | {row['redis_us_per_publish']:.1f}, {row['redis_us_per_event']:.1f}"
+            f" | {row['redis_us_per_run']:.1f}"
+            f" | {row['stream_bytes_per_event']:,.0f} | {row['tombstone_bytes_per_event']:,.0f} |"
         )
     return "\n".join(lines)
 
