@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from sdk.errors import InvalidEventError, InvalidIdError
-from sdk.keys import EVENT_FIELD, ORIGIN_FIELD, check_id
+from sdk.keys import EVENT_FIELD, ORIGIN_FIELD, PARTITION_FIELD, check_id
 
 #: The only event format version this release reads.
 EVENT_VERSION: Final = 1
@@ -305,7 +305,8 @@ def decode_event(
             raise InvalidEventError("invalid_shape", str(exc)) from None
     # An entry a broker moved to its partition keeps the id it was published under: its
     # runs' ids and its order against other events derive from it.
-    origin = fields.get(ORIGIN_FIELD)
+    # (Only a moved entry carries both fields; without partitions nothing is moved.)
+    origin = fields.get(ORIGIN_FIELD) if PARTITION_FIELD in fields else None
     if origin is not None and _EVENT_ID.match(origin):
         id_ = origin
     else:

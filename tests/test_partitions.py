@@ -140,6 +140,8 @@ def test_event_ids_are_unique_across_partitions_and_keep_their_order() -> None:
     assert moved.ts == 5
     native = decode_event("7-1", {"event": body, "partition": "2"}, partition=2)
     assert native.id == "7-1:2"
+    # Only a moved entry names its origin: a publisher's own "origin" field is ignored.
+    assert decode_event("7-1", {"event": body, "origin": "5-0"}).id == "7-1"
 
 
 # -- routes -------------------------------------------------------------------------------
