@@ -211,7 +211,6 @@ class Worker:
                 thread_grace=self.thread_grace,
                 metrics=self.metrics,
             )
-            await self._create_groups(redis)
             registration = Registration(
                 redis,
                 self.keys,
@@ -222,8 +221,11 @@ class Worker:
                 log=self._log,
                 on_lost=lambda: self._require_runner().cancel_all(LOST_REASON, interrupt=True),
             )
+            # Synced (rules and routes recorded) before the functions' groups exist: no
+            # trigger is read before the broker knows its rules and where its events go.
             await registration.sync(self._functions.values())
             stack.push_async_callback(registration.leave)
+            await self._create_groups(redis)
             stack.push_async_callback(self._delete_signal_stream, redis)
             self._tg = await stack.enter_async_context(anyio.create_task_group())
             for partition, reader in enumerate(signal_readers):

@@ -333,3 +333,33 @@ async def test_an_event_published_without_a_partition_is_moved_to_its_own(
             ((_, fields),) = await redis.xrange(partitions.keys[expected].events)
             assert fields["origin"] == origin
         tg.cancel_scope.cancel()
+
+
+async def test_a_trigger_placed_away_from_its_key_is_still_cancelled_by_it(
+    on_cluster: tuple[str, Client, Redis], namespace: str
+) -> None:
+    """What a publisher that looked a route up just before the first worker recorded it
+    does: the trigger lands in a partition its key does not name."""
+    url, client, redis = on_cluster
+    token = value_token("stray")
+    assert token is not None
+    home = partition_of_token(token, 6)
+    elsewhere = (home + 1) % 6
+    partitions = await Partitions.open(redis, Keys(namespace))
+    async with anyio.create_task_group() as tg:
+        await tg.start(reports(url, namespace).serve)
+        assert await partitions.broadcast(["report/cancel.requested"]) == set()
+        body = encode_event("report/generate", {"reportId": "stray", "accountId": "s"})
+        entry_id = await redis.xadd(
+            partitions.keys[elsewhere].events, {"event": body, "partition": str(elsewhere)}
+        )
+        trigger = event_id(str(entry_id), elsewhere)
+        await wait_until(lambda: _has_runs(client, trigger))
+        (run,) = await client.runs_for_event(trigger)
+        assert (await partitions.locate([run.run_id]))[run.run_id] == elsewhere
+        assert await partitions.broadcast(["report/cancel.requested"]) == {
+            "report/cancel.requested"
+        }
+        await client.send("report/cancel.requested", {"reportId": "stray"})
+        await wait_until(lambda: status_is(client, run.run_id, "cancelled"))
+        tg.cancel_scope.cancel()
