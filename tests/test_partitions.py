@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker import Broker, EmbeddedRedis
+from broker.dashboard import RunsQuery
 from sdk import CancelOn, Client, Event, RunContext, Worker
 from sdk.connection import command_client
 from sdk.errors import ConfigurationError, PartitionCountError
@@ -362,4 +363,46 @@ async def test_a_trigger_placed_away_from_its_key_is_still_cancelled_by_it(
         }
         await client.send("report/cancel.requested", {"reportId": "stray"})
         await wait_until(lambda: status_is(client, run.run_id, "cancelled"))
+        tg.cancel_scope.cancel()
+
+
+async def test_the_dashboard_statistics_and_sync_state_cover_every_partition(
+    redis_cluster: RedisClusterServer, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CANCEL_BROKER_PARTITIONS", "6")
+    broker = Broker(redis_cluster.url, namespace=namespace)
+    async with (
+        Client(redis_cluster.url, namespace=namespace) as client,
+        serving(broker.run),
+        anyio.create_task_group() as tg,
+    ):
+        await tg.start(reports(redis_cluster.url, namespace).serve)
+        events = [
+            await client.send("report/generate", {"reportId": f"d{i}", "accountId": "a"})
+            for i in range(30)
+        ]
+        for event in events:
+            await wait_until(lambda event=event: _has_runs(client, event))
+        (first,) = await client.runs_for_event(events[0])
+        await client.send("report/cancel.requested", {"reportId": "d0"})
+        await wait_until(lambda: status_is(client, first.run_id, "cancelled"))
+        partitions = await Partitions.open(client._redis, Keys(namespace))
+        located = await partitions.locate(
+            [run.run_id for event in events for run in await client.runs_for_event(event)]
+        )
+        assert len(set(located.values())) > 1
+
+        page = await broker.dashboard().runs(RunsQuery(limit=100))
+        assert (page.active_total, page.finished_total) == (29, 1)
+        assert len(page.runs) == 30
+        assert page.runs[-1].run_id == first.run_id  # finished runs after running ones
+
+        (function,) = (await broker.sync_state()).functions
+        assert sum(function.active_runs.values()) == 29
+
+        await broker.metrics.cluster.refresh(client._redis, Keys(namespace))
+        snapshot = broker.metrics.cluster.snapshot
+        assert snapshot.runs_active[("reports", "generate")] == 29
+        assert snapshot.runs_finished[("reports", "generate", "cancelled")] == 1
+        assert snapshot.signals_acknowledged == 1
         tg.cancel_scope.cancel()
