@@ -61,7 +61,7 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.installed-dev $(VENV)/.installed
 
 ## bench: cancel latency, broker throughput, per-run overhead and memory, latency under load,
-## brokers on a local Redis Cluster, then latency against the peers
+## brokers and partitions on a local Redis Cluster, then latency against the peers
 ## (tests/benchmarks/; PEERS_ARGS, by default the options of the run in docs/benchmarks.md)
 PEERS_ARGS ?= --trials 100 --trials-for dramatiq:long=12
 bench: $(VENV)/.installed-bench
