@@ -233,6 +233,26 @@ class GroupConsumer:
                 pending_from = "0"
                 continue
             backoff.succeeded()
+        await self._handle_left_pending(reader, handle)
+
+    async def _handle_left_pending(self, reader: RedisClient, handle: Handler) -> None:
+        """After :meth:`stop`: a read it cancelled may have been answered already, and what
+        Redis delivered is pending for this consumer. Handle it now, rather than leave it
+        to another consumer's claim once idle."""
+        last = "0"
+        try:
+            while True:
+                reply = await reader.xreadgroup(
+                    self.group, self.consumer, {self.stream: last}, count=self.batch
+                )
+                entries = _entries(reply)
+                if not entries:
+                    return
+                last = entries[-1][0]
+                if entries := await self._without_poison(entries):
+                    await handle(entries)
+        except REDIS_ERRORS as exc:  # left pending: claimed by another consumer later
+            self._log.warning("stream.pending_left", stream=self.stream, error=repr(exc))
 
     async def _recreate_group(self) -> bool:
         try:

@@ -13,7 +13,7 @@ from sdk import Client, Event, RunCancelled, RunContext
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON
 from sdk.store import RegisterRequest, RunStore
-from sdk.streams import trim_acknowledged
+from sdk.streams import GroupConsumer, create_group, trim_acknowledged
 from tests.conftest import broker_drained, report_worker, run_of, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
@@ -233,3 +233,37 @@ async def test_run_cancelled_is_raised_after_a_cancelled_block(
             ) as ctx:
                 await client.cancel(ctx.run_id)
                 await anyio.sleep(60)
+
+
+async def test_a_stopped_consumer_handles_what_its_cancelled_read_was_given(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    """stop() cancels a blocked read; if Redis had answered it already, the entries are
+    pending for the consumer. They are handled before run() returns, not left for a claim."""
+    stream = f"{Keys(namespace).prefix}events"
+    await create_group(redis, stream, "g")
+    consumer = GroupConsumer(
+        redis_url, redis, stream=stream, group="g", consumer="c", block_ms=5_000
+    )
+    handled: list[str] = []
+
+    async def handle(entries: Any) -> None:
+        handled.extend(entry_id for entry_id, _ in entries)
+        await consumer.ack(*(entry_id for entry_id, _ in entries))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer.run, handle)
+        await wait_until(lambda: _blocked_in_xreadgroup(redis))
+        # An entry delivered to "c" that its blocked read never sees: what a read answered
+        # at the moment stop() cancels it leaves behind.
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(stream, {"event": "{}"})
+            pipe.xreadgroup("g", "c", {stream: ">"})
+            entry_id, _ = await pipe.execute()
+        consumer.stop()
+    assert handled == [entry_id]
+    assert (await redis.xpending(stream, "g"))["pending"] == 0
+
+
+async def _blocked_in_xreadgroup(redis: Redis) -> bool:
+    return any(client.get("cmd") == "xreadgroup" for client in await redis.client_list())
