@@ -153,7 +153,8 @@ class Partitions:
 
     async def placement_paths(self, names: Iterable[str]) -> dict[str, str]:
         """The placement path of each of these event names that has one."""
-        unknown = [name for name in dict.fromkeys(names) if name not in self._paths]
+        wanted = list(dict.fromkeys(names))
+        unknown = [name for name in wanted if name not in self._paths]
         if unknown:
             found = cast(
                 list[str | None],
@@ -162,7 +163,7 @@ class Partitions:
             for name, path in zip(unknown, found, strict=True):
                 if path is not None:
                     self._paths[name] = path
-        return self._paths
+        return {name: self._paths[name] for name in wanted if name in self._paths}
 
     async def of_event(
         self, event: Event, *, parent_partition: int | None = None, fallback: str | None = None
