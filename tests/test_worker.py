@@ -89,7 +89,10 @@ async def test_a_body_that_swallows_the_cancel_is_cancelled_again(
     swallowed = 0
     with pytest.raises(RunCancelled):
         async with worker.run("generate-report", report_event("r1")) as ctx:
-            await client.cancel(ctx.run_id)
+            # Shielded: the signal may arrive before the cancel's own reply, and the body
+            # must meet it at the awaits below, the ones it swallows.
+            with anyio.CancelScope(shield=True):
+                await client.cancel(ctx.run_id)
             for _ in range(3):
                 try:
                     await anyio.sleep(60)
