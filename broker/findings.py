@@ -17,7 +17,7 @@ import msgspec
 
 from sdk.connection import RedisClient
 from sdk.keys import Keys
-from sdk.partitions import stored_partitions
+from sdk.partitions import stored_partition_keys
 from sdk.registration import LIVE_INTERVALS, redis_now_ms
 from sdk.wire import (
     SYSTEM_EVENT_PREFIX,
@@ -233,7 +233,7 @@ async def collect_state(
     workers = await live_workers(redis, keys, now)
     apps = set(cast(set[str], await redis.smembers(keys.apps))) | {w.app_id for w in workers}
     ordered_apps = sorted(apps)
-    parts = [keys.in_partition(p) for p in range(await stored_partitions(redis, keys))]
+    parts = await stored_partition_keys(redis, keys)
     async with redis.pipeline(transaction=False) as pipe:
         for app_id in ordered_apps:
             pipe.hgetall(keys.app_functions(app_id))

@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from sdk.connection import RedisClient
 from sdk.keys import Keys
 from sdk.metrics import LATENCY_BUCKETS
-from sdk.partitions import stored_partitions
+from sdk.partitions import stored_partition_keys
 
 #: Seconds between two reads of the cluster's figures.
 REFRESH_INTERVAL_S: Final = 2.0
@@ -55,7 +55,7 @@ class ClusterStats(Collector):
 
     async def refresh(self, redis: RedisClient, keys: Keys) -> None:
         """Read every partition's figures and sum them."""
-        partitions = [keys.in_partition(p) for p in range(await stored_partitions(redis, keys))]
+        partitions = await stored_partition_keys(redis, keys)
         snapshot = Snapshot()
         functions: set[tuple[str, str]] = set()
         for app in cast(set[str], await redis.smembers(keys.apps)):

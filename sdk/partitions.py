@@ -74,19 +74,21 @@ async def agree_partitions(
     wanted = configured_partitions(configured)
     if store:
         await redis.set(keys.partitions, wanted or 1, nx=True)
-    stored = await redis.get(keys.partitions)
-    if stored is None:
-        return None
-    count = int(cast(str, stored))
-    if wanted is not None and wanted != count:
+    count = await _stored(redis, keys)
+    if count is not None and wanted is not None and wanted != count:
         raise PartitionCountError(keys.namespace, count, wanted)
     return count
 
 
-async def stored_partitions(redis: RedisClient, keys: Keys) -> int:
-    """The namespace's number of partitions as stored, for readers (1 if none is)."""
+async def _stored(redis: RedisClient, keys: Keys) -> int | None:
     stored = await redis.get(keys.partitions)
-    return 1 if stored is None else int(cast(str, stored))
+    return None if stored is None else int(cast(str, stored))
+
+
+async def stored_partition_keys(redis: RedisClient, keys: Keys) -> list[Keys]:
+    """The keys of each of the namespace's partitions, as stored (one if none is): for
+    readers that sum over partitions."""
+    return [keys.in_partition(p) for p in range((await _stored(redis, keys)) or 1)]
 
 
 def partition_of_token(token: str, count: int) -> int:
