@@ -31,17 +31,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from sdk.connection import RedisClient, command_client  # noqa: E402
-from sdk.keys import BROKER_GROUP, EVENT_FIELD, PARTITION_FIELD, Keys  # noqa: E402
-from sdk.partitions import partition_of_token  # noqa: E402
-from sdk.rules import value_token  # noqa: E402
-from sdk.wire import encode_event  # noqa: E402
-from tests.benchmarks.registered import register_runs, report_id  # noqa: E402
+from sdk.keys import BROKER_GROUP, Keys  # noqa: E402
+from tests.benchmarks.registered import register_runs  # noqa: E402
 from tests.benchmarks.throughput import drained, publish_cancels  # noqa: E402
 from tests.cluster import RedisClusterServer  # noqa: E402
 from tests.processes import start_broker  # noqa: E402
 
 TARGETS = 1_000
-PUBLISH_BATCH = 1_000
 
 
 async def prepare(redis: RedisClient, namespace: str, runs: int, partitions: int = 1) -> None:
@@ -51,24 +47,6 @@ async def prepare(redis: RedisClient, namespace: str, runs: int, partitions: int
     for p in range(partitions):
         await redis.xgroup_create(keys.in_partition(p).events, BROKER_GROUP, id="$", mkstream=True)
     await register_runs(redis, keys, runs, partitions=partitions)
-
-
-async def publish_placed(redis: RedisClient, keys: Keys, partitions: int, n: int) -> dict[int, str]:
-    """The backlog of :func:`publish_cancels`, each event in its partition (as
-    ``Client.send`` places it); returns the last entry id per partition."""
-    last: dict[int, str] = {}
-    for first in range(0, n, PUBLISH_BATCH):
-        placed = []
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(first, min(n, first + PUBLISH_BATCH)):
-                report = report_id((i // 2) % TARGETS) if i % 2 == 0 else f"nobody{i}"
-                p = partition_of_token(str(value_token(report)), partitions)
-                body = encode_event("report/cancel.requested", {"reportId": report})
-                pipe.xadd(keys.in_partition(p).events, {EVENT_FIELD: body, PARTITION_FIELD: p})
-                placed.append(p)
-            for p, entry_id in zip(placed, await pipe.execute(), strict=True):
-                last[p] = str(entry_id)
-    return last
 
 
 async def drain(
@@ -84,12 +62,10 @@ async def drain(
                     broker, _ = start_broker(url, namespace, "--consumer", f"b{i}")
                     stack.callback(broker.terminate)
             started = time.perf_counter()
-            last_ids = {}
-            for ns in namespaces:
-                if partitions == 1:
-                    last_ids[ns] = {0: await publish_cancels(redis, Keys(ns), TARGETS, events)}
-                else:
-                    last_ids[ns] = await publish_placed(redis, Keys(ns), partitions, events)
+            last_ids = {
+                ns: await publish_cancels(redis, Keys(ns), TARGETS, events, partitions=partitions)
+                for ns in namespaces
+            }
             with anyio.fail_after(900):
                 for namespace, lasts in last_ids.items():
                     for p, last_id in lasts.items():

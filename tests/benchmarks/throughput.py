@@ -24,13 +24,16 @@ from pathlib import Path
 
 import anyio
 from redis.asyncio import Redis
+from redis.typing import EncodableT, FieldT
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
-from sdk.keys import BROKER_GROUP, EVENT_FIELD, Keys  # noqa: E402
+from sdk.keys import BROKER_GROUP, EVENT_FIELD, PARTITION_FIELD, Keys  # noqa: E402
+from sdk.partitions import partition_of_token  # noqa: E402
+from sdk.rules import value_token  # noqa: E402
 from sdk.wire import encode_event  # noqa: E402
 from tests.benchmarks.registered import register_runs, report_id  # noqa: E402
 from tests.processes import start_broker  # noqa: E402
@@ -38,17 +41,28 @@ from tests.processes import start_broker  # noqa: E402
 BATCH = 1_000
 
 
-async def publish_cancels(redis: Redis, keys: Keys, targets: int, n_events: int) -> str:
-    """A backlog: even events name one of ``targets`` registered runs, odd ones no run."""
-    last = ""
+async def publish_cancels(
+    redis: Redis, keys: Keys, targets: int, n_events: int, *, partitions: int = 1
+) -> dict[int, str]:
+    """A backlog: even events name one of ``targets`` registered runs, odd ones no run;
+    with several partitions, each in its partition (as ``Client.send`` places it).
+    Returns the last entry id per partition written to."""
+    last: dict[int, str] = {}
     for first in range(0, n_events, BATCH):
+        placed = []
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(first, min(n_events, first + BATCH)):
                 report = report_id((i // 2) % targets) if i % 2 == 0 else f"nobody{i}"
                 body = encode_event("report/cancel.requested", {"reportId": report})
-                pipe.xadd(keys.events, {EVENT_FIELD: body})
-            ids = await pipe.execute()
-        last = str(ids[-1])
+                fields: dict[FieldT, EncodableT] = {EVENT_FIELD: body}
+                p = 0
+                if partitions > 1:
+                    p = partition_of_token(str(value_token(report)), partitions)
+                    fields[PARTITION_FIELD] = str(p)
+                pipe.xadd(keys.in_partition(p).events, fields)
+                placed.append(p)
+            for p, entry_id in zip(placed, await pipe.execute(), strict=True):
+                last[p] = str(entry_id)
     return last
 
 
@@ -71,7 +85,7 @@ async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str,
         register_cpu = await redis_cpu_s(redis) - cpu
         memory = (await redis.info("memory"))["used_memory"]
         cpu = await redis_cpu_s(redis)
-        last_id = await publish_cancels(redis, keys, min(targets, size), n_events)
+        (last_id,) = (await publish_cancels(redis, keys, min(targets, size), n_events)).values()
         publish_cpu = await redis_cpu_s(redis) - cpu
         broker, _ = start_broker(url, namespace)
         try:
