@@ -16,7 +16,7 @@ from typing import Any, Final, Literal, cast
 import msgspec
 
 from sdk.connection import RedisClient
-from sdk.keys import Keys
+from sdk.keys import PRESENCE, Keys
 from sdk.partitions import stored_partition_keys
 from sdk.registration import LIVE_INTERVALS, redis_now_ms
 from sdk.wire import (
@@ -27,13 +27,21 @@ from sdk.wire import (
     decode_worker,
 )
 
-FindingKind = Literal["drift", "unsynced_run", "gone_function", "orphan_cancel_event", "dead_rule"]
+FindingKind = Literal[
+    "drift",
+    "unsynced_run",
+    "gone_function",
+    "orphan_cancel_event",
+    "dead_rule",
+    "namespace_mismatch",
+]
 FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
     "drift",
     "unsynced_run",
     "gone_function",
     "orphan_cancel_event",
     "dead_rule",
+    "namespace_mismatch",
 )
 #: Event names that look like cancellations even when no rule mentions them: the last
 #: segment of the name, after any separator ("report/cancel.requested", "order.cancelled").
@@ -240,10 +248,12 @@ async def collect_state(
             pipe.xrevrange(keys.app_history(app_id), count=HISTORY_SHOWN)
             for part in parts:
                 pipe.hgetall(part.run_configs(app_id))
+        pipe.hgetall(PRESENCE)
         pipe.hgetall(keys.rule_events)
         pipe.hgetall(keys.event_last_seen)
         pipe.hgetall(keys.orphan_events)
         replies: list[Any] = await pipe.execute()
+    presence = {k: int(v) for k, v in replies[-4].items() if v.isdigit()}
     rule_since = {k: int(v) for k, v in replies[-3].items()}
     last_seen = {k: int(v) for k, v in replies[-2].items()}
     orphan_counts = {k: int(v) for k, v in replies[-1].items()}
@@ -298,6 +308,7 @@ async def collect_state(
                 live_rules[rule.event].append(f"{app_id}/{function_id}")
     findings += _orphan_findings(orphan_counts, last_seen, live_rules, now, windows)
     findings += _dead_rule_findings(live_rules, rule_since, last_seen, now, windows)
+    findings += _namespace_findings(keys.namespace, bool(workers), presence, now)
     return SyncState(
         generated_at=now,
         workers=workers,
@@ -435,3 +446,50 @@ def _dead_rule_findings(
             )
         )
     return findings
+
+
+def _namespace_findings(
+    namespace: str, has_workers: bool, presence: dict[str, int], now: int
+) -> list[Finding]:
+    """Workers and brokers split over two namespaces of one Redis (``CANCEL_BROKER_NAMESPACE``
+    set on one side only, or to different values): no cancel event ever reaches a run.
+
+    Reported from the namespace on either side of the split: the one with brokers and no
+    workers, and the one with workers and no broker.
+    """
+    present: dict[str, set[str]] = {"worker": set(), "broker": set()}
+    for field, until in presence.items():
+        role, _, other = field.partition(":")
+        if role in present and until > now:
+            present[role].add(other)
+    workers_only = present["worker"] - present["broker"] - {namespace}
+    brokers_only = present["broker"] - present["worker"] - {namespace}
+    here_broker = namespace in present["broker"]
+    if not has_workers and workers_only:
+        others = sorted(workers_only)
+        message = (
+            f"no live worker uses namespace {namespace!r}, but workers use"
+            f" {', '.join(map(repr, others))}, which no broker reads: give workers, clients"
+            " and brokers the same CANCEL_BROKER_NAMESPACE"
+        )
+    elif has_workers and not here_broker and brokers_only:
+        others = sorted(brokers_only)
+        message = (
+            f"live workers use namespace {namespace!r}, which no broker reads, but brokers"
+            f" read {', '.join(map(repr, others))}, where no worker is: give workers, clients"
+            " and brokers the same CANCEL_BROKER_NAMESPACE"
+        )
+    else:
+        return []
+    return [
+        Finding(
+            kind="namespace_mismatch",
+            message=message,
+            details={
+                "namespace": namespace,
+                "other_namespaces": others,
+                "workers_in": sorted(present["worker"]),
+                "brokers_in": sorted(present["broker"]),
+            },
+        )
+    ]

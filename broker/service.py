@@ -29,9 +29,11 @@ from broker.routing import move_unplaced
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from sdk.client import Client
+from sdk.config import resolve_namespace
 from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, RedisClient, command_client
-from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys
+from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.partitions import Partitions, check_partitions
+from sdk.registration import redis_now_ms
 from sdk.store import RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
@@ -51,6 +53,8 @@ BATCH: Final = 200
 CLAIM_IDLE_MS: Final = 30_000
 #: How long a cancel event keeps cancelling runs that register after it was handled.
 TOMBSTONE_LOOKBACK_S: Final = 600.0
+#: How long a broker's presence counts after it last said so (it says so every 2 s).
+PRESENCE_MS: Final = 10_000
 
 
 def default_consumer_name() -> str:
@@ -64,7 +68,7 @@ class Broker:
         self,
         redis_url: str,
         *,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         consumer: str | None = None,
         metrics: BrokerMetrics | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
@@ -77,7 +81,7 @@ class Broker:
         partitions: int | None = None,
     ) -> None:
         self.redis_url = redis_url
-        self.keys = Keys(namespace)
+        self.keys = Keys(resolve_namespace(namespace))
         #: The number of partitions this broker expects (None: whatever the namespace has).
         self.partitions = check_partitions(partitions)
         self.consumer = consumer or default_consumer_name()
@@ -268,12 +272,25 @@ class Broker:
             return partitions
 
     async def _refresh_cluster_stats(self, redis: RedisClient) -> None:
-        while True:
-            try:
-                await self.metrics.cluster.refresh(redis, self.keys)
-            except REDIS_ERRORS as exc:  # the event loop reports outages; try next round
-                self._log.debug("stats.refresh_failed", error=repr(exc))
-            await anyio.sleep(STATS_REFRESH_S)
+        """Every few seconds: the cluster's figures, and this namespace's broker presence
+        (what workers and other namespaces' brokers read to notice a namespace split)."""
+        field = presence_field("broker", self.keys.namespace)
+        try:
+            while True:
+                try:
+                    until = await redis_now_ms(redis) + PRESENCE_MS
+                    await redis.hset(PRESENCE, field, until)
+                    await self.metrics.cluster.refresh(redis, self.keys)
+                except REDIS_ERRORS as exc:  # the event loop reports outages; try next round
+                    self._log.debug("stats.refresh_failed", error=repr(exc))
+                await anyio.sleep(STATS_REFRESH_S)
+        finally:
+            # Stopped: no longer present (another broker of the namespace says so again).
+            with anyio.move_on_after(2, shield=True):
+                try:
+                    await redis.hdel(PRESENCE, field)
+                except REDIS_ERRORS as exc:
+                    self._log.debug("presence.clear_failed", error=repr(exc))
 
     async def _dead_letter(
         self,

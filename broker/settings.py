@@ -15,11 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from sdk.config import ENV_PREFIX, NAMESPACE, SharedSetting
 from sdk.durations import parse_duration
-from sdk.keys import DEFAULT_NAMESPACE
 from sdk.partitions import check_partitions
-
-ENV_PREFIX: Final = "CANCEL_BROKER_"
 
 #: Which commands take a setting: ``connection`` every command, ``broker`` only ``run``,
 #: ``detection`` ``run`` and ``sync status``.
@@ -93,6 +91,19 @@ def _setting(
     return field(default=value, metadata={"spec": spec})
 
 
+def _shared(setting: SharedSetting[Any], *, group: Group) -> Any:
+    """A field of :class:`Settings` for a setting the SDK reads too (``sdk/config.py``):
+    its variable, default, check and help come from that one definition."""
+    return _setting(
+        setting.default,
+        help=setting.help,
+        group=group,
+        parse=setting.parse,
+        env=setting.env,
+        metavar=setting.metavar,
+    )
+
+
 def _port(text: str) -> int:
     port = int(text)
     if not 0 <= port <= 65535:
@@ -135,9 +146,7 @@ class Settings:
         " Redis Cluster); without one, `run` starts a private redis-server on a free port"
         " and prints its URL",
     )
-    namespace: str = _setting(
-        DEFAULT_NAMESPACE, group="connection", metavar="PREFIX", help="prefix of every key"
-    )
+    namespace: str = _shared(NAMESPACE, group="connection")
     partitions: int | None = _setting(
         None,
         group="connection",

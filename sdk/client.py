@@ -12,10 +12,11 @@ import anyio
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
+from sdk.config import resolve_namespace
 from sdk.connection import command_client, resolve_url
 from sdk.errors import RunNotFinishedError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
-from sdk.keys import DEFAULT_NAMESPACE, Keys, check_id, check_name
+from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
 from sdk.rules import value_token
 from sdk.store import OPERATOR_ACTOR, RunStore
@@ -75,12 +76,12 @@ class Client:
         self,
         redis_url: str | None = None,
         *,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
     ) -> None:
         self.redis_url = resolve_url(redis_url)
-        self.keys = Keys(namespace)
+        self.keys = Keys(resolve_namespace(namespace))
         self.max_event_bytes = max_event_bytes
         #: The number of partitions this client expects (None: whatever the namespace has).
         self.partitions = check_partitions(partitions)

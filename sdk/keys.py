@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from sdk.errors import InvalidIdError
 
-DEFAULT_NAMESPACE = "cancel"
+DEFAULT_NAMESPACE: Final = "cancel"
 
 #: Consumer group through which brokers share the cancel events.
 BROKER_GROUP = "broker"
@@ -36,6 +37,18 @@ EVENT_FIELD = "event"
 PARTITION_FIELD = "partition"
 #: Stream entry field of a moved entry: the id it was published under, which stays its id.
 ORIGIN_FIELD = "origin"
+
+#: Hash shared by every namespace on one Redis: ``worker:{namespace}`` and
+#: ``broker:{namespace}`` -> until when (ms, Redis clock) a worker / a broker of that
+#: namespace counts as present. The one key outside any namespace: through it a broker
+#: sees workers that it never will, because they use another namespace (sdk/config.py).
+PRESENCE: Final = "cancel-broker:presence"
+
+
+def presence_field(role: str, namespace: str) -> str:
+    """The field of :data:`PRESENCE` for ``role`` (``worker`` or ``broker``) in ``namespace``."""
+    return f"{role}:{namespace}"
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 

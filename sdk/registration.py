@@ -12,13 +12,13 @@ import socket
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 
 from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline
 from sdk.function import Function
-from sdk.keys import Keys
+from sdk.keys import PRESENCE, Keys, presence_field
 from sdk.partitions import declare_routes
 from sdk.rules import CancelOn
 from sdk.version import __version__
@@ -83,6 +83,7 @@ class Registration:
         self._on_lost = on_lost
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._functions: tuple[Function, ...] = ()
+        self._presence_failed = False
 
     async def sync(self, functions: Iterable[Function]) -> WorkerInfo:
         """Declare this worker and its functions' configurations; notify the broker."""
@@ -117,7 +118,49 @@ class Registration:
             app_version=self.app_version,
             functions={fn.id: fn.config_hash[:12] for fn in self._functions},
         )
+        await self._announce(now)
         return info
+
+    async def _announce(self, now: int) -> None:
+        """Say that this namespace has a live worker, for brokers of any namespace to see
+        (a broker in another namespace reports the split: ``namespace_mismatch``)."""
+        until = now + round(LIVE_INTERVALS * self.heartbeat_interval * 1000)
+        try:
+            await self.redis.hset(PRESENCE, presence_field("worker", self.keys.namespace), until)
+        except REDIS_ERRORS as exc:
+            # Only the report of a namespace split depends on it (an ACL from before it
+            # existed refuses it): never the worker's own work.
+            if not self._presence_failed:
+                self._log.warning("worker.presence_failed", key=PRESENCE, error=repr(exc))
+            self._presence_failed = True
+
+    async def check_broker_present(self) -> None:
+        """Log when no broker reads this worker's namespace: its cancel events would wait
+        unread. A warning when brokers read other namespaces (a namespace set differently on
+        the two sides), a note when there is no broker at all (it may be starting)."""
+        try:
+            now = await redis_now_ms(self.redis)
+            presence = cast(dict[str, str], await self.redis.hgetall(PRESENCE))
+        except REDIS_ERRORS as exc:
+            self._log.debug("worker.presence_unreadable", error=repr(exc))
+            return
+        brokers = sorted(
+            field.removeprefix("broker:")
+            for field, until in presence.items()
+            if field.startswith("broker:") and int(until) > now
+        )
+        if self.keys.namespace in brokers:
+            return
+        if brokers:
+            self._log.warning(
+                "worker.no_broker",
+                namespace=self.keys.namespace,
+                brokers_read=brokers,
+                hint="no broker reads this namespace, so no cancel event reaches its runs;"
+                " give workers and brokers the same CANCEL_BROKER_NAMESPACE",
+            )
+        else:
+            self._log.info("worker.no_broker_yet", namespace=self.keys.namespace)
 
     async def heartbeat_forever(self) -> None:
         # Back off, but never past half an interval: once Redis is back, the heartbeat must
@@ -136,6 +179,8 @@ class Registration:
                     self._log.error("worker.declared_lost")
                     self._on_lost()
                     await self.sync(self._functions)
+                else:
+                    await self._announce(int(alive))
             except REDIS_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
@@ -148,6 +193,14 @@ class Registration:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     pipe.zrem(self.keys.workers, self.worker_id)
                     pipe.delete(self.keys.worker(self.worker_id))
-                    await pipe.execute()
+                    pipe.zcard(self.keys.workers)
+                    *_, remaining = await pipe.execute()
             except REDIS_ERRORS as exc:
                 self._log.warning("worker.deregister_failed", error=repr(exc))
+                return
+            if remaining:
+                return
+            try:  # the namespace's last worker: it has none now
+                await self.redis.hdel(PRESENCE, presence_field("worker", self.keys.namespace))
+            except REDIS_ERRORS as exc:
+                self._log.debug("worker.presence_clear_failed", error=repr(exc))

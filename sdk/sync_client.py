@@ -17,7 +17,6 @@ from typing import Any, Self
 import anyio.from_thread
 
 from sdk.client import Actor, Client
-from sdk.keys import DEFAULT_NAMESPACE
 from sdk.wire import MAX_EVENT_BYTES, CancelResult, RunInfo
 
 
@@ -32,7 +31,7 @@ class SyncClient:
         self,
         redis_url: str | None = None,
         *,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
     ) -> None:
@@ -56,7 +55,7 @@ class SyncClient:
 
     @staticmethod
     async def _create(
-        redis_url: str | None, namespace: str, max_event_bytes: int, partitions: int | None
+        redis_url: str | None, namespace: str | None, max_event_bytes: int, partitions: int | None
     ) -> Client:
         return Client(
             redis_url,

@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
+from sdk.config import resolve_namespace
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
@@ -48,7 +49,7 @@ from sdk.errors import (
     WorkerNotStartedError,
 )
 from sdk.function import Function
-from sdk.keys import BROKER_GROUP, DEFAULT_NAMESPACE, Keys, check_id, check_name
+from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
@@ -94,7 +95,7 @@ class Worker:
         app_id: str,
         redis_url: str | None = None,
         *,
-        namespace: str = DEFAULT_NAMESPACE,
+        namespace: str | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         shutdown_timeout: float = 30.0,
         retention: timedelta = DEFAULT_RETENTION,
@@ -107,8 +108,10 @@ class Worker:
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
-            self.worker_id = check_name("worker id", worker_id or _default_worker_id())
-            self.keys = Keys(namespace)
+            #: An identity the caller chose (then every process using this worker must
+            #: choose its own), or None: one of this process's own, see worker_id.
+            self._given_id = None if worker_id is None else check_name("worker id", worker_id)
+            self.keys = Keys(resolve_namespace(namespace))
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         #: The number of partitions this worker expects (None: whatever the namespace has).
@@ -138,8 +141,25 @@ class Worker:
         #: worker. BlockingWorker turns it off: a group nobody reads (its worker only holds
         #: runs) would keep the events stream from ever being trimmed.
         self._trigger_groups = True
+        self._own_id = (0, "")  # (pid, id) of this process's default identity, once made
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
+
+    @property
+    def worker_id(self) -> str:
+        """This process's identity in Redis: its registration, heartbeat and signal stream.
+
+        Unless one was given, it names the host and the process, and is decided in the
+        process that asks: a worker declared at import time, before a fork (a Celery
+        prefork pool, gunicorn's ``--preload``), has another identity in each child, so a
+        child that exits or dies takes only its own runs with it.
+        """
+        if self._given_id is not None:
+            return self._given_id
+        pid = os.getpid()
+        if self._own_id[0] != pid:
+            self._own_id = (pid, _default_worker_id())
+        return self._own_id[1]
 
     # -- declaring functions -------------------------------------------------------
 
@@ -191,6 +211,8 @@ class Worker:
     async def __aenter__(self) -> Self:
         if self._stack is not None:
             raise RuntimeError("this worker is already started")
+        # Bound now, in the process that runs: after a fork the identity is the child's.
+        self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
         stack = AsyncExitStack()
         try:
             redis = command_client(self.redis_url)
@@ -224,6 +246,7 @@ class Worker:
             # Synced (rules and routes recorded) before the functions' groups exist: no
             # trigger is read before the broker knows its rules and where its events go.
             await registration.sync(self._functions.values())
+            await registration.check_broker_present()
             stack.push_async_callback(registration.leave)
             await self._create_groups(redis)
             stack.push_async_callback(self._delete_signal_stream, redis)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.queues
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -239,3 +241,27 @@ async def test_ids_are_checked_before_they_become_keys(worker: Worker, client: C
     with pytest.raises(InvalidIdError):
         async with worker.run("generate-report", report_event("r1"), run_id="a b"):
             pass
+
+
+_FORKED = Worker("reports", "redis://unused:1/0")
+
+
+def _child_worker_id(queue: multiprocessing.queues.Queue[str]) -> None:
+    queue.put(_FORKED.worker_id)
+
+
+def test_a_worker_declared_before_a_fork_has_its_own_id_in_each_child() -> None:
+    """Celery's prefork pool and gunicorn --preload import the app, then fork: a child that
+    shared its parent's id would share its registration, and take its siblings' runs with
+    it when it exits."""
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.queues.Queue[str] = context.Queue()
+    children = [context.Process(target=_child_worker_id, args=(queue,)) for _ in range(2)]
+    for child in children:
+        child.start()
+    ids = {queue.get(timeout=10) for _ in children}
+    for child in children:
+        child.join(10)
+    assert len(ids) == 2
+    assert _FORKED.worker_id not in ids
+    assert Worker("reports", "redis://unused:1/0", worker_id="fixed").worker_id == "fixed"

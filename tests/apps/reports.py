@@ -29,17 +29,19 @@ from sdk import CancelOn, RunContext, Worker
 from sdk.connection import CONNECTION_ERRORS, command_client
 from tests.apps import serve
 
-REDIS_URL, NAMESPACE = sys.argv[1], sys.argv[2]
+# A namespace of "-": none given, the SDK's own default (CANCEL_BROKER_NAMESPACE, else cancel).
+REDIS_URL, GIVEN_NAMESPACE = sys.argv[1], sys.argv[2]
 
 worker = Worker(
     "reports",
     REDIS_URL,
-    namespace=NAMESPACE,
+    namespace=None if GIVEN_NAMESPACE == "-" else GIVEN_NAMESPACE,
     shutdown_timeout=float(os.environ.get("SHUTDOWN_TIMEOUT", "30")),
     heartbeat_interval=float(os.environ.get("HEARTBEAT_INTERVAL", "5")),
     concurrency=int(os.environ.get("CONCURRENCY", "100")),
     retention=timedelta(seconds=float(os.environ.get("RETENTION", "86400"))),
 )
+NAMESPACE = worker.keys.namespace
 CANCEL_RULES = (
     []
     if os.environ.get("REPORTS_VERSION") == "v1"

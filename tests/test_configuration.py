@@ -1,0 +1,146 @@
+"""Configuration that must not split processes apart: every setting both sides read is read
+the same way, and a split (workers and broker in different namespaces) is reported, not
+discovered by a user whose Cancel button does nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import anyio
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from broker import EmbeddedRedis
+from broker.settings import Settings
+from sdk import Client, Worker
+from sdk.config import NAMESPACE, SharedSetting
+from sdk.errors import ConfigurationError
+from sdk.keys import PRESENCE
+from tests.conftest import run_of, wait_for_observation, wait_for_status
+from tests.processes import ROOT, ProcessHandle, start_broker, start_worker
+
+BROKER = (sys.executable, "-m", "broker")
+JSON_LOGS = ("--log-format", "json")
+SHARED: tuple[SharedSetting[object], ...] = (NAMESPACE,)
+
+
+@pytest.mark.parametrize("setting", SHARED, ids=lambda s: s.name)
+def test_the_broker_reads_each_shared_setting_as_the_sdk_does(
+    setting: SharedSetting[object],
+) -> None:
+    (spec,) = (s for s in Settings.specs() if s.name == setting.name)
+    assert (spec.env, spec.shown, spec.help) == (setting.env, setting.default, setting.help)
+    assert spec.parse is setting.parse
+
+
+def test_the_sdk_reads_the_namespace_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(NAMESPACE.env, "reports-prod")
+    assert Worker("reports", "redis://unused:1/0").keys.namespace == "reports-prod"
+    assert Client("redis://unused:1/0").keys.namespace == "reports-prod"
+    assert Settings.resolve({}).namespace == "reports-prod"
+    # An argument wins, as a flag does.
+    assert Worker("reports", "redis://unused:1/0", namespace="x").keys.namespace == "x"
+    monkeypatch.setenv(NAMESPACE.env, "no spaces")
+    with pytest.raises(ConfigurationError, match="CANCEL_BROKER_NAMESPACE='no spaces'"):
+        Client("redis://unused:1/0")
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_the_namespace_variable_alone_joins_broker_worker_and_client(
+    redis_server: EmbeddedRedis, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment that sets CANCEL_BROKER_NAMESPACE everywhere and passes it nowhere."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    env = {NAMESPACE.env: namespace}
+    broker = ProcessHandle(
+        [
+            *BROKER,
+            "run",
+            "--redis-url",
+            redis_server.url,
+            "--http-port",
+            "0",
+            "--log-format",
+            "json",
+        ],
+        env=env,
+    )
+    worker = ProcessHandle(
+        [sys.executable, "-m", "tests.apps.reports", redis_server.url, "-"], env=env
+    )
+    try:
+        broker.wait_for_log("broker.ready")
+        worker.wait_for_log("worker.started")
+        monkeypatch.setenv(NAMESPACE.env, namespace)
+        async with Client(redis_server.url) as client:
+            assert client.keys.namespace == namespace
+            run_id = await run_of(
+                client, await client.send("report/generate.requested", {"reportId": "ns1"})
+            )
+            await wait_for_observation(redis, namespace, "ns1", "started")
+            await client.send("report/cancel.requested", {"reportId": "ns1"})
+            info = await wait_for_status(client, run_id, "cancelled")
+            assert info.cancel_reason == "cancel event report/cancel.requested"
+    finally:
+        worker.terminate()
+        broker.terminate()
+
+
+def sync_status(redis_url: str, namespace: str) -> tuple[int, dict[str, object]]:
+    done = subprocess.run(
+        [*BROKER, "sync", "status", "--json", "--redis-url", redis_url, "--namespace", namespace],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_workers_and_a_broker_in_different_namespaces_are_reported(
+    redis_server: EmbeddedRedis, redis: Redis
+) -> None:
+    """The broker reads one namespace, the workers use another: from both sides, the split
+    is a finding (exit 1, the gauge) and the worker says so when it starts."""
+    brokers_ns, workers_ns = f"t{uuid.uuid4().hex[:12]}", f"t{uuid.uuid4().hex[:12]}"
+    broker, base = start_broker(redis_server.url, brokers_ns)
+    try:
+        with anyio.fail_after(10):
+            while not await redis.hexists(PRESENCE, f"broker:{brokers_ns}"):
+                await anyio.sleep(0.05)
+        worker = start_worker(redis_server.url, workers_ns)
+        try:
+            warning = worker.wait_for_log("worker.no_broker")
+            assert warning["namespace"] == workers_ns
+            assert brokers_ns in warning["brokers_read"]
+            for namespace, other in ((brokers_ns, workers_ns), (workers_ns, brokers_ns)):
+                code, state = sync_status(redis_server.url, namespace)
+                assert code == 1, state
+                (finding,) = [
+                    f
+                    for f in state["findings"]  # type: ignore[attr-defined]
+                    if f["kind"] == "namespace_mismatch"
+                ]
+                assert other in finding["details"]["other_namespaces"]
+                assert "CANCEL_BROKER_NAMESPACE" in finding["message"]
+            async with httpx.AsyncClient(base_url=base) as http:
+                with anyio.fail_after(15):
+                    while True:
+                        metrics = (await http.get("/metrics")).text
+                        if 'cancel_broker_stale_findings{kind="namespace_mismatch"} 1.0' in metrics:
+                            break
+                        await anyio.sleep(0.2)
+        finally:
+            worker.terminate()
+        # The last worker left: the split is over.
+        code, state = sync_status(redis_server.url, brokers_ns)
+        assert not [f for f in state["findings"] if f["kind"] == "namespace_mismatch"]  # type: ignore[attr-defined]
+    finally:
+        broker.terminate()
