@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import traceback
@@ -33,9 +32,16 @@ from broker.service import Broker
 from broker.settings import Settings
 from sdk import OPERATOR, Client, RunInfo
 from sdk.client import Actor
-from sdk.connection import REDIS_URL_ENV, command_client, redact_url, resolve_url
+from sdk.connection import (
+    REDIS_URL_ENV,
+    command_client,
+    redact_url,
+    resolve_url,
+    resolve_url_source,
+)
 from sdk.durations import parse_duration
 from sdk.keys import Keys
+from sdk.local_redis import advertise
 
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0
@@ -69,6 +75,9 @@ EXAMPLES: Final[dict[str, str]] = {
     "get-run": """
   cancel-broker get-run 0f8e2c1d9b7a4e3f
   cancel-broker get-run 0f8e2c1d9b7a4e3f --json | jq .status""",
+    "redis-url": """
+  cancel-broker redis-url                             # the embedded Redis of `make run`
+  CANCEL_BROKER_REDIS_URL=redis://redis:6379/0 cancel-broker redis-url   # from the variable""",
 }
 
 _EPILOG = """examples:{examples}
@@ -215,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     get_run.add_argument("run_id")
     get_run.set_defaults(handler=_get_run)
+
+    redis_url = _command(
+        commands,
+        "redis-url",
+        example="redis-url",
+        parents=[common],
+        help="print the Redis URL the other commands use, and where it comes from (stderr)",
+    )
+    redis_url.set_defaults(handler=_print_redis_url)
     return parser
 
 
@@ -259,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exception(exc)
-        diagnosis = diagnose(exc, redis_url or os.environ.get(REDIS_URL_ENV))
+        diagnosis = diagnose(exc, resolve_url(redis_url))
         print(diagnosis.line(), file=sys.stderr)
         return diagnosis.exit_code
 
@@ -274,9 +292,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         if not url:
             server = stack.enter_context(EmbeddedRedis())
             url = server.url
+            stack.enter_context(advertise(url))
             print(
                 f"cancel-broker: started an embedded Redis at {url}\n"
-                f"  point workers and clients at it:  export {REDIS_URL_ENV}={url}",
+                "  workers, clients and cancel-broker commands on this machine that are given"
+                " no Redis URL use it while this broker runs\n"
+                f"  (elsewhere: export {REDIS_URL_ENV}={url})",
                 flush=True,
             )
         anyio.run(_serve, url, settings)
@@ -351,10 +372,24 @@ async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
 # -- client commands -------------------------------------------------------------------
 
 
+def _redis_url(settings: Settings) -> str:
+    """The URL a client command uses; says so on stderr when it is the embedded Redis that
+    a `cancel-broker run` on this machine advertises (rather than one the user gave)."""
+    url, source = resolve_url_source(settings.redis_url)
+    if source == "embedded":
+        print(
+            f"cancel-broker: using the embedded Redis of a running `cancel-broker run`: {url}",
+            file=sys.stderr,
+        )
+    return url
+
+
 def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
+    url = _redis_url(settings)
+
     async def go() -> T:
         async with Client(
-            settings.redis_url, namespace=settings.namespace, partitions=settings.partitions
+            url, namespace=settings.namespace, partitions=settings.partitions
         ) as client:
             return await action(client)
 
@@ -467,8 +502,10 @@ def _wait(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sync_status(args: argparse.Namespace, settings: Settings) -> int:
+    url = _redis_url(settings)
+
     async def collect() -> SyncState:
-        redis = command_client(resolve_url(settings.redis_url))
+        redis = command_client(url)
         try:
             return await collect_state(redis, Keys(settings.namespace), windows=_windows(settings))
         finally:
@@ -483,6 +520,21 @@ def _sync_status(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(format_status(state, settings.namespace))
     return 1 if state.stale else 0
+
+
+def _print_redis_url(args: argparse.Namespace, settings: Settings) -> int:
+    # The flag itself, not the settings (which also hold the variable's value).
+    url, source = resolve_url_source(args.redis_url)
+    origin = {
+        "argument": "--redis-url",
+        "environment": f"${REDIS_URL_ENV}",
+        "embedded": "the embedded Redis of a running `cancel-broker run`",
+        "default": f"the default (no --redis-url, no ${REDIS_URL_ENV}, no running"
+        " `cancel-broker run` with an embedded Redis)",
+    }[source]
+    print(f"cancel-broker: from {origin}", file=sys.stderr)
+    print(url)
+    return 0
 
 
 def _get_run(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,6 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from broker.embedded import EmbeddedRedisError
 from broker.http import HttpBindError
 from broker.settings import SettingsError
+from sdk.config import ENV_PREFIX
 from sdk.connection import REDIS_URL_ENV, redact_url
 from sdk.errors import (
     CancelBrokerError,
@@ -83,7 +84,9 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
         )
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError, ConnectionError)):
         return Diagnosis(
-            f"cannot reach Redis{where}: {message}", f"is Redis running there? {set_url}"
+            f"cannot reach Redis{where}: {message}",
+            f"is Redis running there? {set_url}, or start `cancel-broker run` (`make run`)"
+            " with no URL: commands on this machine then find its embedded Redis",
         )
     if isinstance(exc, RedisError):
         return Diagnosis(f"Redis{where} answered: {message}", "check the Redis server's log")
@@ -99,6 +102,9 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
         return Diagnosis(message, "see docs/protocol.md for what an event may contain")
     if isinstance(exc, PartitionCountError):
         return Diagnosis(message, "docs/scaling.md#partitions says how partitions are set")
+    if isinstance(exc, ConfigurationError) and message.startswith(ENV_PREFIX):
+        variable = message.partition("=")[0]
+        return Diagnosis(message, f"fix or unset {variable}")
     if isinstance(exc, ConfigurationError):
         return Diagnosis(
             message, "--if takes a CEL expression over event, e.g. 'event.data.tier == \"free\"'"

@@ -140,11 +140,13 @@ class Settings:
     redis_url: str | None = _setting(
         None,
         group="connection",
-        unset="an embedded Redis",
+        unset="run: an embedded Redis; other commands: the one a running `run` advertises,"
+        " else redis://localhost:6379/0",
         metavar="URL",
         help="Redis URL (redis://, rediss:// for TLS, redis+cluster://host:port,... for a"
-        " Redis Cluster); without one, `run` starts a private redis-server on a free port"
-        " and prints its URL",
+        " Redis Cluster); without one, `run` starts a private redis-server on a free port,"
+        " prints its URL and advertises it while it runs, so that other commands, workers"
+        " and clients on this machine given no URL use it too",
     )
     namespace: str = _shared(NAMESPACE, group="connection")
     partitions: int | None = _setting(

@@ -25,7 +25,7 @@ import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
@@ -49,6 +49,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdk.errors import InvalidRedisUrlError
+from sdk.local_redis import advertised
 
 #: What every factory here returns: a single-node client, or a cluster client for a
 #: ``redis+cluster://`` URL. Both speak the same commands; see docs/scaling.md for what a
@@ -159,8 +160,26 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+UrlSource = Literal["argument", "environment", "embedded", "default"]
+
+
+def resolve_url_source(url: str | None) -> tuple[str, UrlSource]:
+    """The Redis URL a process uses, and where it comes from: ``url`` if given, else
+    ``$CANCEL_BROKER_REDIS_URL``, else the embedded Redis a ``cancel-broker run`` on this
+    machine advertises while it runs (:mod:`sdk.local_redis`), else
+    ``redis://localhost:6379/0``."""
+    if url:
+        return url, "argument"
+    if from_env := os.environ.get(REDIS_URL_ENV):
+        return from_env, "environment"
+    if (embedded := advertised()) is not None:
+        return embedded.url, "embedded"
+    return DEFAULT_REDIS_URL, "default"
+
+
 def resolve_url(url: str | None) -> str:
-    return url or os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+    """The URL of :func:`resolve_url_source`."""
+    return resolve_url_source(url)[0]
 
 
 #: URL schemes that select Redis Cluster, and the redis-py scheme each stands for.

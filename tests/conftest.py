@@ -18,6 +18,7 @@ from broker import Broker, BrokerMetrics, EmbeddedRedis
 from sdk import CancelOn, Client, RunContext, RunInfo, Worker
 from sdk.connection import RedisClient, command_client
 from sdk.keys import Keys
+from sdk.local_redis import RUNTIME_DIR_ENV
 from sdk.partitions import PARTITIONS_ENV
 from tests.cluster import RedisClusterServer
 
@@ -29,6 +30,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         help="tests/test_dashboard_browser.py also saves a screenshot of the dashboard here",
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The suite's own directory for the embedded Redis a `cancel-broker run` advertises
+    (sdk/local_redis.py), inherited by every process it starts: a developer's `make run`
+    beside the suite is never found by it, nor the reverse."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(RUNTIME_DIR_ENV, str(tmp_path_factory.mktemp("runtime")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -5,32 +5,38 @@ discovered by a user whose Cancel button does nothing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from broker import EmbeddedRedis
 from broker.settings import Settings
 from sdk import Client, Worker
 from sdk.config import NAMESPACE, SharedSetting
+from sdk.connection import DEFAULT_REDIS_URL, REDIS_URL_ENV, resolve_url_source
 from sdk.errors import ConfigurationError
 from sdk.keys import PRESENCE
+from sdk.local_redis import RUNTIME_DIR_ENV, advertised
 from tests.conftest import run_of, wait_for_observation, wait_for_status
 from tests.processes import ROOT, ProcessHandle, start_broker, start_worker
 
 BROKER = (sys.executable, "-m", "broker")
 JSON_LOGS = ("--log-format", "json")
-SHARED: tuple[SharedSetting[object], ...] = (NAMESPACE,)
+SHARED: tuple[SharedSetting[Any], ...] = (NAMESPACE,)
 
 
 @pytest.mark.parametrize("setting", SHARED, ids=lambda s: s.name)
 def test_the_broker_reads_each_shared_setting_as_the_sdk_does(
-    setting: SharedSetting[object],
+    setting: SharedSetting[Any],
 ) -> None:
     (spec,) = (s for s in Settings.specs() if s.name == setting.name)
     assert (spec.env, spec.shown, spec.help) == (setting.env, setting.default, setting.help)
@@ -144,3 +150,53 @@ async def test_workers_and_a_broker_in_different_namespaces_are_reported(
         assert not [f for f in state["findings"] if f["kind"] == "namespace_mismatch"]  # type: ignore[attr-defined]
     finally:
         broker.terminate()
+
+
+@pytest.mark.e2e
+def test_a_second_shell_finds_the_embedded_redis_of_cancel_broker_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make run` starts a Redis on a random port; `cancel-broker send` in another terminal
+    (and a Worker or Client there) must use it, not localhost:6379, and say so."""
+    shell = {REDIS_URL_ENV: "", RUNTIME_DIR_ENV: str(tmp_path)}
+    broker = ProcessHandle([*BROKER, "run", "--http-port", "0", *JSON_LOGS], env=shell)
+    try:
+        url = broker.wait_for_line(r"started an embedded Redis at (redis://\S+)").group(1)
+        broker.wait_for_log("broker.ready")
+        monkeypatch.delenv(REDIS_URL_ENV, raising=False)
+        monkeypatch.setenv(RUNTIME_DIR_ENV, str(tmp_path))
+        # Checked first: were it not found, the command below would go to localhost:6379.
+        assert resolve_url_source(None) == (url, "embedded")
+        sent = subprocess.run(
+            [*BROKER, "send", "report/cancel.requested", '{"reportId": "r1"}'],
+            cwd=ROOT,
+            env={**os.environ, **shell},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
+        assert f"using the embedded Redis of a running `cancel-broker run`: {url}" in sent.stderr
+        with redis.Redis.from_url(url, decode_responses=True) as embedded:
+            (entry,) = embedded.xrange("{cancel}:events", sent.stdout.strip())
+        assert json.loads(entry[1]["event"])["data"] == {"reportId": "r1"}
+        # The SDK, given no URL either, finds it the same way.
+        assert Client().redis_url == url
+        assert Worker("reports").redis_url == url
+        assert resolve_url_source("redis://given:1/0") == ("redis://given:1/0", "argument")
+    finally:
+        broker.terminate()
+    # Stopped: its advertisement is gone, and nothing points at its Redis any more.
+    assert advertised() is None
+    assert resolve_url_source(None) == (DEFAULT_REDIS_URL, "default")
+
+
+def test_the_help_of_client_commands_says_where_they_connect() -> None:
+    text = " ".join(
+        subprocess.run(
+            [*BROKER, "send", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        ).stdout.split()
+    )
+    assert "other commands: the one a running `run` advertises, else redis://localhost:6379/0" in (
+        text
+    )
