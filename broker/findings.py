@@ -34,6 +34,7 @@ FindingKind = Literal[
     "orphan_cancel_event",
     "dead_rule",
     "namespace_mismatch",
+    "misnamed_stream",
 ]
 FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
     "drift",
@@ -42,6 +43,7 @@ FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
     "orphan_cancel_event",
     "dead_rule",
     "namespace_mismatch",
+    "misnamed_stream",
 )
 #: Event names that look like cancellations even when no rule mentions them: the last
 #: segment of the name, after any separator ("report/cancel.requested", "order.cancelled").
@@ -248,12 +250,17 @@ async def collect_state(
             pipe.xrevrange(keys.app_history(app_id), count=HISTORY_SHOWN)
             for part in parts:
                 pipe.hgetall(part.run_configs(app_id))
+        for stream in lookalike_streams(keys.namespace):
+            pipe.type(stream)
         pipe.hgetall(PRESENCE)
         pipe.hgetall(keys.rule_events)
         pipe.hgetall(keys.event_last_seen)
         pipe.hgetall(keys.orphan_events)
         replies: list[Any] = await pipe.execute()
     presence = {k: int(v) for k, v in replies[-4].items() if v.isdigit()}
+    lookalikes = lookalike_streams(keys.namespace)
+    types = replies[-4 - len(lookalikes) : -4]
+    misnamed = [name for name, kind in zip(lookalikes, types, strict=True) if kind == "stream"]
     rule_since = {k: int(v) for k, v in replies[-3].items()}
     last_seen = {k: int(v) for k, v in replies[-2].items()}
     orphan_counts = {k: int(v) for k, v in replies[-1].items()}
@@ -309,6 +316,7 @@ async def collect_state(
     findings += _orphan_findings(orphan_counts, last_seen, live_rules, now, windows)
     findings += _dead_rule_findings(live_rules, rule_since, last_seen, now, windows)
     findings += _namespace_findings(keys.namespace, bool(workers), presence, now)
+    findings += await _misnamed_stream_findings(redis, keys, misnamed, now)
     return SyncState(
         generated_at=now,
         workers=workers,
@@ -493,3 +501,50 @@ def _namespace_findings(
             },
         )
     ]
+
+
+def lookalike_streams(namespace: str) -> list[str]:
+    """Names a publisher writing by hand may give the events stream instead of
+    ``{namespace}:events``: without the braces (a doc's old typo), or one character off.
+    ``cancel-broker`` reads none of them."""
+    tagged = f"{{{namespace}}}"
+    return [
+        *(f"{namespace}{separator}events" for separator in ":.-_"),
+        f"{namespace}:event",
+        f"{tagged}:event",
+        f"{tagged}events",
+    ]
+
+
+async def _misnamed_stream_findings(
+    redis: RedisClient, keys: Keys, streams: list[str], now: int
+) -> list[Finding]:
+    """A stream named like the events stream, which no broker reads: every event appended
+    to it (a plain ``XADD`` to ``cancel:events``) is lost without a word."""
+    if not streams:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for stream in streams:
+            pipe.xlen(stream)
+            pipe.xrevrange(stream, count=1)
+        replies: list[Any] = await pipe.execute()
+    findings = []
+    for i, stream in enumerate(streams):
+        length, last = int(replies[2 * i]), replies[2 * i + 1]
+        last_ms = int(str(last[0][0]).partition("-")[0]) if last else None
+        ago = "" if last_ms is None else f", the last {max(0, now - last_ms) / 1000:.0f} s ago"
+        findings.append(
+            Finding(
+                kind="misnamed_stream",
+                message=f"stream {stream!r} holds {length} event(s){ago}, which no broker"
+                f" reads: events go to {keys.events!r} (the braces are part of the name);"
+                " publish there, then move these events and delete the stream",
+                details={
+                    "stream": stream,
+                    "length": length,
+                    "last_entry_at": last_ms,
+                    "events_stream": keys.events,
+                },
+            )
+        )
+    return findings

@@ -2,9 +2,11 @@
 
 An event travels as one stream entry whose ``event`` field holds JSON::
 
-    XADD cancel:events * event '{"name": "report/cancel.requested", "data": {"reportId": "r1"}}'
+    XADD '{cancel}:events' '*' event '{"name": "report/cancel.requested", "data": {...}}'
 
-The stream entry id is the event id; ``ts`` defaults to the entry's timestamp.
+(the braces are part of the stream's name: ``cancel:events`` is another stream, which no
+broker reads). The stream entry id is the event id; ``ts`` defaults to the entry's
+timestamp.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import redis
 from redis.asyncio import Redis
 
 from broker import EmbeddedRedis
+from broker.embedded import find_redis_cli
 from broker.settings import Settings
 from sdk import Client, Worker
 from sdk.config import NAMESPACE, SharedSetting
@@ -97,13 +98,12 @@ async def test_the_namespace_variable_alone_joins_broker_worker_and_client(
         broker.terminate()
 
 
-def sync_status(redis_url: str, namespace: str) -> tuple[int, dict[str, object]]:
-    done = subprocess.run(
+async def sync_status(redis_url: str, namespace: str) -> tuple[int, dict[str, Any]]:
+    """`cancel-broker sync status --json`, as a process: its exit code and its JSON."""
+    done = await anyio.run_process(
         [*BROKER, "sync", "status", "--json", "--redis-url", redis_url, "--namespace", namespace],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        check=False,
     )
     return done.returncode, json.loads(done.stdout)
 
@@ -127,13 +127,9 @@ async def test_workers_and_a_broker_in_different_namespaces_are_reported(
             assert warning["namespace"] == workers_ns
             assert brokers_ns in warning["brokers_read"]
             for namespace, other in ((brokers_ns, workers_ns), (workers_ns, brokers_ns)):
-                code, state = sync_status(redis_server.url, namespace)
+                code, state = await sync_status(redis_server.url, namespace)
                 assert code == 1, state
-                (finding,) = [
-                    f
-                    for f in state["findings"]  # type: ignore[attr-defined]
-                    if f["kind"] == "namespace_mismatch"
-                ]
+                (finding,) = [f for f in state["findings"] if f["kind"] == "namespace_mismatch"]
                 assert other in finding["details"]["other_namespaces"]
                 assert "CANCEL_BROKER_NAMESPACE" in finding["message"]
             async with httpx.AsyncClient(base_url=base) as http:
@@ -146,8 +142,8 @@ async def test_workers_and_a_broker_in_different_namespaces_are_reported(
         finally:
             worker.terminate()
         # The last worker left: the split is over.
-        code, state = sync_status(redis_server.url, brokers_ns)
-        assert not [f for f in state["findings"] if f["kind"] == "namespace_mismatch"]  # type: ignore[attr-defined]
+        code, state = await sync_status(redis_server.url, brokers_ns)
+        assert not [f for f in state["findings"] if f["kind"] == "namespace_mismatch"]
     finally:
         broker.terminate()
 
@@ -200,3 +196,38 @@ def test_the_help_of_client_commands_says_where_they_connect() -> None:
     assert "other commands: the one a running `run` advertises, else redis://localhost:6379/0" in (
         text
     )
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_events_appended_to_a_lookalike_stream_are_reported(
+    redis_server: EmbeddedRedis, redis: Redis, namespace: str
+) -> None:
+    """`XADD cancel:events` (no braces), as the docs once taught: no broker reads that
+    stream. Reported by `sync status` (exit 1), the dashboard and the gauge."""
+    broker, base = start_broker(redis_server.url, namespace)
+    try:
+        body = '{"name":"report/cancel.requested","data":{"reportId":"r1"}}'
+        # As any language would: one plain XADD, here from redis-cli.
+        command = [find_redis_cli(), "-u", redis_server.url, "XADD", f"{namespace}:events"]
+        await anyio.run_process([*command, "*", "event", body])
+        code, state = await sync_status(redis_server.url, namespace)
+        assert code == 1
+        (finding,) = [f for f in state["findings"] if f["kind"] == "misnamed_stream"]
+        assert finding["details"]["stream"] == f"{namespace}:events"
+        assert finding["details"]["events_stream"] == f"{{{namespace}}}:events"
+        assert "the braces are part of the name" in finding["message"]
+        async with httpx.AsyncClient(base_url=base) as http:
+            page = (await http.get("/v1/functions")).json()
+            assert "misnamed_stream" in {f["kind"] for f in page["findings"]}
+            with anyio.fail_after(15):
+                while (
+                    'stale_findings{kind="misnamed_stream"} 1.0'
+                    not in (await http.get("/metrics")).text
+                ):
+                    await anyio.sleep(0.2)
+        await redis.delete(f"{namespace}:events")
+        code, state = await sync_status(redis_server.url, namespace)
+        assert not [f for f in state["findings"] if f["kind"] == "misnamed_stream"]
+    finally:
+        broker.terminate()

@@ -346,6 +346,8 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
             # too; functions; decisions; Cancel) and trimming, as the broker's user.
             r4 = await start_report(publisher, operator, "acl-4")
             await wait_started(admin, "acl-4")
+            # A stream named like the events stream, without the braces: reported.
+            await admin.xadd("cancel:events", {"event": body})
             async with httpx.AsyncClient(base_url=http) as web:
                 sync = (await web.get("/v1/sync")).json()
                 listed = (await web.get("/v1/runs")).json()["runs"]
@@ -355,6 +357,8 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
                     f"/v1/runs/{r4.run_id}/cancel", headers={"X-Cancel-Broker-Request": "1"}
                 )
             assert [w["worker_id"] for w in sync["workers"]] == [worker_id]
+            assert "misnamed_stream" in {f["kind"] for f in sync["findings"]}
+            await admin.delete("cancel:events")
             assert {r1.run_id, r2.run_id, r4.run_id} <= {run["run_id"] for run in listed}
             assert [f["function_id"] for f in functions] == ["generate-report"]
             assert {d["decision"] for d in decided} >= {"matched", "dead_lettered"}
