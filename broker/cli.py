@@ -26,7 +26,7 @@ from broker.findings import SyncState, Windows, collect_state
 from broker.http import create_app, serve_http
 from broker.logs import LogFormat, configure_logging
 from broker.metrics import BrokerMetrics
-from broker.output import Output, progress_bar
+from broker.output import Output, progress_bar, text
 from broker.report import format_status, print_status_rich
 from broker.service import Broker
 from broker.settings import Settings
@@ -318,6 +318,7 @@ async def _serve(url: str, settings: Settings) -> None:
         history_length=settings.history_length,
         tombstone_lookback_s=settings.tombstone_lookback,
         partitions=settings.partitions,
+        pending_cancel_lookback_s=settings.pending_cancel_lookback,
     )
     access = CancelAccess(
         mode=cast(DashboardMode, settings.dashboard),
@@ -389,7 +390,10 @@ def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -
 
     async def go() -> T:
         async with Client(
-            url, namespace=settings.namespace, partitions=settings.partitions
+            url,
+            namespace=settings.namespace,
+            partitions=settings.partitions,
+            pending_cancel_lookback=settings.pending_cancel_lookback,
         ) as client:
             return await action(client)
 
@@ -463,14 +467,22 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
                 ("previous_status", result.previous_status),
                 ("status", result.status),
                 ("cascaded", ", ".join(result.cascaded) or "-"),
+                *([("kept_until", result.kept_until)] if result.kept_until else []),
             ],
         )
+        if result.outcome == "pending":
+            print(
+                f"no run {result.run_id} yet: the cancel is kept until"
+                f" {text(result.kept_until)}, and a run that registers with this id by then is"
+                " cancelled before its body runs",
+                file=sys.stderr,
+            )
     return 1 if result.outcome in ("not_found", "forbidden") else 0
 
 
 def _cancel_many(args: argparse.Namespace, settings: Settings) -> int:
     with progress_bar(f"cancelling {args.function_id}") as ticker:
-        results = _with_client(
+        bulk = _with_client(
             settings,
             lambda client: client.cancel_many(
                 args.function_id,
@@ -482,15 +494,30 @@ def _cancel_many(args: argparse.Namespace, settings: Settings) -> int:
                 progress=ticker,
             ),
         )
-    outcomes = Counter(result.outcome for result in results)
+    outcomes = Counter(result.outcome for result in bulk.results)
     out = Output(as_json=args.json)
     if out.as_json:
-        out.json({"runs": len(results), "outcomes": dict(outcomes)})
-    else:
-        out.table(
-            f"{len(results)} run(s) of {args.function_id} considered",
-            ["outcome", "runs"],
-            sorted(outcomes.items()),
+        out.json(
+            {
+                "runs": len(bulk.results),
+                "outcomes": dict(outcomes),
+                "started_after": bulk.started_after,
+                "started_before": bulk.started_before,
+                "kept_until": bulk.kept_until,
+            }
+        )
+        return 0
+    out.table(
+        f"{len(bulk.results)} run(s) of {args.function_id} considered",
+        ["outcome", "runs"],
+        sorted(outcomes.items()),
+    )
+    if bulk.kept_until is not None:
+        print(
+            f"runs of {args.function_id} triggered up to {text(bulk.started_before)} that have"
+            f" not registered yet (queued) are cancelled when they do, until"
+            f" {text(bulk.kept_until)}",
+            file=sys.stderr,
         )
     return 0
 

@@ -6,6 +6,9 @@
 - **Re-sending**: a cancel signal no worker acknowledged within ``RESEND_AFTER_MS`` is sent
   again, until the run finishes or its worker is reaped (delivery is at least once).
 - **Trimming**: events every consumer group has acknowledged are trimmed from the stream.
+- **Expiring kept cancels**: a cancel by id kept for a run that never registered within
+  its lookback is removed and reported (a warning naming the run ids, and a counter): it
+  cancelled nothing, and says so.
 
 Every loop survives anything Redis answers; several brokers doing the same work is
 harmless, as each step is idempotent.
@@ -31,6 +34,9 @@ from sdk.wire import decode_worker
 RESEND_AFTER_MS: Final = 2_000
 RESEND_INTERVAL_S: Final = 0.5
 TRIM_INTERVAL_S: Final = 60.0
+EXPIRE_INTERVAL_S: Final = 5.0
+#: Kept cancels removed per partition and round (the next round takes the rest).
+EXPIRE_BATCH: Final = 1_000
 #: Bounds of the reaper's sleep, which follows the shortest heartbeat interval it sees.
 REAP_SLEEP_S: Final = (0.05, 1.0)
 
@@ -53,6 +59,7 @@ class Housekeeping:
             tg.start_soon(self._forever, self.reap_once, "reap")
             tg.start_soon(self._forever, self.resend_once, "resend")
             tg.start_soon(self._forever, self.trim_once, "trim")
+            tg.start_soon(self._forever, self.expire_pending_once, "expire")
 
     async def _forever(self, step: Any, name: str) -> None:
         while True:
@@ -128,6 +135,51 @@ class Housekeeping:
             self.metrics.signals_resent.inc(len(resent))
             self._log.warning("signals.resent", runs=len(resent), sample=resent[:5])
         return RESEND_INTERVAL_S
+
+    async def expire_pending_once(self) -> float:
+        """Remove and report the cancels by id whose run never registered in time."""
+        now = await redis_now_ms(self.redis)
+        expired: set[str] = set()
+        for store in self.stores:
+            keys = store.keys
+            run_ids = cast(
+                list[str],
+                await self.redis.zrangebyscore(
+                    keys.pending_cancel_deadlines, "-inf", now, start=0, num=EXPIRE_BATCH
+                ),
+            )
+            if not run_ids:
+                continue
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(keys.pending_cancels, *run_ids)
+                pipe.zrem(keys.pending_cancel_deadlines, *run_ids)
+                await pipe.execute()
+            expired.update(run_ids)
+        if len(self.stores) > 1 and expired:
+            # Kept in every partition; a run that registered in one took only that copy.
+            registered = await self._registered(sorted(expired))
+            expired -= registered
+        if expired:
+            self.metrics.pending_cancels_expired.inc(len(expired))
+            self._log.warning(
+                "cancel.pending_expired",
+                runs=len(expired),
+                run_ids=sorted(expired)[:20],
+                reason="a cancel by id was kept for each of these runs, and no run registered"
+                " with the id within the pending-cancel lookback: it cancelled nothing",
+            )
+        return EXPIRE_INTERVAL_S
+
+    async def _registered(self, run_ids: list[str]) -> set[str]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for run_id in run_ids:
+                for store in self.stores:
+                    pipe.exists(store.keys.run(run_id))
+            found = cast(list[int], await pipe.execute())
+        width = len(self.stores)
+        return {
+            run_id for i, run_id in enumerate(run_ids) if any(found[i * width : (i + 1) * width])
+        }
 
     async def trim_once(self) -> float:
         """Drop what every consumer group has acknowledged, from each consumed stream."""

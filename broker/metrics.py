@@ -107,6 +107,13 @@ class BrokerMetrics:
             "Workers that stopped heartbeating without leaving (killed, host lost).",
             registry=self.registry,
         )
+        self.pending_cancels_expired = Counter(
+            "cancel_broker_pending_cancels_expired",
+            "Cancels by run id kept for a run that never registered within the pending-cancel"
+            " lookback: they expired having cancelled nothing (a cancel.pending_expired"
+            " warning names them).",
+            registry=self.registry,
+        )
         self.stale_findings = Gauge(
             "cancel_broker_stale_findings",
             "Stale-configuration findings present now, by kind (see docs/operations.md).",

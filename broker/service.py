@@ -79,6 +79,7 @@ class Broker:
         history_length: int = HISTORY_MAXLEN,
         tombstone_lookback_s: float = TOMBSTONE_LOOKBACK_S,
         partitions: int | None = None,
+        pending_cancel_lookback_s: float | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(resolve_namespace(namespace))
@@ -92,6 +93,8 @@ class Broker:
         self.dead_letter_maxlen = dead_letter_maxlen
         self.history_length = history_length
         self.tombstone_ms = max(0, round(tombstone_lookback_s * 1000))
+        #: For the dashboard's Cancel, as for any Client (None: the SDK's own default).
+        self.pending_cancel_lookback_s = pending_cancel_lookback_s
         self._log = structlog.get_logger(
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
@@ -118,7 +121,12 @@ class Broker:
         """
         redis = command_client(self.redis_url)
         # The dashboard's Cancel goes through the SDK's own cancel by id.
-        client = Client(self.redis_url, namespace=self.keys.namespace, partitions=self.partitions)
+        client = Client(
+            self.redis_url,
+            namespace=self.keys.namespace,
+            partitions=self.partitions,
+            pending_cancel_lookback=self.pending_cancel_lookback_s,
+        )
         try:
             partitions = await self._wait_for_redis(redis)
             stores = partitions.stores()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from sdk.config import ENV_PREFIX, NAMESPACE, SharedSetting
+from sdk.config import ENV_PREFIX, NAMESPACE, PENDING_CANCEL_LOOKBACK, SharedSetting
 from sdk.durations import parse_duration
 from sdk.partitions import check_partitions
 
@@ -23,7 +23,7 @@ from sdk.partitions import check_partitions
 #: ``detection`` ``run`` and ``sync status``.
 Group = Literal["connection", "broker", "detection"]
 GROUP_TITLES: Final[dict[Group, str]] = {
-    "connection": "Redis (every command)",
+    "connection": "Redis and what workers and clients read too (every command)",
     "broker": "broker",
     "detection": "detection of stale configurations",
 }
@@ -159,6 +159,7 @@ class Settings:
         " the first process stores the number in Redis and every process must agree (give"
         " workers and clients the same CANCEL_BROKER_PARTITIONS)",
     )
+    pending_cancel_lookback: float = _shared(PENDING_CANCEL_LOOKBACK, group="connection")
     http_host: str = _setting(
         "127.0.0.1",
         metavar="HOST",

@@ -47,6 +47,9 @@ class Snapshot:
     consumer_lag: dict[tuple[str, str], int | None] = field(default_factory=dict)
     #: (stream, group) -> entries delivered and not acknowledged
     pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Cancels by id kept for runs not registered yet (each partition keeps its own copy:
+    #: the largest count).
+    pending_cancels: int = 0
 
 
 class ClusterStats(Collector):
@@ -88,6 +91,10 @@ class ClusterStats(Collector):
             int(signals[f"delivery:{index}"])
             for index in [*map(str, range(1, len(LATENCY_BUCKETS) + 1)), "inf"]
         ]
+        async with redis.pipeline(transaction=False) as pipe:
+            for part in partitions:
+                pipe.zcard(part.pending_cancel_deadlines)
+            snapshot.pending_cancels = max(cast(list[int], await pipe.execute()), default=0)
         for stream in (keys.syncs, *(part.events for part in partitions)):
             for group in await redis.xinfo_groups(stream):
                 name = str(group["name"])
@@ -148,3 +155,9 @@ class ClusterStats(Collector):
             pending.add_metric([stream, group], value)
         yield lag
         yield pending
+        yield GaugeMetricFamily(
+            "cancel_broker_pending_cancels",
+            "Cancels by run id kept for runs that have not registered yet (outcome pending),"
+            " each until the pending-cancel lookback ends (cluster view).",
+            value=snap.pending_cancels,
+        )

@@ -10,6 +10,7 @@ from sdk.errors import (
     CancelBrokerError,
     ConfigurationError,
     DuplicateRunError,
+    InvalidBulkCancelError,
     InvalidEventError,
     InvalidIdError,
     InvalidRedisUrlError,
@@ -24,7 +25,14 @@ from sdk.function import Function
 from sdk.rules import CancelOn
 from sdk.sync_client import SyncClient
 from sdk.version import __version__
-from sdk.wire import RUN_CANCELLED_EVENT, CancelResult, Event, RunInfo, RunStatus
+from sdk.wire import (
+    RUN_CANCELLED_EVENT,
+    BulkCancelResult,
+    CancelResult,
+    Event,
+    RunInfo,
+    RunStatus,
+)
 from sdk.worker import Worker
 
 __all__ = [
@@ -32,6 +40,7 @@ __all__ = [
     "RUN_CANCELLED_EVENT",
     "BlockingRun",
     "BlockingWorker",
+    "BulkCancelResult",
     "CancelBrokerError",
     "CancelOn",
     "CancelResult",
@@ -41,6 +50,7 @@ __all__ = [
     "Event",
     "ExpressionError",
     "Function",
+    "InvalidBulkCancelError",
     "InvalidEventError",
     "InvalidIdError",
     "InvalidRedisUrlError",

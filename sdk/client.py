@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, Self, cast
 
@@ -12,17 +13,20 @@ import anyio
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from sdk.config import resolve_namespace
+from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import command_client, resolve_url
-from sdk.errors import RunNotFinishedError
+from sdk.errors import InvalidBulkCancelError, RunNotFinishedError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
+from sdk.registration import redis_now_ms
 from sdk.rules import value_token
-from sdk.store import OPERATOR_ACTOR, RunStore
+from sdk.store import OPERATOR_ACTOR, RunStore, request_cancel_everywhere
 from sdk.wire import (
     MAX_EVENT_BYTES,
     TERMINAL_STATUSES,
+    BulkCancel,
+    BulkCancelResult,
     CancelResult,
     Event,
     RunInfo,
@@ -32,6 +36,9 @@ from sdk.wire import (
 
 #: Runs read, filtered and cancelled per round trip by :meth:`Client.cancel_many`.
 BULK_BATCH: Final = 500
+#: How far ahead of the Redis clock a ``started_before`` may be and still count as now:
+#: the caller's clock and Redis's differ a little.
+CLOCK_SKEW_MS: Final = 1_000
 
 log = structlog.get_logger("sdk.client")
 
@@ -58,10 +65,27 @@ def _actor_token(actor: Actor) -> str:
     return value_token(actor) or ""
 
 
-def _ms(value: datetime) -> float:
+def _ms(value: datetime) -> int:
     if value.tzinfo is None:
         raise ValueError(f"{value!r} has no time zone; pass an aware datetime")
-    return value.timestamp() * 1000
+    return round(value.timestamp() * 1000)
+
+
+def _datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _iso(ms: int) -> str:
+    return _datetime(ms).isoformat(timespec="milliseconds")
+
+
+def _first_decided(results: list[CancelResult]) -> CancelResult:
+    """Of one run id's results in every partition: the one where the run was (it registered
+    meanwhile), else the kept cancel's."""
+    for result in results:
+        if result.outcome not in ("pending", "not_found"):
+            return result
+    return next((r for r in results if r.outcome == "pending"), results[0])
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
@@ -79,9 +103,16 @@ class Client:
         namespace: str | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
+        pending_cancel_lookback: float | timedelta | str | None = None,
     ) -> None:
         self.redis_url = resolve_url(redis_url)
         self.keys = Keys(resolve_namespace(namespace))
+        #: How long a cancel of runs not registered yet is kept (by id, or in bulk), for
+        #: them to be cancelled when they register: ``$CANCEL_BROKER_PENDING_CANCEL_LOOKBACK``
+        #: unless given, 10 minutes by default; zero keeps none.
+        self.pending_cancel_lookback = resolve_lookback(
+            PENDING_CANCEL_LOOKBACK, pending_cancel_lookback
+        )
         self.max_event_bytes = max_event_bytes
         #: The number of partitions this client expects (None: whatever the namespace has).
         self.partitions = check_partitions(partitions)
@@ -140,26 +171,40 @@ class Client:
         await self._open()
         return [run for store in self._stores for run in await store.runs_for_event(event_id)]
 
+    @property
+    def _keep_ms(self) -> int:
+        return round(self.pending_cancel_lookback.total_seconds() * 1000)
+
     async def cancel(
         self, run_id: str, *, reason: str | None = None, actor: Actor = None
     ) -> CancelResult:
         """Cancel one run by id; the result has the run's previous and new status.
 
         ``outcome`` says what happened: ``signalled`` (its worker is stopping it),
+        ``pending`` (no run has this id yet, a job still queued: the cancel is kept until
+        ``kept_until``, the client's ``pending_cancel_lookback``, and a run that registers
+        with the id by then is cancelled at once, its body never run),
         ``already_cancelling``, ``already_completed``, ``already_cancelled``,
         ``already_failed`` (terminal states are final), ``lost`` (its worker died),
-        ``not_found``, or ``forbidden``: the function declares an ``owner`` and ``actor``
-        is not that value (pass :data:`OPERATOR` to cancel any run).
+        ``not_found`` (no such run, and keeping is off), or ``forbidden``: the function
+        declares an ``owner`` and ``actor`` is not that value (pass :data:`OPERATOR` to
+        cancel any run). A kept cancel is checked against the owner when the run registers.
         """
-        store = await self._store_of(check_id("run id", run_id))
-        if store is None:
-            result = CancelResult(run_id=run_id, outcome="not_found", status=None)
+        check_id("run id", run_id)
+        partitions = await self._open()
+        request: dict[str, Any] = {
+            "reason": reason or "cancelled by request",
+            "cancelled_by": "api",
+            "actor": _actor_token(actor),
+            "keep_ms": self._keep_ms,
+        }
+        located = await partitions.locate([run_id])
+        if run_id in located:
+            (result,) = await self._stores[located[run_id]].request_cancel([run_id], **request)
         else:
-            (result,) = await store.request_cancel(
-                [run_id],
-                reason=reason or "cancelled by request",
-                cancelled_by="api",
-                actor=_actor_token(actor),
+            # In no partition yet: kept in each, since any of them may be where it registers.
+            result = _first_decided(
+                await request_cancel_everywhere(self._stores, run_id, **request)
             )
         # The audit line of a cancel by id, refused ones included.
         (log.warning if result.outcome == "forbidden" else log.info)(
@@ -169,6 +214,7 @@ class Client:
             previous_status=result.previous_status,
             status=result.status,
             cascaded=len(result.cascaded),
+            kept_until=result.kept_until,
             actor=repr(actor),
             reason=reason,
         )
@@ -184,27 +230,67 @@ class Client:
         if_: str | None = None,
         reason: str | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> list[CancelResult]:
+    ) -> BulkCancelResult:
         """Cancel the unfinished runs of a function (of every app declaring it, or of
-        ``app_id``), optionally only those started in a time range or whose trigger
-        satisfies ``if_``, a CEL expression over ``event``. An operator's action: owner
-        checks do not apply. Returns one result per run considered.
+        ``app_id``) triggered between ``started_after`` and ``started_before`` (both
+        included; default: any time up to now), and whose trigger satisfies ``if_``, a CEL
+        expression over ``event``. An operator's action: owner checks do not apply.
 
-        ``progress(done, total)`` is called once the runs are listed (``done == 0``) and
-        after each batch of ``BULK_BATCH`` runs: ``total`` counts the runs in the time
-        range, before ``if_`` filters them.
+        A run's time is when it was triggered (its trigger published, its job sent), so
+        runs whose trigger waits in the stream behind a full worker count too: the cancel
+        is kept (for the client's ``pending_cancel_lookback``) and cancels each of them
+        when it registers, as Inngest's bulk cancel does. A ``started_before`` in the
+        future would cancel work not asked for yet: it raises
+        :class:`~sdk.errors.InvalidBulkCancelError`, as do bounds in the wrong order.
+
+        Returns a :class:`~sdk.wire.BulkCancelResult`: one result per registered run
+        considered, the time range, and until when the cancel is kept. ``progress(done,
+        total)`` is called once the runs are listed (``done == 0``) and after each batch of
+        ``BULK_BATCH`` runs: ``total`` counts the runs in the time range, before ``if_``
+        filters them.
         """
         check_name("function id", function_id)
         condition = None if if_ is None else compile_trigger_filter(if_)
         await self._open()
+        now = await redis_now_ms(self._redis)
+        before = now if started_before is None else _ms(started_before)
+        if before > now + CLOCK_SKEW_MS:
+            raise InvalidBulkCancelError(
+                f"started_before={started_before.isoformat() if started_before else None} is"
+                f" in the future (Redis time is {_iso(now)}): it would cancel runs not"
+                " triggered yet; give a time up to now, or none for now"
+            )
+        before = min(before, now)
+        after = None if started_after is None else _ms(started_after)
+        if after is not None and after > before:
+            raise InvalidBulkCancelError(
+                f"started_after ({_iso(after)}) is later than started_before ({_iso(before)})"
+            )
+        reason = reason or f"bulk cancel of {function_id}"
+        kept_until = None
+        if self._keep_ms:
+            # Kept before the registered runs are listed: a run registering meanwhile is
+            # either listed, or registers after the cancel is kept and meets it there.
+            bulk = BulkCancel(
+                id=uuid.uuid4().hex,
+                function_id=function_id,
+                app=app_id or "",
+                after=after,
+                before=before,
+                if_=if_ or "",
+                reason=reason,
+                at=now,
+            )
+            for store in self._stores:
+                await store.keep_bulk_cancel(bulk, keep_ms=self._keep_ms)
+            kept_until = _datetime(now + self._keep_ms)
         apps = (
             [check_name("app id", app_id)]
             if app_id
             else sorted(cast(set[str], await self._redis.smembers(self.keys.apps)))
         )
-        # Exclusive bounds ("after", "before"), as Inngest's bulk cancel.
-        low = "-inf" if started_after is None else f"({_ms(started_after)}"
-        high = "+inf" if started_before is None else f"({_ms(started_before)}"
+        # Both bounds included, as Inngest's bulk cancel; runs are scored by trigger time.
+        low = "-inf" if after is None else str(after)
         # Listed first, so that progress knows the total.
         listed = [
             (
@@ -212,7 +298,7 @@ class Client:
                 cast(
                     list[str],
                     await self._redis.zrangebyscore(
-                        store.keys.function_runs(app, function_id), low, high
+                        store.keys.function_runs(app, function_id), low, str(before)
                     ),
                 ),
             )
@@ -229,24 +315,27 @@ class Client:
                 done += len(batch)
                 if condition is not None:
                     batch = await self._filter(store, batch, condition)
-                results += await store.request_cancel(
-                    batch,
-                    reason=reason or f"bulk cancel of {function_id}",
-                    cancelled_by="api",
-                )
+                results += await store.request_cancel(batch, reason=reason, cancelled_by="api")
                 if progress is not None:
                     progress(done, total)
+        result = BulkCancelResult(
+            results=results,
+            started_after=None if after is None else _datetime(after),
+            started_before=_datetime(before),
+            kept_until=kept_until,
+        )
         log.info(
             "cancel.bulk",
             function_id=function_id,
             app_id=app_id,
-            started_after=started_after,
-            started_before=started_before,
+            started_after=result.started_after,
+            started_before=result.started_before,
             condition=if_,
             runs=len(results),
-            outcomes=dict(Counter(result.outcome for result in results)),
+            outcomes=dict(Counter(r.outcome for r in results)),
+            kept_until=kept_until,
         )
-        return results
+        return result
 
     async def _filter(
         self, store: RunStore, run_ids: list[str], condition: Expression

@@ -33,6 +33,12 @@ class InvalidIdError(CancelBrokerError, ValueError):
     """A run or event id that cannot be part of a key name (checked before any lookup)."""
 
 
+class InvalidBulkCancelError(CancelBrokerError, ValueError):
+    """``Client.cancel_many`` was asked for a time range it cannot honour: a
+    ``started_before`` in the future (it would cancel runs not triggered yet), or bounds in
+    the wrong order."""
+
+
 class UnknownFunctionError(CancelBrokerError, LookupError):
     """``worker.run`` named a function the worker does not declare."""
 

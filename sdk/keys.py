@@ -168,6 +168,24 @@ class Keys:
         """Sorted set of one function's unfinished runs, scored by start time (ms)."""
         return f"{self.shard}fn-runs:{app_id}/{function_id}"
 
+    @property
+    def pending_cancels(self) -> str:
+        """Hash run id -> a cancel by id of a run not registered yet (JSON: reason, actor,
+        when, until when), kept for the run to be cancelled when it registers."""
+        return f"{self.shard}pending-cancels"
+
+    @property
+    def pending_cancel_deadlines(self) -> str:
+        """Sorted set of the run ids of :attr:`pending_cancels`, scored by when each stops
+        counting (ms): how the broker finds those that expired, and reports them."""
+        return f"{self.shard}pending-cancels:until"
+
+    def bulk_cancels(self, function_id: str) -> str:
+        """Sorted set of recent bulk cancels of a function (``Client.cancel_many``; JSON),
+        scored by when each stops counting (ms): runs of it triggered in the cancel's time
+        range that register later are cancelled by it."""
+        return f"{self.shard}bulk-cancels:{function_id}"
+
     def children(self, run_id: str) -> str:
         """Set of the runs started inside this run: cancelling it cancels them too."""
         return f"{self.shard}children:{run_id}"

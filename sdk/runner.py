@@ -20,7 +20,7 @@ import msgspec
 from sdk.connection import REDIS_ERRORS, Backoff
 from sdk.context import DEFAULT_THREAD_GRACE, CancelState, RunContext
 from sdk.errors import DuplicateRunError, RunCancelled
-from sdk.expressions import describe_error, event_variable
+from sdk.expressions import compile_trigger_filter, describe_error, event_variable
 from sdk.function import Function
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions
@@ -205,8 +205,24 @@ class Runner:
         return run, request
 
     async def _settle(self, run: Run, registration: Registration) -> Run:
-        """Act on what registering did: tombstones to evaluate, a taken id, a cancel."""
-        if registration.outcome == "registered" and registration.tombstones:
+        """Act on what registering did: tombstones and bulk cancels to evaluate, a cancel by
+        id the owner refused, a taken id, a cancel."""
+        if registration.refused_actor:
+            self._log.warning(
+                "run.pending_cancel_refused",
+                run_id=run.run_id,
+                actor=registration.refused_actor,
+                owner=run.function.owner,
+                reason="a cancel by this run's id came before it registered, from an actor"
+                " that is not the run's owner",
+            )
+        if registration.outcome == "registered" and registration.bulk_cancels:
+            await self._apply_bulk_cancels(run, registration)
+        if (
+            registration.outcome == "registered"
+            and registration.tombstones
+            and not (run.state.cancelled)
+        ):
             await self._apply_tombstones(run, registration)
         if registration.outcome == "taken":
             self._forget(run)
@@ -226,6 +242,28 @@ class Runner:
         if fn.owner is None:
             return None
         return fn.owner, value_token(parse_path(fn.owner).lookup(event))
+
+    async def _apply_bulk_cancels(self, run: Run, registration: Registration) -> None:
+        """Bulk cancels (``Client.cancel_many``) that cover the run's trigger time and have a
+        condition over the trigger: the worker evaluates it, and cancels its own run."""
+        trigger = {"event": event_variable(run.event)}
+        for bulk in registration.bulk_cancels:
+            try:
+                holds = compile_trigger_filter(bulk.if_).evaluate(trigger)
+            except Exception as exc:  # an error selects nothing, as in cancel_many
+                self._log.warning("run.bulk_condition_error", run_id=run.run_id, error=str(exc))
+                continue
+            if not holds:
+                continue
+            (result,) = await self.stores[run.partition].request_cancel(
+                [run.run_id], reason=bulk.reason, cancelled_by="api", holder=self.worker_id
+            )
+            if result.outcome in ("signalled", "already_cancelling"):
+                self._log.info(
+                    "run.cancelled_on_registration", run_id=run.run_id, cancelled_by="api"
+                )
+                run.state.cancel(bulk.reason)
+                return
 
     async def _apply_tombstones(self, run: Run, registration: Registration) -> None:
         """Cancel events that arrived before the run registered, under rules with an

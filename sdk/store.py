@@ -7,11 +7,12 @@ is atomic and terminal states are final whoever races whom.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final, Literal, cast
 
 import msgspec
+import structlog
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -21,6 +22,7 @@ from sdk.metrics import LATENCY_BUCKETS
 from sdk.rules import IndexEntry, Lookup
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
+    BulkCancel,
     CancelOutcome,
     CancelResult,
     Event,
@@ -40,8 +42,17 @@ DEFAULT_RETENTION: Final = timedelta(days=1)
 FINISHED_RUNS_KEPT: Final = 1_000
 #: Approximate cap on a worker's signal stream; signals are read within milliseconds.
 SIGNAL_STREAM_MAXLEN: Final = 10_000
+#: Most cancels by id kept per partition for runs not registered yet (``pending``); beyond,
+#: the one closest to its end is dropped: about 150 bytes each, 15 MB at most.
+PENDING_CANCELS_KEPT: Final = 100_000
+#: Most bulk cancels kept per function for runs not registered yet.
+BULK_CANCELS_KEPT: Final = 100
 
 Outcome = Literal["completed", "cancelled", "failed", "lost"]
+
+
+log = structlog.get_logger("sdk.store")
+_bulk_decoder = msgspec.json.Decoder(BulkCancel)
 
 
 def _script(name: str) -> str:
@@ -60,8 +71,13 @@ def _pairs(fields: Mapping[str, str | None]) -> list[ScriptArg]:
     return [item for key, value in fields.items() if value is not None for item in (key, value)]
 
 
+def _datetime(ms: object) -> datetime | None:
+    return datetime.fromtimestamp(int(str(ms)) / 1000, tz=UTC) if ms not in (None, "") else None
+
+
 def _results(replies: Sequence[Sequence[object]]) -> list[CancelResult]:
-    """The ``{run id, outcome, previous, status, cascaded}`` replies of the cancel scripts."""
+    """The ``{run id, outcome, previous, status, cascaded[, kept until]}`` replies of the
+    cancel scripts."""
     return [
         CancelResult(
             run_id=str(run_id),
@@ -69,8 +85,9 @@ def _results(replies: Sequence[Sequence[object]]) -> list[CancelResult]:
             previous_status=cast(RunStatus, previous) or None,
             status=cast(RunStatus, status) or None,
             cascaded=tuple(str(child) for child in cast(list[str], cascaded)),
+            kept_until=_datetime(kept[0]) if kept else None,
         )
-        for run_id, outcome, previous, status, cascaded in replies
+        for run_id, outcome, previous, status, cascaded, *kept in replies
     ]
 
 
@@ -85,6 +102,10 @@ class Registration(msgspec.Struct, frozen=True):
     #: Tombstoned cancel events newer than the trigger, under entries with an expression:
     #: (entry, cancel event). The worker evaluates them.
     tombstones: tuple[tuple[IndexEntry, Event], ...] = ()
+    #: Bulk cancels covering the run whose condition (``if``) must hold: the worker decides.
+    bulk_cancels: tuple[BulkCancel, ...] = ()
+    #: The actor of a cancel by id kept for this run, which the function's owner refused.
+    refused_actor: str = ""
 
 
 class RegisterRequest(msgspec.Struct, frozen=True):
@@ -117,7 +138,10 @@ def _registration(request: RegisterRequest, reply: Any) -> Registration:
         (request.entries[int(index) - 1], decode_stored_event(body))
         for index, _id, body in reply[1]
     )
-    return Registration("registered", tombstones=tombstones)
+    bulk = tuple(_bulk_decoder.decode(body) for body in reply[2])
+    return Registration(
+        "registered", tombstones=tombstones, bulk_cancels=bulk, refused_actor=str(reply[3])
+    )
 
 
 class Finished(msgspec.Struct, frozen=True):
@@ -236,6 +260,9 @@ class RunStore:
             self.keys.function_runs(r.app_id, r.function_id),
             self.keys.run(parent),
             self.keys.children(parent),
+            self.keys.pending_cancels,
+            self.keys.pending_cancel_deadlines,
+            self.keys.bulk_cancels(r.function_id),
             *(key for e in r.entries for key in (e.key, e.tombstone)),
         ]
         args: list[ScriptArg] = [
@@ -319,13 +346,52 @@ class RunStore:
         cancel_at_ms: int | None = None,
         actor: str = OPERATOR_ACTOR,
         holder: str = "",
+        keep_ms: int = 0,
     ) -> list[CancelResult]:
         """Move these runs, if running, to ``cancelling`` and signal their workers.
 
         ``actor``: the canonical value token of who asks, checked against the owner of
         functions that declare one; ``""`` for nobody, :data:`OPERATOR_ACTOR` for anyone.
         ``holder``: the calling worker, which cancels the runs it holds itself (no signal).
+        ``keep_ms``: a cancel by id of a run that does not exist yet is kept this long
+        (``pending``), and cancels the run when it registers.
         """
+        (results,) = await self._pipelined(
+            self._request_cancel,
+            [
+                self._request_cancel_call(
+                    run_ids,
+                    event_id=event_id,
+                    reason=reason,
+                    cancelled_by=cancelled_by,
+                    cancel_at_ms=cancel_at_ms,
+                    actor=actor,
+                    holder=holder,
+                    keep_ms=keep_ms,
+                )
+            ],
+        )
+        if isinstance(results, Exception):
+            raise results
+        return self._cancelled(results)
+
+    def _request_cancel_call(
+        self,
+        run_ids: Iterable[str],
+        *,
+        event_id: str = "",
+        reason: str = "",
+        cancelled_by: str,
+        cancel_at_ms: int | None = None,
+        actor: str = OPERATOR_ACTOR,
+        holder: str = "",
+        keep_ms: int = 0,
+    ) -> tuple[list[str], list[ScriptArg]]:
+        keys = [
+            self.keys.cancelling_runs,
+            self.keys.pending_cancels,
+            self.keys.pending_cancel_deadlines,
+        ]
         args: list[ScriptArg] = [
             *self._cancel_context(),
             event_id,
@@ -334,10 +400,33 @@ class RunStore:
             "" if cancel_at_ms is None else cancel_at_ms,
             actor,
             holder,
+            keep_ms,
+            PENDING_CANCELS_KEPT,
             *run_ids,
         ]
-        replies = await self._request_cancel(keys=[self.keys.cancelling_runs], args=args)
-        return _results(cast(list[list[object]], replies))
+        return keys, args
+
+    def _cancelled(self, reply: Any) -> list[CancelResult]:
+        results, dropped = cast(tuple[list[list[object]], int], reply)
+        if dropped:
+            log.warning(
+                "cancel.pending_dropped",
+                partition=self.keys.partition,
+                dropped=int(dropped),
+                kept=PENDING_CANCELS_KEPT,
+            )
+        return _results(results)
+
+    async def keep_bulk_cancel(self, bulk: BulkCancel, *, keep_ms: int) -> None:
+        """Keep a bulk cancel of ``bulk.function_id`` for ``keep_ms``, for the runs of it
+        that register later (register_run.lua)."""
+        key = self.keys.bulk_cancels(bulk.function_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {encode_json(bulk).decode(): bulk.at + keep_ms})
+            pipe.zremrangebyscore(key, "-inf", bulk.at)
+            pipe.zremrangebyrank(key, 0, -(BULK_CANCELS_KEPT + 1))
+            pipe.pexpire(key, keep_ms)
+            await pipe.execute()
 
     async def match_events(
         self, batch: Sequence[tuple[Event, Sequence[Lookup]]], *, tombstone_ms: int
@@ -512,3 +601,20 @@ async def match_events(
         reply if isinstance(reply, Exception) else store._matched(found, reply)
         for (store, _, found), reply in zip(batch, replies, strict=True)
     ]
+
+
+async def request_cancel_everywhere(
+    stores: Sequence[RunStore], run_id: str, **request: Any
+) -> list[CancelResult]:
+    """:meth:`RunStore.request_cancel` of one run id in every partition (one store each), in
+    one round trip: for a run that is in none of them yet, and will register in one (each
+    script, atomic in its partition, either finds it there or keeps the cancel for it)."""
+    first = stores[0]
+    calls = [store._request_cancel_call([run_id], **request) for store in stores]
+    replies = await first._pipelined(first._request_cancel, calls)
+    results = []
+    for store, reply in zip(stores, replies, strict=True):
+        if isinstance(reply, Exception):
+            raise reply
+        results += store._cancelled(reply)
+    return results

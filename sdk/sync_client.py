@@ -8,16 +8,17 @@ its connection pool is shared by every thread of the process.
 
 from __future__ import annotations
 
+import functools
 import threading
 from contextlib import ExitStack
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
 
 import anyio.from_thread
 
 from sdk.client import Actor, Client
-from sdk.wire import MAX_EVENT_BYTES, CancelResult, RunInfo
+from sdk.wire import MAX_EVENT_BYTES, BulkCancelResult, CancelResult, RunInfo
 
 
 class SyncClient:
@@ -34,6 +35,7 @@ class SyncClient:
         namespace: str | None = None,
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
+        pending_cancel_lookback: float | timedelta | str | None = None,
     ) -> None:
         stack = ExitStack()
         try:
@@ -41,7 +43,16 @@ class SyncClient:
                 anyio.from_thread.start_blocking_portal(name="cancel-broker-client")
             )
             # Created in the portal's loop: its connections belong to that loop.
-            client = portal.call(self._create, redis_url, namespace, max_event_bytes, partitions)
+            client = portal.call(
+                functools.partial(
+                    self._create,
+                    redis_url,
+                    namespace=namespace,
+                    max_event_bytes=max_event_bytes,
+                    partitions=partitions,
+                    pending_cancel_lookback=pending_cancel_lookback,
+                )
+            )
             stack.callback(portal.call, client.aclose)
         except BaseException:
             stack.close()
@@ -54,15 +65,8 @@ class SyncClient:
         self.keys = client.keys
 
     @staticmethod
-    async def _create(
-        redis_url: str | None, namespace: str | None, max_event_bytes: int, partitions: int | None
-    ) -> Client:
-        return Client(
-            redis_url,
-            namespace=namespace,
-            max_event_bytes=max_event_bytes,
-            partitions=partitions,
-        )
+    async def _create(redis_url: str | None, **options: Any) -> Client:
+        return Client(redis_url, **options)
 
     def __enter__(self) -> Self:
         return self
@@ -117,10 +121,10 @@ class SyncClient:
         started_before: datetime | None = None,
         if_: str | None = None,
         reason: str | None = None,
-    ) -> list[CancelResult]:
+    ) -> BulkCancelResult:
         """:meth:`Client.cancel_many`."""
 
-        async def call() -> list[CancelResult]:
+        async def call() -> BulkCancelResult:
             return await self._client.cancel_many(
                 function_id,
                 app_id=app_id,

@@ -38,7 +38,8 @@ CancelOutcome = Literal[
     "already_cancelled",
     "already_failed",
     "lost",  # its worker died; the run was recorded lost
-    "not_found",  # no such run (never registered, or its record expired)
+    "pending",  # no such run yet: the cancel is kept, and cancels it when it registers
+    "not_found",  # no such run, and the cancel was not kept (keeping is off)
     "forbidden",  # the function declares an owner and the actor is not it
     "own_trigger",  # the cancel event is the run's own trigger, which never cancels it
     "started_after_cancel",  # the run's trigger is newer than the cancel event
@@ -130,10 +131,46 @@ class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
     previous_status: RunStatus | None = None
     #: Runs started inside this one (at any depth) that the request cancelled with it.
     cascaded: tuple[str, ...] = ()
+    #: ``pending``: until when the cancel is kept; a run registering with this id by then
+    #: is cancelled at once (its body never runs).
+    kept_until: datetime | None = None
 
     @property
     def accepted(self) -> bool:
-        return self.outcome == "signalled"
+        """Whether this request will stop the run: its worker was signalled, or the cancel
+        waits for the run to register."""
+        return self.outcome in ("signalled", "pending")
+
+
+class BulkCancel(msgspec.Struct, frozen=True, kw_only=True):
+    """A bulk cancel of one function (``Client.cancel_many``), kept for runs of it that
+    have not registered yet: each registering run triggered in ``[after, before]`` (ms) is
+    cancelled, if ``if_`` (CEL over its trigger) holds."""
+
+    id: str
+    function_id: str
+    #: The app whose runs it cancels; ``""``: every app declaring the function.
+    app: str = ""
+    after: int | None = None
+    before: int
+    if_: str = msgspec.field(default="", name="if")
+    reason: str
+    #: When it was requested (ms, Redis clock).
+    at: int
+
+
+class BulkCancelResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``Client.cancel_many`` did: one result per registered run it considered, and the
+    cancel it keeps for runs of the function that have not registered yet (their triggers
+    wait in the stream behind a full worker): those triggered in the time range are
+    cancelled when they register, until ``kept_until``."""
+
+    results: list[CancelResult]
+    #: The time range, both bounds included: runs triggered then.
+    started_after: datetime | None
+    started_before: datetime
+    #: None when no cancel is kept (the pending-cancel lookback is 0).
+    kept_until: datetime | None
 
 
 class RuleConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):

@@ -313,7 +313,9 @@ class Worker:
         ``async with worker.run("generate-report", event) as ctx: ...``. A cancel
         interrupts the block as the function's ``cancel_mode`` says; after the block,
         :class:`~sdk.errors.RunCancelled` is raised so the code that follows cannot
-        mistake a cancelled block for a finished one. ``parent`` (a run's context or id)
+        mistake a cancelled block for a finished one; a run cancelled as it registers (a
+        cancel by its id or a cancel event that came first, its parent cancelled) raises
+        ``RunCancelled`` on entry, and the block never runs. ``parent`` (a run's context or id)
         makes this run its child: cancelling the parent cancels it. An ``event.ts`` (ms)
         says when the run was triggered (a job's enqueue time): a cancel event published
         after it, while the job was queued, cancels the run when it registers (tombstones).
@@ -344,6 +346,13 @@ class Worker:
             parent_run_id=parent_run_id,
             trigger_ms=trigger_ms,
         )
+        if run.state.cancelled:
+            # Cancelled as it registered (a cancel by its id, a cancel event or a bulk cancel
+            # came first, or its parent was cancelled): the block must not start. Recorded
+            # (and its on_cancel hook run) before RunCancelled is raised.
+            async with runner.running(run, interrupted_reason=INTERRUPTED_REASON):
+                pass
+            raise RunCancelled(run.run_id, run.state.reason)
         async with runner.running(run, interrupted_reason=INTERRUPTED_REASON) as ctx:
             run.state.body_started = True
             yield ctx

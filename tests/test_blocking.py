@@ -204,7 +204,7 @@ def test_sync_client_sends_reads_cancels_and_waits(
     assert event_id.count("-") == 1
     assert sync_client.runs_for_event(event_id) == []
     assert sync_client.get_run("nope") is None
-    assert sync_client.cancel("nope").outcome == "not_found"
+    assert sync_client.cancel("nope").outcome == "pending"
     with pytest.raises(RunNotFinishedError):
         sync_client.wait("nope", timeout=0.2)
 
@@ -213,7 +213,7 @@ def test_sync_client_sends_reads_cancels_and_waits(
             results = sync_client.cancel_many(
                 "generate-report", started_after=datetime.now(UTC) - timedelta(minutes=1)
             )
-            assert [(r.run_id, r.outcome) for r in results] == [(run.run_id, "signalled")]
+            assert [(r.run_id, r.outcome) for r in results.results] == [(run.run_id, "signalled")]
             run.sleep(5)
     assert sync_client.wait(run.run_id, timeout=5).status == "cancelled"
 

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 
 import anyio
 import pytest
@@ -178,6 +179,25 @@ def test_cancel_json_is_the_whole_of_stdout(redis_url: str, namespace: str) -> N
     assert "cancel.requested" not in result.stdout + result.stderr  # info: not shown
 
 
+def test_cancel_of_an_id_no_run_has_yet_says_it_is_kept(redis_url: str, namespace: str) -> None:
+    """`revoke` of a queued job: the answer is not "not found", and the run that registers
+    with the id later is cancelled before its body runs."""
+    base = ("--redis-url", redis_url, "--namespace", namespace)
+    result = cli("cancel", "job-42", *base)
+    assert result.returncode == 0, result.stderr
+    rows = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert rows["outcome"] == "pending"
+    assert "kept_until" in rows
+    assert "no run job-42 yet: the cancel is kept until" in result.stderr
+    kept = json.loads(cli("cancel", "job-43", "--json", *base).stdout)
+    assert (kept["outcome"], kept["status"]) == ("pending", None)
+    assert kept["kept_until"]
+    # With keeping turned off, the same cancel finds nothing, and fails.
+    off = cli("cancel", "job-44", "--pending-cancel-lookback", "0", *base)
+    assert off.returncode == 1
+    assert "not_found" in off.stdout
+
+
 def test_tables_render_with_rich_on_a_terminal(redis_url: str, namespace: str) -> None:
     (run,) = register(redis_url, namespace, 1)
     base = ["--redis-url", redis_url, "--namespace", namespace]
@@ -207,7 +227,7 @@ def test_cancel_many_reports_progress_per_batch(redis_url: str, namespace: str) 
             results = await client.cancel_many(
                 "generate-report", app_id="reports", progress=lambda d, t: calls.append((d, t))
             )
-        return len(results)
+        return len(results.results)
 
     assert anyio.run(go) == 1200
     assert calls == [(0, 1200), (500, 1200), (1000, 1200), (1200, 1200)]
@@ -227,7 +247,14 @@ def test_cancel_many_draws_a_bar_on_a_terminal_only(
     register(redis_url, namespace + "b", 600)
     assert main(["cancel-many", *base, "--namespace", namespace + "b", "--json"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"runs": 600, "outcomes": {"signalled": 600}}
+    printed = json.loads(out)
+    assert (printed["runs"], printed["outcomes"]) == (600, {"signalled": 600})
+    # Kept for the runs of the function not registered yet, until the lookback's end.
+    assert printed["started_after"] is None
+    kept_for = datetime.fromisoformat(printed["kept_until"]) - datetime.fromisoformat(
+        printed["started_before"]
+    )
+    assert kept_for == timedelta(minutes=10)
     assert err == ""
 
 

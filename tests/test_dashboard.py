@@ -178,8 +178,10 @@ async def test_cancel_from_the_dashboard_stops_the_run(
 
         again = await http.post(f"/v1/runs/{run_id}/cancel", headers=CANCEL_HEADERS)
         assert again.json()["result"]["outcome"] == "already_cancelled"
-        missing = await http.post("/v1/runs/no-such-run/cancel", headers=CANCEL_HEADERS)
-        assert missing.json()["result"]["outcome"] == "not_found"
+        # No run with this id yet: the cancel is kept for it, and the answer says so.
+        queued = await http.post("/v1/runs/no-such-run/cancel", headers=CANCEL_HEADERS)
+        assert queued.json()["result"]["outcome"] == "pending"
+        assert queued.json()["result"]["kept_until"] is not None
         invalid = await http.post("/v1/runs/%20bad/cancel", headers=CANCEL_HEADERS)
         assert invalid.status_code == 400
 
@@ -223,7 +225,7 @@ async def test_a_same_origin_cancel_passes_the_origin_check(broker: Broker) -> N
         headers = {**CANCEL_HEADERS, "Origin": BASE, "Sec-Fetch-Site": "same-origin"}
         response = await http.post("/v1/runs/r-1/cancel", headers=headers)
     assert response.status_code == 200
-    assert response.json()["result"]["outcome"] == "not_found"
+    assert response.json()["result"]["outcome"] == "pending"
 
 
 async def test_without_a_token_cancel_answers_only_to_a_loopback_host(broker: Broker) -> None:
@@ -254,7 +256,7 @@ async def test_a_token_is_required_when_given(broker: Broker) -> None:
             "/v1/runs/r-1/cancel", headers={**CANCEL_HEADERS, TOKEN_HEADER: "s3cret-token"}
         )
         assert response.status_code == 200
-        assert response.json()["result"]["outcome"] == "not_found"
+        assert response.json()["result"]["outcome"] == "pending"
 
 
 async def test_cancel_is_off_on_a_public_address_without_a_token(broker: Broker) -> None:

@@ -128,7 +128,7 @@ async def test_cancel_many_across_processes(client: Client) -> None:
         started_after=before,
         if_='event.data.accountId == "bulk" && event.data.tier == "pro"',
     )
-    assert [(r.run_id, r.outcome) for r in results] == [(runs["pro"], "signalled")]
+    assert [(r.run_id, r.outcome) for r in results.results] == [(runs["pro"], "signalled")]
     assert (await final(client, runs["pro"])).status == "cancelled"
     assert await status_is(client, runs["free"], "running")
     await client.cancel(runs["free"], actor=OPERATOR)

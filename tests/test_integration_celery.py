@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery
+from celery import Celery, Signature, chain, group
 from celery.result import AsyncResult
 
 from broker import EmbeddedRedis
-from sdk import SyncClient
+from sdk import OPERATOR, RUN_CANCELLED_EVENT, SyncClient
 from sdk.integrations.celery import SENT_HEADER
+from sdk.keys import Keys
 from tests.processes import ProcessHandle, start_broker
 
 pytestmark = pytest.mark.e2e
@@ -42,6 +43,14 @@ class Setup:
         headers = {SENT_HEADER: int(time.time() * 1000)}
         return self.celery.send_task(
             name, kwargs=kwargs, queue=queue, task_id=task_id, headers=headers
+        )
+
+    def signature(self, name: str, queue: str, **kwargs: Any) -> Signature:
+        """A link of a chain or a member of a group, as ``send`` would send it (immutable:
+        a link does not take the previous link's result)."""
+        headers = {SENT_HEADER: int(time.time() * 1000)}
+        return self.celery.signature(
+            name, kwargs=kwargs, queue=queue, headers=headers, immutable=True
         )
 
     def observed(self, report_id: str) -> list[dict[str, Any]]:
@@ -157,6 +166,87 @@ def test_prefork_a_task_cancelled_while_queued_is_revoked_without_running(
     assert setup.observed("p5") == []
     info = setup.client.wait(queued.id, timeout=5)
     assert "before the run registered" in (info.cancel_reason or "")
+
+
+def outcome_events_of(setup: Setup, run_id: str) -> list[dict[str, Any]]:
+    """The ``cancel/run.cancelled`` events published for ``run_id``."""
+    found = []
+    for _, fields in setup.redis.xrange(Keys(setup.namespace).events):
+        event = json.loads(fields["event"])
+        if event["name"] == RUN_CANCELLED_EVENT and event["data"]["run_id"] == run_id:
+            found.append(event["data"])
+    return found
+
+
+def test_prefork_a_queued_task_cancelled_by_its_id_never_runs(setup: Setup, prefork: str) -> None:
+    """Celery's `revoke` of a queued task, as seeds 002 and 004: the id is known, the run
+    does not exist yet. The cancel is kept; the task is revoked when the pool picks it up."""
+    busy = setup.send(BLOCKING, prefork, report_id="q1", account_id="a1")
+    setup.wait_observed("q1", "started")
+    queued = setup.send(BLOCKING, prefork, report_id="q2", account_id="a1")
+    # The function declares an owner: the kept cancel is checked against it on arrival.
+    result = setup.client.cancel(queued.id, reason="the user clicked Cancel", actor="a1")
+    assert (result.outcome, result.status) == ("pending", None)
+    assert result.kept_until is not None
+    assert setup.client.cancel(busy.id, actor="a1").outcome == "signalled"
+    setup.wait_state(queued, "REVOKED")
+    assert setup.observed("q2") == []  # its body never ran
+    info = setup.client.wait(queued.id, timeout=5)
+    assert (info.status, info.cancel_reason, info.cancelled_by) == (
+        "cancelled",
+        "the user clicked Cancel",
+        "api",
+    )
+    (outcome,) = outcome_events_of(setup, queued.id)
+    assert outcome["reason"] == "the user clicked Cancel"
+
+
+def test_prefork_an_id_cancelled_before_the_task_was_sent_never_runs(
+    setup: Setup, prefork: str
+) -> None:
+    task_id = f"job-{uuid.uuid4().hex}"
+    assert setup.client.cancel(task_id, actor=OPERATOR).outcome == "pending"
+    result = setup.send(BLOCKING, prefork, task_id=task_id, report_id="q3", seconds=0)
+    setup.wait_state(result, "REVOKED")
+    assert setup.observed("q3") == []
+    assert setup.client.wait(task_id, timeout=5).status == "cancelled"
+
+
+def test_prefork_queued_members_of_a_group_cancelled_by_id_never_run(
+    setup: Setup, prefork: str
+) -> None:
+    busy = setup.send(BLOCKING, prefork, report_id="g0", account_id="a1")
+    setup.wait_observed("g0", "started")
+    members = group(
+        setup.signature(BLOCKING, prefork, report_id=f"g{i}", seconds=0) for i in (1, 2, 3)
+    ).apply_async()
+    first, second, third = members.results
+    for member in (first, third):
+        assert setup.client.cancel(member.id, actor=OPERATOR).outcome == "pending"
+    setup.client.cancel(busy.id, actor="a1")
+    assert second.get(timeout=10) == "report"
+    for member in (first, third):
+        setup.wait_state(member, "REVOKED")
+    assert setup.observed("g1") == setup.observed("g3") == []
+    assert setup.client.wait(first.id, timeout=5).status == "cancelled"
+
+
+def test_prefork_a_later_link_of_a_chain_cancelled_by_id_never_runs(
+    setup: Setup, prefork: str
+) -> None:
+    """The second link is sent only when the first has finished: its id is known from the
+    start (``result.parent``), its run exists only then."""
+    links = chain(
+        setup.signature(BLOCKING, prefork, report_id="c1", seconds=0.5),
+        setup.signature(BLOCKING, prefork, report_id="c2", seconds=0),
+    ).apply_async()
+    second, first = links, links.parent
+    setup.wait_observed("c1", "started")
+    assert setup.client.cancel(second.id, actor=OPERATOR).outcome == "pending"
+    assert first.get(timeout=10) == "report"
+    setup.wait_state(second, "REVOKED")
+    assert setup.observed("c2") == []
+    assert setup.client.wait(second.id, timeout=5).status == "cancelled"
 
 
 def test_a_cancelled_task_delivered_again_never_runs(setup: Setup, prefork: str) -> None:

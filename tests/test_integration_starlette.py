@@ -207,14 +207,17 @@ async def test_the_cancel_route_checks_the_owner_and_answers_the_outcome(
             "status": "cancelling",
             "previous_status": "running",
             "cascaded": [],
+            "kept_until": None,
         }
         info = await wait_for_status(client, run_id, "cancelled")
         assert info.cancel_reason == "changed my mind"
 
         again = await http.post(url, headers={"x-account": "a1"})
         assert (again.status_code, again.json()["outcome"]) == (200, "already_cancelled")
-        missing = await http.post("/runs/nope/cancel", headers={"x-operator": "1"})
-        assert (missing.status_code, missing.json()["outcome"]) == (404, "not_found")
+        # A run not registered yet (a job still queued): the cancel is kept for it.
+        queued = await http.post("/runs/nope/cancel", headers={"x-operator": "1"})
+        assert (queued.status_code, queued.json()["outcome"]) == (202, "pending")
+        assert queued.json()["kept_until"] is not None
         invalid = await http.post("/runs/bad%20id/cancel", headers={"x-operator": "1"})
         assert (invalid.status_code, invalid.json()["error"]) == (400, "invalid_run_id")
         garbage = await http.post(url, headers={"x-account": "a1"}, content=b"{not json")

@@ -364,6 +364,16 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
             assert {d["decision"] for d in decided} >= {"matched", "dead_lettered"}
             assert cancelled.json()["result"]["outcome"] == "signalled"
             await wait_for_status(operator, r4.run_id, "cancelled")
+            # Cancels of runs not registered yet are kept, by id (the operator, and the
+            # dashboard as the broker's user) and in bulk; the broker expires what is kept.
+            assert (await operator.cancel("queued-run")).outcome == "pending"
+            async with httpx.AsyncClient(base_url=http) as web:
+                kept = await web.post(
+                    "/v1/runs/queued-run-2/cancel", headers={"X-Cancel-Broker-Request": "1"}
+                )
+            assert kept.json()["result"]["outcome"] == "pending"
+            bulk = await operator.cancel_many("generate-report")
+            assert bulk.kept_until is not None
             async with decoded(acl_server.url("broker")) as as_broker:
                 await trim_acknowledged(as_broker, KEYS.events)
 

@@ -380,8 +380,10 @@ async def test_cancel_racing_completion_has_exactly_one_outcome(
         assert status in ("completed", "cancelled")
         if result.outcome == "already_completed":
             assert status == "completed"
+        if result.outcome == "pending":  # it came before the run registered: kept for it
+            assert status == "cancelled"
         if status == "cancelled":
-            assert result.outcome == "signalled"
+            assert result.outcome in ("signalled", "pending")
     outcomes = [event.data["run_id"] for event in await outcome_events(redis, namespace)]
     assert sorted(outcomes) == sorted(r for r, s in statuses.items() if s == "cancelled")
     # Both sides won sometimes: the test did exercise the race.
@@ -429,12 +431,12 @@ async def test_cancel_many_selects_by_time_and_trigger(client: Client) -> None:
     results = await client.cancel_many(
         "generate-report", started_after=middle, if_='event.data.tier == "pro"'
     )
-    assert [(r.run_id, r.outcome) for r in results] == [(pro, "signalled")]
+    assert [(r.run_id, r.outcome) for r in results.results] == [(pro, "signalled")]
     assert (await final(client, pro)).status == "cancelled"
     for run_id in (first, free):
         assert await status_is(client, run_id, "running")
     everything = await client.cancel_many("generate-report", app_id="studio")
-    assert {r.run_id for r in everything} == {first, free}
+    assert {r.run_id for r in everything.results} == {first, free}
     with pytest.raises(ValueError, match="time zone"):
         await client.cancel_many("generate-report", started_after=datetime.now())
 

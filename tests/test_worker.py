@@ -6,6 +6,7 @@ import multiprocessing
 import multiprocessing.queues
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -145,11 +146,19 @@ async def test_failed_body_records_the_error(worker: Worker, client: Client) -> 
     assert info.error == "ZeroDivisionError: division by zero"
 
 
-async def test_cancel_of_unknown_run(client: Client) -> None:
+async def test_a_cancel_of_a_run_not_registered_yet_is_kept(
+    client: Client, redis_url: str, namespace: str
+) -> None:
     result = await client.cancel("no-such-run")
-    assert result.outcome == "not_found"
-    assert result.status is None
+    assert (result.outcome, result.status, result.accepted) == ("pending", None, True)
+    assert result.kept_until is not None
+    kept_for = result.kept_until - datetime.now(UTC)
+    assert timedelta(minutes=9) < kept_for <= timedelta(minutes=10, seconds=1)
     assert await client.get_run("no-such-run") is None
+    # Keeping off: nothing is kept, and the answer says there is no such run.
+    async with Client(redis_url, namespace=namespace, pending_cancel_lookback=0) as keeps_none:
+        result = await keeps_none.cancel("another-run")
+    assert (result.outcome, result.kept_until, result.accepted) == ("not_found", None, False)
 
 
 async def test_sync_step_is_abandoned_on_cancel(

@@ -35,10 +35,12 @@ from sdk.wire import CancelOutcome
 
 log = structlog.get_logger("sdk.integrations.starlette")
 
-#: The HTTP status of each cancel outcome: accepted (202), already done (200), a run that
-#: cannot be cancelled any more (409), not yours (403), unknown (404).
+#: The HTTP status of each cancel outcome: accepted (202: being stopped, or kept for a run
+#: not registered yet), already done (200), a run that cannot be cancelled any more
+#: (409), not yours (403), unknown (404).
 HTTP_STATUS: Final[Mapping[CancelOutcome, int]] = {
     "signalled": 202,
+    "pending": 202,
     "already_cancelling": 202,
     "already_cancelled": 200,
     "already_completed": 409,

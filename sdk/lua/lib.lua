@@ -26,6 +26,8 @@ local function id_ms(id)
   return found and tonumber(found)
 end
 
+local TERMINAL = {cancelled = true, completed = true, failed = true, lost = true}
+
 -- What a cancel request says about a run that is no longer running.
 local SETTLED = {
   cancelling = 'already_cancelling',
