@@ -319,6 +319,7 @@ async def _serve(url: str, settings: Settings) -> None:
         tombstone_lookback_s=settings.tombstone_lookback,
         partitions=settings.partitions,
         pending_cancel_lookback_s=settings.pending_cancel_lookback,
+        trigger_lookback_s=settings.trigger_lookback,
     )
     access = CancelAccess(
         mode=cast(DashboardMode, settings.dashboard),

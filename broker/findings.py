@@ -15,10 +15,11 @@ from typing import Any, Final, Literal, cast
 
 import msgspec
 
-from sdk.connection import RedisClient
+from sdk.config import TRIGGER_LOOKBACK
+from sdk.connection import RedisClient, redis_now_ms
 from sdk.keys import PRESENCE, Keys
 from sdk.partitions import stored_partition_keys
-from sdk.registration import LIVE_INTERVALS, redis_now_ms
+from sdk.registration import LIVE_INTERVALS
 from sdk.wire import (
     SYSTEM_EVENT_PREFIX,
     FunctionConfig,
@@ -35,6 +36,7 @@ FindingKind = Literal[
     "dead_rule",
     "namespace_mismatch",
     "misnamed_stream",
+    "unserved_trigger",
 ]
 FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
     "drift",
@@ -44,6 +46,7 @@ FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
     "dead_rule",
     "namespace_mismatch",
     "misnamed_stream",
+    "unserved_trigger",
 )
 #: Event names that look like cancellations even when no rule mentions them: the last
 #: segment of the name, after any separator ("report/cancel.requested", "order.cancelled").
@@ -125,12 +128,27 @@ class SyncState(msgspec.Struct, frozen=True, kw_only=True):
         return bool(self.findings)
 
     @property
+    def declared_triggers(self) -> frozenset[str]:
+        """Triggers of the functions apps declare: in their latest sync, or served by a
+        live worker (a trigger of any other name runs nothing)."""
+        return declared_triggers(self.functions, self.configs)
+
+    @property
     def listened_events(self) -> frozenset[str]:
         """Event names the rules of live workers' configurations listen to."""
         served = {h for view in self.functions for h in view.served}
         return frozenset(
             rule.event for h in served if h in self.configs for rule in self.configs[h].cancel_on
         )
+
+
+def declared_triggers(
+    functions: list[FunctionView], configs: dict[str, FunctionConfig]
+) -> frozenset[str]:
+    """See :attr:`SyncState.declared_triggers`."""
+    hashes = {h for view in functions for h in view.served}
+    hashes |= {view.synced for view in functions if view.synced}
+    return frozenset(configs[h].trigger for h in hashes if h in configs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,8 +255,12 @@ async def collect_state(
     *,
     windows: Windows = Windows(),
     cancel_event_names: frozenset[str] = frozenset(),
+    trigger_lookback_s: float | None = None,
 ) -> SyncState:
-    """Everything registered, and every stale configuration it reveals."""
+    """Everything registered, and every stale configuration it reveals.
+
+    ``trigger_lookback_s``: how far back a function's first worker reads (named in the
+    ``unserved_trigger`` finding; default: this process's setting)."""
     now = await redis_now_ms(redis)
     workers = await live_workers(redis, keys, now)
     apps = set(cast(set[str], await redis.smembers(keys.apps))) | {w.app_id for w in workers}
@@ -252,14 +274,16 @@ async def collect_state(
                 pipe.hgetall(part.run_configs(app_id))
         for stream in lookalike_streams(keys.namespace):
             pipe.type(stream)
+        pipe.hgetall(keys.unserved_events)
         pipe.hgetall(PRESENCE)
         pipe.hgetall(keys.rule_events)
         pipe.hgetall(keys.event_last_seen)
         pipe.hgetall(keys.orphan_events)
         replies: list[Any] = await pipe.execute()
     presence = {k: int(v) for k, v in replies[-4].items() if v.isdigit()}
+    unserved_counts = {k: int(v) for k, v in replies[-5].items()}
     lookalikes = lookalike_streams(keys.namespace)
-    types = replies[-4 - len(lookalikes) : -4]
+    types = replies[-5 - len(lookalikes) : -5]
     misnamed = [name for name, kind in zip(lookalikes, types, strict=True) if kind == "stream"]
     rule_since = {k: int(v) for k, v in replies[-3].items()}
     last_seen = {k: int(v) for k, v in replies[-2].items()}
@@ -317,6 +341,15 @@ async def collect_state(
     findings += _dead_rule_findings(live_rules, rule_since, last_seen, now, windows)
     findings += _namespace_findings(keys.namespace, bool(workers), presence, now)
     findings += await _misnamed_stream_findings(redis, keys, misnamed, now)
+    findings += _unserved_findings(
+        unserved_counts,
+        last_seen,
+        declared_triggers(functions, configs),
+        frozenset(live_rules),
+        now,
+        windows,
+        trigger_lookback_s,
+    )
     return SyncState(
         generated_at=now,
         workers=workers,
@@ -462,8 +495,9 @@ def _namespace_findings(
     """Workers and brokers split over two namespaces of one Redis (``CANCEL_BROKER_NAMESPACE``
     set on one side only, or to different values): no cancel event ever reaches a run.
 
-    Reported from the namespace on either side of the split: the one with brokers and no
-    workers, and the one with workers and no broker.
+    Reported from the namespace on either side of the split: the one with live brokers and
+    no worker, and the one with workers and no broker, while another namespace has brokers
+    and no worker. (A namespace with neither is nobody's: nothing is said about it.)
     """
     present: dict[str, set[str]] = {"worker": set(), "broker": set()}
     for field, until in presence.items():
@@ -473,7 +507,7 @@ def _namespace_findings(
     workers_only = present["worker"] - present["broker"] - {namespace}
     brokers_only = present["broker"] - present["worker"] - {namespace}
     here_broker = namespace in present["broker"]
-    if not has_workers and workers_only:
+    if not has_workers and here_broker and workers_only:
         others = sorted(workers_only)
         message = (
             f"no live worker uses namespace {namespace!r}, but workers use"
@@ -544,6 +578,47 @@ async def _misnamed_stream_findings(
                     "length": length,
                     "last_entry_at": last_ms,
                     "events_stream": keys.events,
+                },
+            )
+        )
+    return findings
+
+
+def _unserved_findings(
+    counts: dict[str, int],
+    last_seen: dict[str, int],
+    declared_triggers: frozenset[str],
+    listened: frozenset[str],
+    now: int,
+    windows: Windows,
+    trigger_lookback_s: float | None,
+) -> list[Finding]:
+    """Events no declared function triggers on and no rule listens to: nothing ran or
+    cancelled because of them (a misspelt trigger name, a function that was never
+    deployed, the web app publishing before the first worker of a new function)."""
+    lookback = TRIGGER_LOOKBACK.resolve(trigger_lookback_s)
+    findings = []
+    for name, count in sorted(counts.items()):
+        seen = last_seen.get(name, 0)
+        if count <= 0 or name in declared_triggers or name in listened:
+            continue
+        if now - seen > windows.orphan_window_s * 1000:
+            continue
+        close = difflib.get_close_matches(name, sorted(declared_triggers), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        findings.append(
+            Finding(
+                kind="unserved_trigger",
+                event_name=name,
+                message=f"{count} {name!r} event(s) arrived while no declared function triggers"
+                " on that name and no rule listens to it: nothing ran or cancelled because of"
+                f" them. A function declared on it within {lookback:g} s (the trigger lookback)"
+                f" of an event still runs that event{hint}",
+                details={
+                    "count": count,
+                    "last_seen": seen,
+                    "trigger_lookback_s": lookback,
+                    "suggestion": close[0] if close else None,
                 },
             )
         )

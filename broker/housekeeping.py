@@ -5,7 +5,8 @@
   worker's registration and signal stream are deleted.
 - **Re-sending**: a cancel signal no worker acknowledged within ``RESEND_AFTER_MS`` is sent
   again, until the run finishes or its worker is reaped (delivery is at least once).
-- **Trimming**: events every consumer group has acknowledged are trimmed from the stream.
+- **Trimming**: events every consumer group has acknowledged, and older than the trigger
+  lookback, are trimmed from the stream.
 - **Expiring kept cancels**: a cancel by id kept for a run that never registered within
   its lookback is removed and reported (a warning naming the run ids, and a counter): it
   cancelled nothing, and says so.
@@ -24,8 +25,8 @@ import anyio
 import msgspec
 
 from broker.metrics import BrokerMetrics
-from sdk.connection import REDIS_ERRORS
-from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS, redis_now_ms
+from sdk.connection import REDIS_ERRORS, redis_now_ms
+from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS
 from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
 from sdk.wire import decode_worker
@@ -42,12 +43,17 @@ REAP_SLEEP_S: Final = (0.05, 1.0)
 
 
 class Housekeeping:
-    def __init__(self, stores: Sequence[RunStore], metrics: BrokerMetrics, log: Any) -> None:
+    def __init__(
+        self, stores: Sequence[RunStore], metrics: BrokerMetrics, log: Any, *, keep_ms: int = 0
+    ) -> None:
         #: One run store per partition: every step goes over all of them.
         self.stores = tuple(stores)
         self.keys = self.stores[0].keys
         self.redis = self.stores[0].redis
         self.metrics = metrics
+        #: The events streams keep this long of what every group has read (the trigger
+        #: lookback: a function's first worker reads that far back).
+        self.keep_ms = keep_ms
         self._log = log
         # During a Redis outage nobody can heartbeat: silence is counted from the moment
         # Redis answered again, not from the last heartbeat before the outage.
@@ -182,10 +188,12 @@ class Housekeeping:
         }
 
     async def trim_once(self) -> float:
-        """Drop what every consumer group has acknowledged, from each consumed stream."""
-        for stream in (self.keys.syncs, *(store.keys.events for store in self.stores)):
+        """Drop what every consumer group has acknowledged, from each consumed stream (the
+        events streams keep the trigger lookback's worth)."""
+        streams = [(self.keys.syncs, 0), *((s.keys.events, self.keep_ms) for s in self.stores)]
+        for stream, keep_ms in streams:
             try:
-                trimmed = await trim_acknowledged(self.redis, stream)
+                trimmed = await trim_acknowledged(self.redis, stream, keep_ms=keep_ms)
             except REDIS_ERRORS as exc:
                 self._log.debug("stream.trim_failed", stream=stream, error=repr(exc))
             else:

@@ -120,7 +120,8 @@ class Matcher:
             declared = selectors[event.name]
             self._observe(event, declared)
             if not declared:
-                self._count("ignored")
+                # Nothing to cancel. Unserved: no function triggers on it either.
+                self._count("unserved" if self.watch.unserved(event.name) else "ignored")
                 continue
             targets = self.stores if event.name in broadcast else (self.stores[partition],)
             # The same selectors in each partition: only the keys' tags differ.

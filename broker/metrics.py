@@ -28,6 +28,16 @@ DEAD_LETTER_REASONS: Final = (
     "broker_error",
     "poison",
 )
+#: What the broker did with an event (``cancel_broker_events_total{result}``).
+EVENT_RESULTS: Final = (
+    "matched",
+    "tombstoned",
+    "unmatched",
+    "ignored",
+    "unserved",
+    "dead_lettered",
+    "moved",
+)
 #: Most distinct event names used as label values; the rest count as "other".
 MAX_EVENT_LABELS: Final = 100
 OTHER_EVENTS: Final = "other"
@@ -40,9 +50,12 @@ class BrokerMetrics:
             "cancel_broker_events",
             "Events consumed from the events stream, by what the broker did with them"
             " (matched: found at least one run; tombstoned: rules listen to the name, no run"
-            " matched, a tombstone waits for runs that register later; unmatched: the same"
-            " without tombstones; ignored: no rule listens to the name; dead_lettered:"
-            " malformed; moved: published without a partition, appended to its own).",
+            " matched, a tombstone waits for runs that register later; unmatched: no run"
+            " matched and no tombstone was left (no value at any rule's path, or tombstones"
+            " off); ignored: no rule listens to the name (a trigger, an outcome event);"
+            " unserved: no rule listens to it and no declared function triggers on it;"
+            " dead_lettered: malformed; moved: published without a partition, appended to"
+            " its own).",
             ["result"],
             registry=self.registry,
         )
@@ -129,7 +142,7 @@ class BrokerMetrics:
             "cancel_broker_build", "Version of the running broker.", registry=self.registry
         )
         self.build.info({"version": sdk.__version__})
-        for result in ("matched", "tombstoned", "unmatched", "ignored", "dead_lettered", "moved"):
+        for result in EVENT_RESULTS:
             self.events.labels(result=result)
         # Present from the start at 0, so that increase() sees the first dead letter.
         for reason in DEAD_LETTER_REASONS:

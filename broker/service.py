@@ -9,6 +9,7 @@ cancelling is not signalled again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -29,11 +30,17 @@ from broker.routing import move_unplaced
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from sdk.client import Client
-from sdk.config import resolve_namespace
-from sdk.connection import REDIS_ERRORS, Backoff, BackoffHooks, RedisClient, command_client
+from sdk.config import TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
+from sdk.connection import (
+    REDIS_ERRORS,
+    Backoff,
+    BackoffHooks,
+    RedisClient,
+    command_client,
+    redis_now_ms,
+)
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.partitions import Partitions, check_partitions
-from sdk.registration import redis_now_ms
 from sdk.store import RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
@@ -80,6 +87,7 @@ class Broker:
         tombstone_lookback_s: float = TOMBSTONE_LOOKBACK_S,
         partitions: int | None = None,
         pending_cancel_lookback_s: float | None = None,
+        trigger_lookback_s: float | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(resolve_namespace(namespace))
@@ -95,6 +103,11 @@ class Broker:
         self.tombstone_ms = max(0, round(tombstone_lookback_s * 1000))
         #: For the dashboard's Cancel, as for any Client (None: the SDK's own default).
         self.pending_cancel_lookback_s = pending_cancel_lookback_s
+        #: How long the events stream keeps what every group has read, for a function's
+        #: first worker to read that far back (the workers' own setting, read alike).
+        self.trigger_lookback_ms = round(
+            resolve_lookback(TRIGGER_LOOKBACK, trigger_lookback_s).total_seconds() * 1000
+        )
         self._log = structlog.get_logger(
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
@@ -143,13 +156,20 @@ class Broker:
                     on_poison=self._poison_handler(redis, stream),
                     log=self._log,
                     backoff_hooks=self._backoff_hooks,
+                    lookback_ms=self.trigger_lookback_ms if stream != self.keys.syncs else 0,
                 )
                 for stream in (self.keys.syncs, *(keys.events for keys in partitions.keys))
             )
             self._events = events
             recorder = SyncRecorder(redis, self.keys, self._log, history_length=self.history_length)
             monitor = SyncMonitor(
-                redis, self.keys, self._watch, self.metrics, self.windows, self._log
+                redis,
+                self.keys,
+                self._watch,
+                self.metrics,
+                self.windows,
+                self._log,
+                trigger_lookback_s=self.trigger_lookback_ms / 1000,
             )
 
             matcher = self.matcher(partitions, stores)
@@ -181,6 +201,10 @@ class Broker:
 
             self._redis, self._partitions = redis, partitions
             self._dashboard = DashboardData(redis, partitions, client, self.sync_state)
+            # Once before the first event: what is declared (rules, triggers) is known
+            # when the first events are counted, matched, orphaned or unserved.
+            with contextlib.suppress(*REDIS_ERRORS):
+                await monitor.scan()
             self._log.info(
                 "broker.started",
                 stream=self.keys.events,
@@ -189,7 +213,11 @@ class Broker:
             )
             task_status.started()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(Housekeeping(stores, self.metrics, self._log).run)
+                tg.start_soon(
+                    Housekeeping(
+                        stores, self.metrics, self._log, keep_ms=self.trigger_lookback_ms
+                    ).run
+                )
                 tg.start_soon(self._refresh_cluster_stats, redis)
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
@@ -255,7 +283,12 @@ class Broker:
         """Registrations and stale-configuration findings, computed now."""
         if self._redis is None or self._partitions is None:
             raise RuntimeError("the broker is not running")
-        return await collect_state(self._redis, self.keys, windows=self.windows)
+        return await collect_state(
+            self._redis,
+            self.keys,
+            windows=self.windows,
+            trigger_lookback_s=self.trigger_lookback_ms / 1000,
+        )
 
     def dashboard(self) -> DashboardData:
         """What the dashboard reads and cancels through, while the broker runs."""
@@ -271,7 +304,11 @@ class Broker:
             try:
                 partitions = await Partitions.open(redis, self.keys, self.partitions)
                 for keys in partitions.keys:
-                    await create_group(redis, keys.events, BROKER_GROUP)
+                    # Starting the lookback back: cancel events published before any
+                    # broker (or worker) existed still leave their tombstones.
+                    await create_group(
+                        redis, keys.events, BROKER_GROUP, lookback_ms=self.trigger_lookback_ms
+                    )
                 await create_group(redis, self.keys.syncs, BROKER_GROUP)
             except REDIS_ERRORS as exc:
                 await backoff.failed(exc)

@@ -15,7 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from sdk.config import ENV_PREFIX, NAMESPACE, PENDING_CANCEL_LOOKBACK, SharedSetting
+from sdk.config import (
+    ENV_PREFIX,
+    NAMESPACE,
+    PENDING_CANCEL_LOOKBACK,
+    TRIGGER_LOOKBACK,
+    SharedSetting,
+)
 from sdk.durations import parse_duration
 from sdk.partitions import check_partitions
 
@@ -220,6 +226,7 @@ class Settings:
         help="a cancel event also cancels a matching run that registers up to this long after"
         " it was handled, if the run's trigger is older (it was queued); 0 turns it off",
     )
+    trigger_lookback: float = _shared(TRIGGER_LOOKBACK, group="broker")
     dead_rule_window: float = _setting(
         "24h",
         group="detection",

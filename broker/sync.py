@@ -31,7 +31,7 @@ from broker.metrics import BrokerMetrics
 from sdk.connection import REDIS_ERRORS, RedisClient, RedisPipeline
 from sdk.keys import Keys
 from sdk.streams import Entry
-from sdk.wire import Event, decode_worker, encode_json
+from sdk.wire import SYSTEM_EVENT_PREFIX, Event, decode_worker, encode_json
 
 #: Syncs kept per app.
 HISTORY_MAXLEN: Final = 100
@@ -109,6 +109,29 @@ class SyncRecorder:
                 )
 
 
+class _NameCounts:
+    """Events counted by name, the names capped (event names are user input)."""
+
+    def __init__(self, what: str, log: Any) -> None:
+        self.what = what
+        self.names: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        self._log = log
+        self._capped = False
+
+    def add(self, name: str) -> None:
+        if name in self.names or len(self.names) < MAX_ORPHAN_NAMES:
+            self.names.add(name)
+            self.counts[name] += 1
+        elif not self._capped:
+            self._capped = True
+            self._log.warning(f"sync.{self.what}_names_capped", limit=MAX_ORPHAN_NAMES)
+
+    def take(self) -> Counter[str]:
+        counts, self.counts = self.counts, Counter()
+        return counts
+
+
 class EventWatch:
     """What the broker notices about event names while it consumes events."""
 
@@ -117,45 +140,62 @@ class EventWatch:
         self.cancel_event_names = cancel_event_names
         #: Event names live rules listen to (refreshed by the monitor and on every sync).
         self.rule_events: frozenset[str] = frozenset()
-        self._orphan_names: set[str] = set()
+        #: Triggers of the functions apps declare (refreshed likewise).
+        self.trigger_events: frozenset[str] = frozenset()
+        #: False until the first refresh: until then nothing is known to be unserved.
+        self.ready = False
         self._last_seen: dict[str, int] = {}
-        self._orphans: Counter[str] = Counter()
-        self._log = log
-        self._capped = False
+        self._orphans = _NameCounts("orphan", log)
+        self._unserved = _NameCounts("unserved", log)
+
+    def unserved(self, name: str) -> bool:
+        """An event no declared function triggers on and no live rule listens to, and that
+        does not look like a cancel (those are orphans) nor is cancel-broker's own: nothing
+        will run or cancel because of it (a misspelt trigger, a function never deployed)."""
+        return (
+            self.ready
+            and name not in self.trigger_events
+            and name not in self.rule_events
+            and not name.startswith(SYSTEM_EVENT_PREFIX)
+            and not is_cancel_like(name, self.cancel_event_names)
+        )
 
     def observe(self, event: Event) -> None:
         """Note one consumed event.
 
         An orphan is a cancel-like event no *live* rule listens to. Selectors declared by
         workers that are gone linger in Redis, so whether the broker found selectors says
-        nothing here. A rule a worker declared moments ago may not be in ``rule_events``
-        yet: the count it adds is forgotten at the next scan (``SyncMonitor._tidy``).
+        nothing here. A rule (or a function) a worker declared moments ago may not be in
+        ``rule_events`` (``trigger_events``) yet: the count it adds is forgotten at the next
+        scan (``SyncMonitor._tidy``).
         """
         cancel_like = is_cancel_like(event.name, self.cancel_event_names)
-        if not cancel_like and event.name not in self.rule_events:
+        unserved = self.unserved(event.name)
+        if not cancel_like and not unserved and event.name not in self.rule_events:
             return
         self._last_seen[event.name] = max(event.ts, self._last_seen.get(event.name, 0))
         if cancel_like and event.name not in self.rule_events:
-            if event.name in self._orphan_names or len(self._orphan_names) < MAX_ORPHAN_NAMES:
-                self._orphan_names.add(event.name)
-                self._orphans[event.name] += 1
-            elif not self._capped:
-                self._capped = True
-                self._log.warning("sync.orphan_names_capped", limit=MAX_ORPHAN_NAMES)
+            self._orphans.add(event.name)
+        elif unserved:
+            self._unserved.add(event.name)
 
     def queue(self, pipe: RedisPipeline) -> None:
         """Add to ``pipe`` what was noticed since the last call (sent once per batch)."""
         last_seen: dict[Any, Any] = self._last_seen
-        orphans = self._orphans
-        self._last_seen, self._orphans = {}, Counter()
+        self._last_seen = {}
         if last_seen:
             pipe.hset(self.keys.event_last_seen, mapping=last_seen)
-        for name, count in orphans.items():
+        for name, count in self._orphans.take().items():
             pipe.hincrby(self.keys.orphan_events, name, count)
+        for name, count in self._unserved.take().items():
+            pipe.hincrby(self.keys.unserved_events, name, count)
 
-    def refresh(self, state: SyncState, orphan_names: set[str]) -> None:
+    def refresh(self, state: SyncState, orphan_names: set[str], unserved_names: set[str]) -> None:
         self.rule_events = state.listened_events
-        self._orphan_names = orphan_names
+        self.trigger_events = state.declared_triggers
+        self._orphans.names = orphan_names
+        self._unserved.names = unserved_names
+        self.ready = True
 
 
 def _who(finding: Finding) -> dict[str, str | None]:
@@ -178,11 +218,14 @@ class SyncMonitor:
         metrics: BrokerMetrics,
         windows: Windows,
         log: Any,
+        *,
+        trigger_lookback_s: float | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
         self.watch = watch
         self.windows = windows
+        self.trigger_lookback_s = trigger_lookback_s
         self._log = log
         self._known: dict[tuple[str, str | None, str | None, str | None], Finding] = {}
         self._wake = anyio.Event()
@@ -204,10 +247,18 @@ class SyncMonitor:
             self._wake = anyio.Event()
 
     async def scan(self) -> SyncState:
-        state = await collect_state(self.redis, self.keys, windows=self.windows)
+        state = await collect_state(
+            self.redis,
+            self.keys,
+            windows=self.windows,
+            trigger_lookback_s=self.trigger_lookback_s,
+        )
         await self._tidy(state)
-        orphans = cast(list[str], await self.redis.hkeys(self.keys.orphan_events))
-        self.watch.refresh(state, set(orphans))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hkeys(self.keys.orphan_events)
+            pipe.hkeys(self.keys.unserved_events)
+            orphans, unserved = cast(list[list[str]], await pipe.execute())
+        self.watch.refresh(state, set(orphans), set(unserved))
         self.workers_gauge.set(len(state.workers))
         by_kind = Counter(f.kind for f in state.findings)
         for kind in FINDING_KINDS:
@@ -225,9 +276,13 @@ class SyncMonitor:
         return state
 
     async def _tidy(self, state: SyncState) -> None:
-        """Forget orphan counts once a live rule listens to the name.
+        """Forget orphan counts once a live rule listens to the name, and unserved counts
+        once a function triggers on it (or a rule listens to it).
 
         (Workers that went silent are removed by the reaper in broker/housekeeping.py.)
         """
         if state.listened_events:
             await self.redis.hdel(self.keys.orphan_events, *state.listened_events)
+        served = state.listened_events | state.declared_triggers
+        if served:
+            await self.redis.hdel(self.keys.unserved_events, *served)

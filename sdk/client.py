@@ -14,12 +14,11 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace
-from sdk.connection import command_client, resolve_url
+from sdk.connection import command_client, redis_now_ms, resolve_url
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
-from sdk.registration import redis_now_ms
 from sdk.rules import value_token
 from sdk.store import OPERATOR_ACTOR, RunStore, request_cancel_everywhere
 from sdk.wire import (

@@ -146,6 +146,12 @@ class Backoff:
             self._hooks.on_recovery()
 
 
+async def redis_now_ms(redis: RedisClient) -> int:
+    """Redis server time (ms): the one clock every process agrees on."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 def redact_url(url: str) -> str:
     """``url`` fit for a log line: the password and any ``ssl_password`` replaced by ***."""
     parts = urlsplit(url)

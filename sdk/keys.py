@@ -297,6 +297,12 @@ class Keys:
         """Hash cancel-like event name -> how many arrived while no live rule listened."""
         return f"{self.prefix}orphan-events"
 
+    @property
+    def unserved_events(self) -> str:
+        """Hash event name -> how many arrived while no declared function triggered on it
+        and no rule listened to it (nothing ran or cancelled because of them)."""
+        return f"{self.prefix}unserved-events"
+
     @staticmethod
     def function_group(app_id: str, function_id: str) -> str:
         """Consumer group through which the workers declaring a function share its triggers."""

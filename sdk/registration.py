@@ -16,7 +16,7 @@ from typing import Any, Final, cast
 
 import anyio
 
-from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline
+from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline, redis_now_ms
 from sdk.function import Function
 from sdk.keys import PRESENCE, Keys, presence_field
 from sdk.partitions import declare_routes
@@ -38,12 +38,6 @@ SYNCS_MAXLEN: Final = 10_000
 APP_VERSION_ENV: Final = "CANCEL_APP_VERSION"
 
 _HEARTBEAT = (resources.files("sdk") / "lua" / "heartbeat.lua").read_text()
-
-
-async def redis_now_ms(redis: RedisClient) -> int:
-    """Redis server time: the one clock every process agrees on."""
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def declare_rules(pipe: RedisPipeline, keys: Keys, rules: Iterable[CancelOn], now: int) -> None:

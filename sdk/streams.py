@@ -27,6 +27,7 @@ from sdk.connection import (
     BackoffHooks,
     RedisClient,
     blocking_client,
+    redis_now_ms,
 )
 from sdk.wire import encode_json, printable
 
@@ -69,13 +70,24 @@ async def dead_letter(
     )
 
 
-async def create_group(redis: RedisClient, stream: str, group: str) -> None:
+async def create_group(
+    redis: RedisClient, stream: str, group: str, *, lookback_ms: int = 0
+) -> None:
     """Create ``group`` on ``stream`` (and the stream) unless it exists.
 
-    A new group starts at the stream's end: it sees events published from now on.
+    A new group starts ``lookback_ms`` before now (Redis clock): it also sees the entries
+    published that long before it existed, as far as the stream still holds them (the
+    broker's trimming keeps that long of them, :func:`trim_acknowledged`). A function's
+    first worker then runs the triggers published for it before it started (the web app
+    was up first, a rolling deploy adds the function), and the broker handles the cancel
+    events published before it started. With 0 it starts at the stream's end.
     """
+    start = "$"
+    if lookback_ms > 0:
+        # (Redis reports the group's lag as unknown until it has read to the stream's end.)
+        start = f"{max(0, await redis_now_ms(redis) - lookback_ms)}-0"
     try:
-        await redis.xgroup_create(stream, group, id="$", mkstream=True)
+        await redis.xgroup_create(stream, group, id=start, mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -91,8 +103,12 @@ def _id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-async def trim_acknowledged(redis: RedisClient, stream: str, *, approximate: bool = True) -> int:
-    """Delete the entries every consumer group has read and acknowledged.
+async def trim_acknowledged(
+    redis: RedisClient, stream: str, *, approximate: bool = True, keep_ms: int = 0
+) -> int:
+    """Delete the entries every consumer group has read and acknowledged, and that are
+    older than ``keep_ms`` (the trigger lookback: a function's first worker, whose group
+    does not exist yet, reads that far back).
 
     Keeps everything from the oldest entry still needed by any group: its oldest pending
     entry, or its last delivered one. Approximate trimming (the default) drops whole
@@ -102,6 +118,8 @@ async def trim_acknowledged(redis: RedisClient, stream: str, *, approximate: boo
     if not groups:
         return 0
     keep_from: tuple[int, int] | None = None
+    if keep_ms > 0:
+        keep_from = (max(0, await redis_now_ms(redis) - keep_ms), 0)
     for group in groups:
         needed = _id(str(group["last-delivered-id"]))
         if group["pending"]:
@@ -132,6 +150,7 @@ class GroupConsumer:
         on_poison: Handler | None = None,
         log: Any = None,
         backoff_hooks: BackoffHooks | None = None,
+        lookback_ms: int = 0,
     ) -> None:
         self.redis_url = redis_url
         self.commands = commands
@@ -144,6 +163,8 @@ class GroupConsumer:
         self.max_deliveries = max_deliveries
         self._on_poison = on_poison
         self._backoff_hooks = backoff_hooks
+        #: Where a group recreated after it vanished starts: as far back as at creation.
+        self.lookback_ms = lookback_ms
         self._log = log or structlog.get_logger("sdk.streams")
         self._reread_pending = False
         self._next_claim = 0.0
@@ -256,7 +277,7 @@ class GroupConsumer:
 
     async def _recreate_group(self) -> bool:
         try:
-            await create_group(self.commands, self.stream, self.group)
+            await create_group(self.commands, self.stream, self.group, lookback_ms=self.lookback_ms)
         except REDIS_ERRORS as exc:
             self._log.error("stream.group_create_failed", stream=self.stream, error=repr(exc))
             return False

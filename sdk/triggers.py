@@ -55,6 +55,7 @@ class FunctionTriggers:
         capacity: Callable[[], Awaitable[int]],
         execute: Callable[[Run], Coroutine[Any, Any, None]],
         log: Any,
+        lookback_ms: int = 0,
     ) -> None:
         self.function = function
         self.runner = runner
@@ -81,6 +82,7 @@ class FunctionTriggers:
             claim_idle_ms=TRIGGER_CLAIM_IDLE_MS,
             on_poison=self._park_poison,
             log=log,
+            lookback_ms=lookback_ms,
         )
 
     async def run(self) -> None:

@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
-from sdk.config import resolve_namespace
+from sdk.config import TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
@@ -105,6 +105,7 @@ class Worker:
         metrics_registry: CollectorRegistry | None = None,
         thread_grace: float = DEFAULT_THREAD_GRACE,
         partitions: int | None = None,
+        trigger_lookback: float | timedelta | str | None = None,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -128,6 +129,10 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         #: Seconds a cancelled run's thread step gets to return before it is abandoned.
         self.thread_grace = thread_grace
+        #: How far back a function's first worker (the one that creates its consumer
+        #: group) reads triggers published before it started: ``$CANCEL_BROKER_TRIGGER_LOOKBACK``
+        #: unless given, 10 minutes by default. Each is run once whoever reads it.
+        self.trigger_lookback = resolve_lookback(TRIGGER_LOOKBACK, trigger_lookback)
         #: This process's run metrics; mount ``metrics.registry`` to expose them.
         self.metrics = WorkerMetrics(metrics_registry)
         self._functions: dict[str, Function] = {}
@@ -473,17 +478,25 @@ class Worker:
 
     # -- triggers ------------------------------------------------------------------
 
+    @property
+    def _lookback_ms(self) -> int:
+        return round(self.trigger_lookback.total_seconds() * 1000)
+
     async def _create_groups(self, redis: RedisClient) -> None:
+        """The function's groups, for its first worker ever: starting the trigger lookback
+        back, so that triggers published before any worker of the function started (the
+        web app was up first; a rolling deploy adds the function) are run, once each (a
+        trigger's run id derives from its event id: read twice, it registers once)."""
+        lookback = self._lookback_ms
         for store in self._require_runner().stores:
             # The broker's group too: from the moment a run can exist, cancel events are
             # kept for the broker even if no broker has started yet.
-            await create_group(redis, store.keys.events, BROKER_GROUP)
+            await create_group(redis, store.keys.events, BROKER_GROUP, lookback_ms=lookback)
             if not self._trigger_groups:
                 continue
             for fn in self._functions.values():
-                await create_group(
-                    redis, store.keys.events, self.keys.function_group(self.app_id, fn.id)
-                )
+                group = self.keys.function_group(self.app_id, fn.id)
+                await create_group(redis, store.keys.events, group, lookback_ms=lookback)
 
     async def _consume_triggers(self) -> None:
         runner = self._require_runner()
@@ -500,6 +513,7 @@ class Worker:
                 capacity=self._wait_for_capacity,
                 execute=self._execute,
                 log=self._log,
+                lookback_ms=self._lookback_ms,
             )
             for fn in self._functions.values()
             for partition in range(runner.partitions.count)

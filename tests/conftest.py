@@ -201,9 +201,16 @@ async def broker_drained(redis: Redis, namespace: str) -> bool:
         last_id = (await redis.xinfo_stream(keys.events))["last-generated-id"]
         groups = {group["name"]: group for group in await redis.xinfo_groups(keys.events)}
         group = groups.get("broker")
-        if group is None or group["last-delivered-id"] != last_id or group["pending"]:
+        # A group created the trigger lookback back on an empty stream starts after its
+        # last id: caught up too.
+        if group is None or group["pending"] or _id(group["last-delivered-id"]) < _id(last_id):
             return False
     return True
+
+
+def _id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 RULE = CancelOn(event="report/cancel.requested", match="data.reportId")

@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 ROOT = Path(__file__).resolve().parent.parent
+#: The broker's command line: `cancel-broker`, run from this checkout.
+BROKER = (sys.executable, "-m", "broker")
 
 
 class ProcessHandle:
@@ -155,3 +159,13 @@ def start_worker(
     )
     handle.wait_for_log("worker.started")
     return handle
+
+
+async def sync_status(redis_url: str, namespace: str) -> tuple[int, dict[str, Any]]:
+    """`cancel-broker sync status --json`, as a process: its exit code and its JSON."""
+    done = await anyio.run_process(
+        [*BROKER, "sync", "status", "--json", "--redis-url", redis_url, "--namespace", namespace],
+        cwd=ROOT,
+        check=False,
+    )
+    return done.returncode, json.loads(done.stdout)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -19,6 +21,15 @@ from sdk.registration import declare_rules
 from sdk.rules import MAX_TOKEN_CHARS, index_entries, lookups, value_token
 from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_event, encode_event
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    """A server of this module's own: each example cleans up after itself with a SCAN,
+    which over the suite's shared server (every other test's keys) costs seconds."""
+    with EmbeddedRedis() as server:
+        yield server
+
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -38,6 +38,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "dead_letter_maxlen": ("50", 50),
     "history_length": ("7", 7),
     "tombstone_lookback": ("0", 0.0),
+    "trigger_lookback": ("1m", 60.0),
+    "pending_cancel_lookback": ("30s", 30.0),
     "dead_rule_window": ("2h", 7200.0),
     "orphan_window": ("90s", 90.0),
     "cancel_events": ("a/stop,b/halt", ("a/stop", "b/halt")),
