@@ -32,6 +32,7 @@ from anyio.abc import TaskStatus
 
 from sdk.context import CancelState, RunContext
 from sdk.errors import RunCancelled, WorkerNotStartedError
+from sdk.keys import check_id
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.wire import Event
 from sdk.worker import Worker
@@ -77,6 +78,12 @@ class BlockingRun:
         """Raise :class:`~sdk.errors.RunCancelled` if a cancel for this run was received."""
         if self._state.cancelled:
             raise RunCancelled(self.run_id, self._state.reason)
+
+    def continue_as(self, run_id: str) -> None:
+        """Say that once this run has ended, the run ``run_id`` continues it (a job queue's
+        retry of the job): a cancel by this run's id, kept or not, then reaches that run.
+        Recorded with the run's outcome (``RunInfo.continued_by``)."""
+        self._state.continued_by = check_id("run id", run_id)
 
     def sleep(self, seconds: float) -> None:
         """``time.sleep`` that a cancel cuts short: raises ``RunCancelled`` the moment the

@@ -62,6 +62,9 @@ class CancelState:
         self.body_started = False
         #: A thread step ignored the interruption past its grace and was left running.
         self.abandoned_thread = False
+        #: The run that continues this one once it has ended (a job queue's retry): a
+        #: cancel by this run's id then reaches that one (recorded as ``continued_by``).
+        self.continued_by: str | None = None
 
     def cancel(self, reason: str, *, interrupt: bool = False) -> None:
         """Receive a cancel; interrupt now if the mode says so, or if ``interrupt``."""

@@ -467,6 +467,7 @@ class Runner:
                         cancel_reason=reason,
                         stopped_ago_ms=(time.monotonic() - stopped) * 1000,
                         abandoned_thread=run.state.abandoned_thread,
+                        continued_by=run.state.continued_by,
                         on_cancel_error=on_cancel_error,
                     )
                     break

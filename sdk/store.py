@@ -292,11 +292,14 @@ class RunStore:
         stopped_ago_ms: float | None = None,
         abandoned_thread: bool = False,
         on_cancel_error: str | None = None,
+        continued_by: str | None = None,
     ) -> Finished:
         """Record the run's outcome.
 
         A run already in a terminal state keeps it: the returned previous status tells.
         ``stopped_ago_ms``: how long ago the body stopped (for the cancel latency).
+        ``continued_by``: the run that continues this one (a retry): a cancel by this
+        run's id reaches it.
         """
         keys = [
             self.keys.run(run_id),
@@ -317,6 +320,7 @@ class RunStore:
                 "cancel_reason": cancel_reason,
                 "abandoned_thread": "1" if abandoned_thread else None,
                 "on_cancel_error": on_cancel_error,
+                "continued_by": continued_by,
             }
         )
         args: list[ScriptArg] = [

@@ -118,6 +118,9 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     abandoned_thread: bool = False
     #: How the ``on_cancel`` hook failed (``"ValueError: boom"``), None if it did not.
     on_cancel_error: str | None = None
+    #: The run that continues this one, which ended (a job queue's retry): a cancel by
+    #: this run's id is passed on to it.
+    continued_by: str | None = None
 
 
 class CancelResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -396,6 +399,7 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         rule_error=fields.get("rule_error") or None,
         abandoned_thread=fields.get("abandoned_thread") == "1",
         on_cancel_error=fields.get("on_cancel_error") or None,
+        continued_by=fields.get("continued_by") or None,
     )
 
 

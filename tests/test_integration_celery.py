@@ -4,73 +4,27 @@ cancels them with ``SyncClient``."""
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import redis
-from celery import Celery, Signature, chain, group
-from celery.result import AsyncResult
+from celery import Celery, chain, group
 
 from broker import EmbeddedRedis
-from sdk import OPERATOR, RUN_CANCELLED_EVENT, SyncClient
+from sdk import OPERATOR
 from sdk.integrations.celery import SENT_HEADER
-from sdk.keys import Keys
-from tests.processes import ProcessHandle, start_broker
+from tests.celery_workers import (
+    BLOCKING,
+    POLLING,
+    SPAWNING,
+    Setup,
+    outcome_events_of,
+    start_celery,
+)
+from tests.processes import start_broker
 
 pytestmark = pytest.mark.e2e
-
-BLOCKING = "tests.apps.celery_tasks.blocking_report"
-POLLING = "tests.apps.celery_tasks.polling_report"
-SPAWNING = "tests.apps.celery_tasks.spawning_report"
-
-
-class Setup:
-    def __init__(self, redis_url: str, namespace: str) -> None:
-        self.redis_url = redis_url
-        self.namespace = namespace
-        self.redis = redis.Redis.from_url(redis_url, decode_responses=True)
-        self.celery = Celery("sender", broker=redis_url, backend=redis_url)
-        self.client = SyncClient(redis_url, namespace=namespace)
-
-    def send(self, name: str, queue: str, task_id: str | None = None, **kwargs: Any) -> AsyncResult:
-        # What CancellableTask.apply_async adds (the tests send by name, without importing
-        # the tasks' module, whose worker is configured for the worker process).
-        headers = {SENT_HEADER: int(time.time() * 1000)}
-        return self.celery.send_task(
-            name, kwargs=kwargs, queue=queue, task_id=task_id, headers=headers
-        )
-
-    def signature(self, name: str, queue: str, **kwargs: Any) -> Signature:
-        """A link of a chain or a member of a group, as ``send`` would send it (immutable:
-        a link does not take the previous link's result)."""
-        headers = {SENT_HEADER: int(time.time() * 1000)}
-        return self.celery.signature(
-            name, kwargs=kwargs, queue=queue, headers=headers, immutable=True
-        )
-
-    def observed(self, report_id: str) -> list[dict[str, Any]]:
-        raw = self.redis.lrange(f"{self.namespace}:test:observed:{report_id}", 0, -1)
-        return [json.loads(item) for item in raw]
-
-    def wait_observed(self, report_id: str, what: str, timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for entry in self.observed(report_id):
-                if entry["what"] == what:
-                    return entry
-            time.sleep(0.01)
-        raise TimeoutError(f"{report_id}: no {what!r} in {self.observed(report_id)}")
-
-    def wait_state(self, result: AsyncResult, state: str, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while result.state != state:
-            assert time.monotonic() < deadline, f"{result.id} is {result.state}, not {state}"
-            time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -84,17 +38,6 @@ def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
         setup.client.close()
         setup.celery.close()
         broker.terminate()
-
-
-def start_celery(setup: Setup, pool: str, queue: str, concurrency: int) -> ProcessHandle:
-    args = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_tasks", "worker"]
-    args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", queue]
-    args += ["-n", f"{queue}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    args += ["--loglevel", "WARNING"]
-    env = {"REDIS_URL": setup.redis_url, "NAMESPACE": setup.namespace}
-    handle = ProcessHandle(args, env=env, new_session=True)
-    handle.wait_for_log("worker.started", timeout=30)
-    return handle
 
 
 @pytest.fixture(scope="module")
@@ -166,16 +109,6 @@ def test_prefork_a_task_cancelled_while_queued_is_revoked_without_running(
     assert setup.observed("p5") == []
     info = setup.client.wait(queued.id, timeout=5)
     assert "before the run registered" in (info.cancel_reason or "")
-
-
-def outcome_events_of(setup: Setup, run_id: str) -> list[dict[str, Any]]:
-    """The ``cancel/run.cancelled`` events published for ``run_id``."""
-    found = []
-    for _, fields in setup.redis.xrange(Keys(setup.namespace).events):
-        event = json.loads(fields["event"])
-        if event["name"] == RUN_CANCELLED_EVENT and event["data"]["run_id"] == run_id:
-            found.append(event["data"])
-    return found
 
 
 def test_prefork_a_queued_task_cancelled_by_its_id_never_runs(setup: Setup, prefork: str) -> None:

@@ -40,8 +40,14 @@ Either way the task's state is ``REVOKED`` (``AsyncResult(task_id).state``), its
 is discarded, and it is never retried: ``self.retry()`` and ``autoretry_for`` raise
 ``TaskCancelled`` instead, and a cancelled run id can never be registered again (a
 redelivered message is marked revoked without running). A task cancelled while queued
-(a cancel event published after it was sent, a cancelled parent) is revoked when a
-worker picks it up, before its body runs.
+(a cancel event published after it was sent, a cancelled parent, a cancel by its task
+id, even one sent before ``apply_async``) is revoked when a worker picks it up, before its
+body runs; so is a retry waiting on its countdown, cancelled by the task id. Celery's
+``task_revoked`` signal fires for each, and the ``task-revoked`` event is sent when the
+worker sends task events (``-E``, for Flower).
+
+Each prefork pool process has a worker identity of its own (decided after the fork): one
+that exits or dies takes only its own run with it.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import structlog
 from celery import Celery, Task, signals, states
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Retry
 
 from sdk.blocking import BlockingRun, BlockingWorker
 from sdk.context import CancelMode, RunContext
@@ -127,7 +133,7 @@ class CancellableTask(Task):  # type: ignore[misc]  # celery is untyped
 
     def apply_async(self, *args: Any, **options: Any) -> Any:
         headers = dict(options.pop("headers", None) or {})
-        headers.setdefault(SENT_HEADER, int(time.time() * 1000))
+        headers.setdefault(SENT_HEADER, _workflow_sent_ms(self.app) or int(time.time() * 1000))
         return super().apply_async(*args, headers=headers, **options)
 
     def spawn(self, *args: Any, **kwargs: Any) -> Any:
@@ -147,7 +153,37 @@ class CancellableTask(Task):  # type: ignore[misc]  # celery is untyped
         run = _current.get(None)
         if run is not None and run.cancelled:  # a cancelled task is never retried
             raise TaskCancelled(run.run_id, run.cancel_reason)
-        return super().retry(*args, **kwargs)
+        try:
+            retried = super().retry(*args, **kwargs)
+        except Retry:
+            self._continued(run)
+            raise
+        if isinstance(retried, Retry):  # retry(throw=False)
+            self._continued(run)
+        return retried
+
+    def _continued(self, run: BlockingRun | None) -> None:
+        """The retry is sent: the run of this attempt is continued by the next attempt's,
+        so a cancel by the task id while the retry waits (its countdown) reaches it."""
+        if run is not None:
+            run.continue_as(_run_id(self.request.id, int(self.request.retries or 0) + 1))
+
+
+def _run_id(task_id: str, retries: int) -> str:
+    """The run of one attempt of a task: its task id, then ``{task id}-retry-{n}``."""
+    return task_id if not retries else f"{task_id}-retry-{retries}"
+
+
+def _workflow_sent_ms(app: Celery) -> int | None:
+    """When the workflow of a task sent from inside a running task was sent: the sender's
+    own send time. A chain's later links, a chord's callback, a task started by a task are
+    triggered with the workflow, so a cancel published while an earlier task ran is newer
+    than them and cancels them when they start."""
+    current = app.current_worker_task
+    if current is None:
+        return None
+    sent = _header(current.request, SENT_HEADER)
+    return int(sent) if sent else None
 
 
 def _header(request: Any, name: str) -> Any:
@@ -176,6 +212,9 @@ class CeleryCancellation:
         self._interruptible: BlockingRun | None = None
         self._main_thread = threading.main_thread().ident
         self._signal_installed = False
+        #: Whether the Celery worker sends task events (``-E``): read where it starts, in
+        #: the main process, and inherited by the pool processes it forks.
+        self._task_events = bool(app.conf.worker_send_task_events)
         signals.worker_init.connect(self._worker_starting, weak=False)
         signals.worker_process_init.connect(self._process_started, weak=False)
         signals.worker_process_shutdown.connect(self._process_stopping, weak=False)
@@ -237,6 +276,7 @@ class CeleryCancellation:
         return host
 
     def _worker_starting(self, sender: Any = None, **_: Any) -> None:
+        self._task_events = bool(getattr(sender, "task_events", self._task_events))
         pool = getattr(sender, "pool_cls", None)
         name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         if "prefork" not in name:
@@ -306,9 +346,10 @@ class CeleryCancellation:
         # retry stays the child of the run that spawned it, so cancelling that run still
         # reaches it; any other retry is the child of the first attempt: if that one was
         # cancelled, the retry is cancelled on arrival.
-        run_id = request.id if not retries else f"{request.id}-retry-{retries}"
+        run_id = _run_id(request.id, retries)
         parent = _header(request, PARENT_HEADER) or (request.id if retries else None)
         interrupt = self._interrupter()
+        started = False  # whether the body ran (else it was revoked before it could)
         try:
             with self.host().run(
                 task.function_id,
@@ -317,6 +358,7 @@ class CeleryCancellation:
                 parent=parent,
                 on_interrupt=interrupt,
             ) as run:
+                started = True
                 token = _current.set(run)
                 try:
                     with self._interruptible_body(run, interrupt is not None):
@@ -326,19 +368,39 @@ class CeleryCancellation:
         except (RunCancelled, TaskCancelled) as exc:
             if exc.run_id != run_id:
                 raise
-            self._revoked(task, request, run_id, exc.reason)
+            self._revoked(task, request, run_id, exc.reason, terminated=started)
             raise Ignore() from None
         except DuplicateRunError as exc:
             if exc.status not in ("cancelling", "cancelled"):
                 raise
             # Delivered again (a redelivery, acks_late after a crash): it was cancelled.
-            self._revoked(task, request, run_id, "the run was cancelled")
+            self._revoked(task, request, run_id, "the run was cancelled", terminated=False)
             raise Ignore() from None
 
-    @staticmethod
-    def _revoked(task: CancellableTask, request: Any, run_id: str, reason: str | None) -> None:
+    def _revoked(
+        self,
+        task: CancellableTask,
+        request: Any,
+        run_id: str,
+        reason: str | None,
+        *,
+        terminated: bool,
+    ) -> None:
+        """Say that the task was revoked, as Celery's own ``revoke`` does: its state, the
+        ``task_revoked`` signal (existing handlers see our cancels), and the
+        ``task-revoked`` event for Flower and other monitors when the worker sends task
+        events (``-E``). ``terminated``: it was interrupted while running."""
         log.info("task.revoked", task_id=request.id, run_id=run_id, reason=reason)
         if not task.ignore_result:
             task.backend.mark_as_revoked(
                 request.id, reason or "cancelled", request=request, state=states.REVOKED
             )
+        signum = int(INTERRUPT_SIGNAL) if terminated and self._signal_installed else None
+        signals.task_revoked.send(
+            sender=task, request=request, terminated=terminated, signum=signum, expired=False
+        )
+        if self._task_events and task.send_events:
+            try:
+                task.send_event("task-revoked", terminated=terminated, signum=signum, expired=False)
+            except Exception as exc:  # a monitor's event never fails the revoke
+                log.warning("task.revoked_event_failed", task_id=request.id, error=repr(exc))

@@ -21,7 +21,7 @@
 -- ARGV[6]  name of the outcome event; ARGV[7] the field events are written in
 -- ARGV[8]  how many recently finished runs KEYS[10] keeps
 -- ARGV[9 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
---             on_cancel_error), as field/value pairs
+--             on_cancel_error, continued_by), as field/value pairs
 -- Returns {the status the run had before, the cancel latency in ms or ''}, or false when the
 -- run is unknown.
 local previous = redis.call('HGET', KEYS[1], 'status')

@@ -20,7 +20,7 @@
 -- ids}, kept until (ms, or '')} per run, and how many kept cancels were dropped for room.
 -- A cancel event never cancels the run it triggered, nor a run whose trigger came after it
 -- (the user clicked Regenerate after Cancel; or the broker is catching up on a backlog).
--- A run that ended and is continued by another (a Celery retry: 'followed_by') passes the
+-- A run that ended and is continued by another (a Celery retry: 'continued_by') passes the
 -- cancel on to the run that continues it.
 local c = cancel_context()
 local event_id, actor = ARGV[5], ARGV[9]
@@ -34,7 +34,8 @@ local request = {
   event_id = event_id,
   cancel_at = tonumber(ARGV[8]) or c.now,
 }
-local FIELDS = {'status', 'worker_id', 'event_id', 'trigger_seq', 'owned', 'owner', 'followed_by'}
+local FIELDS = {'status', 'worker_id', 'event_id', 'trigger_seq', 'owned', 'owner',
+  'continued_by'}
 local MAX_HOPS = 32
 
 -- The run that carries the cancel: the run itself, or the last run continuing it.

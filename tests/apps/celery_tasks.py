@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 from broker.logs import configure_logging
 from sdk import CancelOn, Worker
@@ -43,6 +43,17 @@ RULE = CancelOn(event="report/cancel.requested", match="data.report_id")
 def record(report_id: str, what: str, **extra: Any) -> None:
     entry = {"what": what, "pid": os.getpid(), "monotonic": time.monotonic(), **extra}
     recorder.rpush(f"{NAMESPACE}:test:observed:{report_id}", json.dumps(entry))
+
+
+@signals.task_revoked.connect
+def record_revoked(
+    request: Any = None, terminated: Any = None, signum: Any = None, **_: Any
+) -> None:
+    """Celery's own signal, which existing handlers (and our tests) listen to; recorded
+    under ``{report_id}-revoked``, apart from what the body observed."""
+    report_id = (getattr(request, "kwargs", None) or {}).get("report_id")
+    if report_id:
+        record(f"{report_id}-revoked", "revoked_signal", terminated=terminated, signum=signum)
 
 
 def kind(exc: BaseException) -> str:
@@ -118,3 +129,13 @@ def flaky_section(self: Any, report_id: str) -> str:
         record(report_id, "cancelled", exception=kind(exc))
         raise
     return "section"
+
+
+@cancels.task(trigger="report/generate.requested", cancel_on=[RULE], bind=True, max_retries=2)
+def retrying_report(self: Any, report_id: str, countdown: float = 3) -> str:
+    """Asks to be retried after ``countdown`` seconds on its first attempt."""
+    record(report_id, "started", retries=self.request.retries)
+    if not self.request.retries:
+        raise self.retry(countdown=countdown)
+    record(report_id, "completed")
+    return "report"

@@ -1,0 +1,210 @@
+"""Celery's prefork pool, its default: every pool process has its own identity, decided
+after the fork, so one that exits or dies takes only its own runs with it; and what
+Celery's own revoke does for chains, retries and monitors, our cancels do too.
+
+Two real ``celery worker`` processes (prefork, ``--concurrency 3`` with task events, and
+``--concurrency 2 --max-tasks-per-child 1``), a real broker, the test as the app.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from celery import chain
+
+from broker import EmbeddedRedis
+from sdk import OPERATOR
+from tests.celery_workers import BLOCKING, RETRYING, Setup, start_celery
+from tests.processes import start_broker, sync_status
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker, _ = start_broker(redis_server.url, namespace)
+    setup = Setup(redis_server.url, namespace)
+    try:
+        yield setup
+    finally:
+        setup.client.close()
+        setup.celery.close()
+        broker.terminate()
+
+
+@pytest.fixture(scope="module")
+def pool(setup: Setup) -> Iterator[str]:
+    """Three pool processes, sending task events (``-E``) as Flower needs."""
+    queue = f"{setup.namespace}-pool"
+    handle = start_celery(setup, "prefork", queue, 3, "-E")
+    try:
+        yield queue
+    finally:
+        handle.stop_group()
+
+
+@pytest.fixture(scope="module")
+def one_task_per_child(setup: Setup) -> Iterator[str]:
+    """Each pool process exits after one task (``worker_max_tasks_per_child=1``)."""
+    queue = f"{setup.namespace}-short-lived"
+    handle = start_celery(setup, "prefork", queue, 2, "--max-tasks-per-child", "1")
+    try:
+        yield queue
+    finally:
+        handle.stop_group()
+
+
+def wait_status(setup: Setup, run_id: str, status: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while (info := setup.client.get_run(run_id)) is None or info.status != status:
+        assert time.monotonic() < deadline, f"{run_id}: {info and info.status}, not {status}"
+        time.sleep(0.05)
+
+
+def test_a_pool_process_killed_loses_only_its_own_run(setup: Setup, pool: str) -> None:
+    """SIGKILL of one pool process: its run is recorded lost within the heartbeat window
+    (it was left running for ever), and the runs of its siblings go on, cancellable."""
+    sent = [setup.send(BLOCKING, pool, report_id=f"k{i}", account_id="a1") for i in range(3)]
+    started = [setup.wait_observed(f"k{i}", "started", timeout=20) for i in range(3)]
+    assert len({s["pid"] for s in started}) == 3  # one task per pool process
+    runs = [setup.client.get_run(result.id) for result in sent]
+    assert len({run.worker_id for run in runs if run is not None}) == 3  # three identities
+    os.kill(started[0]["pid"], signal.SIGKILL)
+    wait_status(setup, sent[0].id, "lost")
+    for result in sent[1:]:  # untouched: a sibling's death is not theirs
+        assert setup.client.get_run(result.id).status == "running"  # type: ignore[union-attr]
+    for i, result in enumerate(sent[1:], start=1):
+        assert setup.client.cancel(result.id, actor="a1").outcome == "signalled"
+        setup.wait_state(result, "REVOKED")
+        assert setup.wait_observed(f"k{i}", "cancelled")["exception"].endswith("TaskCancelled")
+
+
+def test_pool_processes_that_exit_after_each_task_leave_their_siblings_alone(
+    setup: Setup, one_task_per_child: str
+) -> None:
+    """With worker_max_tasks_per_child=1 every task's pool process exits after it: those
+    exits (a clean stop of their own worker identity) do not touch a long sibling task."""
+    queue = one_task_per_child
+    long = setup.send(BLOCKING, queue, report_id="m0", account_id="a1", seconds=30)
+    setup.wait_observed("m0", "started", timeout=20)
+    short = [setup.send(BLOCKING, queue, report_id=f"m{i}", seconds=0) for i in range(1, 4)]
+    pids = set()
+    for i, result in enumerate(short, start=1):
+        assert result.get(timeout=20) == "report"
+        pids.add(setup.wait_observed(f"m{i}", "started")["pid"])
+    assert len(pids) == 3  # a new pool process for each
+    # Each process its own identity: the exits deregistered theirs, not the long task's.
+    identities = {setup.client.get_run(r.id).worker_id for r in [long, *short]}  # type: ignore[union-attr]
+    assert len(identities) == 4
+    time.sleep(3)  # past the heartbeat window (1 s x 2.5): a lost run would show by now
+    info = setup.client.get_run(long.id)
+    assert info is not None
+    assert info.status == "running"
+    _, state = anyio.run(sync_status, setup.redis_url, setup.namespace)
+    live = {worker["worker_id"] for worker in state["workers"]}
+    assert info.worker_id in live
+    assert not live & (identities - {info.worker_id})
+    assert [o["what"] for o in setup.observed("m0")] == ["started"]
+    assert setup.client.cancel(long.id, actor="a1").outcome == "signalled"
+    setup.wait_state(long, "REVOKED")
+
+
+def test_a_cancel_published_while_a_chains_first_link_runs_cancels_the_later_links(
+    setup: Setup, pool: str
+) -> None:
+    """A later link is sent when the first has finished, after the cancel: it counts as
+    triggered with its chain, so the cancel (a tombstone by then) is newer and applies."""
+    first = setup.signature(BLOCKING, pool, report_id="ch1", seconds=1)
+    # As the worker sends it: no stamp of its own (Setup.signature stamps the first).
+    second = setup.celery.signature(
+        BLOCKING, kwargs={"report_id": "ch2", "seconds": 0}, queue=pool, immutable=True
+    )
+    links = chain(first, second).apply_async()
+    setup.wait_observed("ch1", "started")
+    setup.client.send("report/cancel.requested", {"report_id": "ch2"})
+    assert links.parent.get(timeout=10) == "report"
+    setup.wait_state(links, "REVOKED")
+    assert setup.observed("ch2") == []
+    info = setup.client.wait(links.id, timeout=5)
+    assert info.cancel_reason == (
+        "cancel event report/cancel.requested (it arrived before the run registered)"
+    )
+
+
+def test_a_task_waiting_on_a_retry_countdown_is_cancelled_by_its_task_id(
+    setup: Setup, pool: str
+) -> None:
+    """The first attempt ended (it asked for a retry in 3 s): a cancel by the task id is
+    passed on to the retry's run, kept until it registers, and the retry never runs."""
+    result = setup.send(RETRYING, pool, report_id="rt1", countdown=3)
+    setup.wait_observed("rt1", "started")
+    setup.wait_state(result, "RETRY")
+    first = setup.client.get_run(result.id)
+    assert first is not None
+    assert (first.status, first.continued_by) == ("failed", f"{result.id}-retry-1")
+    cancelled = setup.client.cancel(result.id, reason="user clicked cancel")
+    assert (cancelled.run_id, cancelled.outcome) == (result.id, "pending")
+    setup.wait_state(result, "REVOKED", timeout=15)
+    assert [o.get("retries") for o in setup.observed("rt1") if o["what"] == "started"] == [0]
+    retry = setup.client.wait(f"{result.id}-retry-1", timeout=5)
+    assert (retry.status, retry.cancel_reason) == ("cancelled", "user clicked cancel")
+
+
+def test_our_cancels_fire_celerys_task_revoked_signal_and_event(setup: Setup, pool: str) -> None:
+    """Existing ``task_revoked`` handlers and Flower (task events) see our cancels."""
+    events: list[dict[str, Any]] = []
+    listening, stop = threading.Event(), threading.Event()
+
+    def receive() -> None:
+        with setup.celery.connection_for_read() as connection:
+            receiver = setup.celery.events.Receiver(
+                connection, handlers={"task-revoked": events.append}
+            )
+            ready = receiver.on_consume_ready
+
+            def on_ready(*args: Any, **kwargs: Any) -> None:
+                ready(*args, **kwargs)
+                listening.set()
+
+            receiver.on_consume_ready = on_ready  # type: ignore[method-assign]
+            threading.Thread(
+                target=lambda: (stop.wait(), setattr(receiver, "should_stop", True)), daemon=True
+            ).start()
+            receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    try:
+        assert listening.wait(10)
+        time.sleep(0.5)  # subscribed to the events' fanout once it drains (Redis transport)
+        running = setup.send(BLOCKING, pool, report_id="ev1", account_id="a1")
+        setup.wait_observed("ev1", "started")
+        setup.client.cancel(running.id, actor=OPERATOR)
+        setup.wait_state(running, "REVOKED")
+        signalled = setup.wait_observed("ev1-revoked", "revoked_signal")
+        assert (signalled["terminated"], signalled["signum"]) == (True, int(signal.SIGUSR2))
+        queued_id = f"job-{uuid.uuid4().hex}"
+        setup.client.cancel(queued_id, actor=OPERATOR)
+        queued = setup.send(BLOCKING, pool, task_id=queued_id, report_id="ev2", seconds=0)
+        setup.wait_state(queued, "REVOKED")
+        assert setup.wait_observed("ev2-revoked", "revoked_signal")["terminated"] is False
+        assert setup.observed("ev2") == []  # revoked before its body ran
+        deadline = time.monotonic() + 10
+        while {e["uuid"] for e in events} < {running.id, queued_id}:
+            assert time.monotonic() < deadline, events
+            time.sleep(0.05)
+        by_id = {e["uuid"]: e for e in events}
+        assert by_id[running.id]["terminated"] is True
+        assert by_id[queued_id]["terminated"] is False
+    finally:
+        stop.set()
+        thread.join(5)
