@@ -22,7 +22,7 @@ from broker.cli_errors import UsageError, diagnose, leaf
 from broker.dashboard_access import CancelAccess, DashboardMode, is_loopback
 from broker.dashboard_routes import dashboard_routes
 from broker.embedded import EmbeddedRedis
-from broker.findings import SyncState, Windows, collect_state
+from broker.findings import SyncState, Windows
 from broker.http import create_app, serve_http
 from broker.logs import LogFormat, configure_logging
 from broker.metrics import BrokerMetrics
@@ -30,6 +30,7 @@ from broker.output import Output, progress_bar, text
 from broker.report import format_status, print_status_rich
 from broker.service import Broker
 from broker.settings import Settings
+from broker.sync_state import collect_state
 from sdk import OPERATOR, Client, RunInfo
 from sdk.client import Actor
 from sdk.connection import (

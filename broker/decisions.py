@@ -47,7 +47,9 @@ class Recorded(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     outcomes: dict[str, int] = msgspec.field(default_factory=dict)
     rules: list[str] = msgspec.field(default_factory=list)
     run_ids: list[str] = msgspec.field(default_factory=list)
-    #: Dead letters: why the event was refused, and what exactly was wrong.
+    #: Dead letters: why the event was refused, and what exactly was wrong. Other
+    #: decisions: why a declared rule could not match (``no value at data.reportId for
+    #: reports/generate-report's rule``).
     reason: str | None = None
     detail: str | None = None
     consumer: str | None = None
@@ -80,6 +82,7 @@ def decided(
     signals_sent: int,
     latency_ms: float,
     consumer: str,
+    detail: str | None = None,
 ) -> Recorded:
     """The record of one decided cancel event."""
     run_ids = list(matched)
@@ -96,6 +99,7 @@ def decided(
         run_ids=run_ids[:RUN_IDS_KEPT],
         latency_ms=round(latency_ms, 3),
         consumer=consumer,
+        detail=detail,
     )
 
 

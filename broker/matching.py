@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from broker import decisions
 from broker.findings import is_cancel_like
@@ -36,7 +36,7 @@ from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.expressions import Expression, compile_rule_expression, describe_error, event_variable
 from sdk.keys import Keys
 from sdk.partitions import Partitions
-from sdk.rules import Lookup, lookups
+from sdk.rules import Lookup, Selector, lookups, without_value
 from sdk.store import MatchCandidate, RunStore, match_events
 from sdk.streams import Entry
 from sdk.wire import (
@@ -60,6 +60,8 @@ MATCHED: Final[frozenset[CancelOutcome]] = frozenset(
     }
 )
 _EXPRESSIONS_CACHED: Final = 4096
+#: Seconds the functions declaring a cancel event's rules are cached (see _declared_by).
+DECLARERS_CACHED_S: Final = 5.0
 
 #: (entry id, original fields, reason, detail) -> parks the entry in the dead letters.
 DeadLetter = Callable[[str, dict[str, str] | None, str, str], Awaitable[None]]
@@ -94,6 +96,8 @@ class Matcher:
         self._log = log
         self.consumer = consumer
         self._expressions: dict[str, Expression | str] = {}
+        #: event name -> (until when it holds, selector -> declaring functions)
+        self._declarers: dict[str, tuple[float, dict[str, list[str]]]] = {}
 
     async def handle(
         self, entries: Sequence[Entry], partition: int = 0
@@ -116,6 +120,7 @@ class Matcher:
         broadcast = await self.partitions.broadcast(names)
         planned: list[tuple[str, dict[str, str] | None, Event, list[Lookup], list[int]]] = []
         calls: list[tuple[RunStore, Event, list[Lookup]]] = []
+        missing: dict[str, list[Selector]] = {}
         for entry_id, fields, event in events:
             declared = selectors[event.name]
             self._observe(event, declared)
@@ -123,6 +128,8 @@ class Matcher:
                 # Nothing to cancel. Unserved: no function triggers on it either.
                 self._count("unserved" if self.watch.unserved(event.name) else "ignored")
                 continue
+            if without := without_value(event, declared):
+                missing[event.id] = without
             targets = self.stores if event.name in broadcast else (self.stores[partition],)
             # The same selectors in each partition: only the keys' tags differ.
             per_target = [(store, lookups(event, declared, store.keys)) for store in targets]
@@ -133,6 +140,9 @@ class Matcher:
                 calls.append((store, event, store_found))
             planned.append((entry_id, fields, event, found, slots))
         replies = await match_events(calls, tombstone_ms=self.tombstone_ms)
+        declared_by = await self._declared_by(
+            {event.name for _, _, event in events if event.id in missing}
+        )
         recorded: list[decisions.Recorded] = []
         for entry_id, fields, event, found, slots in planned:
             try:
@@ -146,7 +156,8 @@ class Matcher:
                     candidates += reply[1]
                 if candidates:
                     results = results + await self._evaluate(event, candidates)
-                recorded.append(self._decided(event, found, results, started))
+                detail = _no_value(event, missing.get(event.id, []), declared_by)
+                recorded.append(self._decided(event, found, results, started, detail))
             except Exception as exc:
                 if is_transient(exc):
                     raise  # not acknowledged: handled again once Redis can answer (and counted)
@@ -192,8 +203,34 @@ class Matcher:
     def _count(self, result: str) -> None:
         self.metrics.events.labels(result=result).inc()
 
+    async def _declared_by(self, names: set[str]) -> dict[str, dict[str, list[str]]]:
+        """For each of these cancel event names: selector -> the functions (``app/fn``)
+        that declared it. Cached a few seconds: read only for cancel events that lack a
+        value at a declared path (a misnamed key), which a busy broker may see often."""
+        now = time.monotonic()
+        stale = sorted(name for name in names if self._declarers.get(name, (0.0, {}))[0] < now)
+        if stale:
+            async with self.store.redis.pipeline(transaction=False) as pipe:
+                for name in stale:
+                    pipe.hkeys(self.keys.rule_functions(name))
+                replies = cast(list[list[str]], await pipe.execute())
+            for name, fields in zip(stale, replies, strict=True):
+                by_selector: dict[str, list[str]] = {}
+                for field in fields:
+                    selector, _, function = field.partition(" ")
+                    by_selector.setdefault(selector, []).append(function)
+                if len(self._declarers) >= _EXPRESSIONS_CACHED:
+                    self._declarers.clear()
+                self._declarers[name] = (now + DECLARERS_CACHED_S, by_selector)
+        return {name: self._declarers[name][1] for name in names if name in self._declarers}
+
     def _decided(
-        self, event: Event, found: list[Lookup], results: list[CancelResult], started: float
+        self,
+        event: Event,
+        found: list[Lookup],
+        results: list[CancelResult],
+        started: float,
+        detail: str | None = None,
     ) -> decisions.Recorded:
         """Count the decision, write its audit line; returns its record."""
         outcomes = Counter(result.outcome for result in results)
@@ -222,6 +259,7 @@ class Matcher:
             cascaded=cascaded,
             outcomes=dict(outcomes),
             latency_ms=round(elapsed * 1000, 3),
+            **({"detail": detail} if detail else {}),
         )
         return decisions.decided(
             event,
@@ -232,6 +270,7 @@ class Matcher:
             signals_sent=signalled + cascaded,
             latency_ms=elapsed * 1000,
             consumer=self.consumer,
+            detail=detail,
         )
 
     async def _evaluate(
@@ -310,3 +349,23 @@ class Matcher:
             self._expressions.clear()
         self._expressions[expression_id] = compiled
         return compiled
+
+
+def _no_value(
+    event: Event, missing: list[Selector], declared_by: dict[str, dict[str, list[str]]]
+) -> str | None:
+    """Why these rules could not match the cancel event: it has no value at their path."""
+    if not missing:
+        return None
+    reasons = []
+    for selector in missing:
+        functions = sorted(declared_by.get(event.name, {}).get(selector.text, []))
+        whose = (
+            f"{functions[0]}'s rule"
+            if len(functions) == 1
+            else f"the rules of {', '.join(functions)}"
+            if functions
+            else f"the rule on {event.name}"
+        )
+        reasons.append(f"no value at {selector.path} for {whose}")
+    return "; ".join(reasons)

@@ -22,13 +22,14 @@ from anyio.abc import TaskStatus
 
 from broker import decisions
 from broker.dashboard import DashboardData
-from broker.findings import DEFAULT_WINDOWS, SyncState, Windows, collect_state
+from broker.findings import DEFAULT_WINDOWS, SyncState, Windows
 from broker.housekeeping import Housekeeping
 from broker.matching import Matcher
 from broker.metrics import BrokerMetrics
 from broker.routing import move_unplaced
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
+from broker.sync_state import collect_state
 from sdk.client import Client
 from sdk.config import TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import (

@@ -22,12 +22,11 @@ from broker.findings import (
     Finding,
     SyncState,
     Windows,
-    collect_state,
     config_changes,
     is_cancel_like,
-    load_configs,
 )
 from broker.metrics import BrokerMetrics
+from broker.sync_state import collect_state, load_configs
 from sdk.connection import REDIS_ERRORS, RedisClient, RedisPipeline
 from sdk.keys import Keys
 from sdk.streams import Entry

@@ -45,6 +45,11 @@ ORIGIN_FIELD = "origin"
 PRESENCE: Final = "cancel-broker:presence"
 
 
+def uncancellable_field(app_id: str, function_id: str, event_name: str, path: str) -> str:
+    """The field of :attr:`Keys.uncancellable` for one function's rule (without suffix)."""
+    return f"{app_id}/{function_id}|{event_name}|{path}"
+
+
 def presence_field(role: str, namespace: str) -> str:
     """The field of :data:`PRESENCE` for ``role`` (``worker`` or ``broker``) in ``namespace``."""
     return f"{role}:{namespace}"
@@ -296,6 +301,20 @@ class Keys:
     def orphan_events(self) -> str:
         """Hash cancel-like event name -> how many arrived while no live rule listened."""
         return f"{self.prefix}orphan-events"
+
+    @property
+    def uncancellable(self) -> str:
+        """Hash of the rules runs were registered under with no value at the rule's path (no
+        cancel event can ever match them by it): ``{app}/{function}|{event}|{path}#runs`` ->
+        how many, ``...#last`` -> JSON of the latest (when, run id, the trigger's keys
+        there, a suggested path)."""
+        return f"{self.prefix}uncancellable"
+
+    def rule_functions(self, event_name: str) -> str:
+        """Hash ``{selector} {app}/{function}`` -> when last declared (ms): which functions
+        declared each selector of a cancel event (what a decision names when a cancel event
+        has no value at a selector's path)."""
+        return f"{self.prefix}rule-functions:{event_name}"
 
     @property
     def unserved_events(self) -> str:

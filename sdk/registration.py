@@ -40,14 +40,25 @@ APP_VERSION_ENV: Final = "CANCEL_APP_VERSION"
 _HEARTBEAT = (resources.files("sdk") / "lua" / "heartbeat.lua").read_text()
 
 
-def declare_rules(pipe: RedisPipeline, keys: Keys, rules: Iterable[CancelOn], now: int) -> None:
-    """Tell the broker what to look up (and tombstone) for each rule's cancel event.
+def declare_rules(
+    pipe: RedisPipeline,
+    keys: Keys,
+    rules: Iterable[CancelOn],
+    now: int,
+    *,
+    function: str | None = None,
+) -> None:
+    """Tell the broker what to look up (and tombstone) for each rule's cancel event, and
+    which function (``app/function``) declared it.
 
     Part of the sync, so it is in Redis before the worker can read a trigger.
     """
     for rule in rules:
+        selector = rule.selector.text
         pipe.hsetnx(keys.rule_events, rule.event, now)
-        pipe.hset(keys.rules(rule.event), rule.selector.text, now)
+        pipe.hset(keys.rules(rule.event), selector, now)
+        if function is not None:
+            pipe.hset(keys.rule_functions(rule.event), f"{selector} {function}", now)
         if (expression := rule.expression) is not None:
             pipe.hset(keys.expressions, expression.id, expression.source)
 
@@ -100,7 +111,7 @@ class Registration:
         async with self.redis.pipeline(transaction=True) as pipe:
             for fn in self._functions:
                 pipe.set(self.keys.config(fn.config_hash), encode_json(fn.config), ex=CONFIG_TTL)
-                declare_rules(pipe, self.keys, fn.cancel_on, now)
+                declare_rules(pipe, self.keys, fn.cancel_on, now, function=f"{self.app_id}/{fn.id}")
             pipe.hset(self.keys.worker(self.worker_id), mapping={"info": body, "heartbeat_at": now})
             pipe.expire(self.keys.worker(self.worker_id), REGISTRATION_TTL)
             pipe.zadd(self.keys.workers, {self.worker_id: now})

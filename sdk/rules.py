@@ -14,6 +14,7 @@ runs. Expressions are evaluated only on the runs those lookups return.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 from dataclasses import dataclass
@@ -303,3 +304,56 @@ def lookups(event: Event, selectors: list[str], keys: Keys) -> list[Lookup]:
             )
     found.sort(key=lambda lookup: lookup.selector.expression_id is not None)
     return found
+
+
+@dataclass(frozen=True, slots=True)
+class Unreachable:
+    """A rule that can never cancel a run: its trigger has no value at the rule's path."""
+
+    rule: CancelOn
+    #: The trigger's keys where the path found none (``data``'s, for ``data.reportId``).
+    keys: tuple[str, ...]
+    #: A path the trigger does have that looks like the rule's (``data.report_id``).
+    suggestion: str | None
+
+
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def unreachable_rules(rules: tuple[CancelOn, ...], trigger: Event) -> list[Unreachable]:
+    """The ``match`` rules whose path has no value in ``trigger``: no cancel event can
+    match the run by them (``report_id`` in the trigger, ``data.reportId`` in the rule)."""
+    found = []
+    for rule in rules:
+        if rule.match is None:
+            continue
+        path = parse_path(rule.match)
+        if path.lookup(trigger) is not None:
+            continue
+        # Down to where the path stops finding anything: the keys there, and a near miss.
+        value: Any = trigger.data
+        depth = 1
+        while depth < len(path.parts) and isinstance(value, dict) and path.parts[depth] in value:
+            value, depth = value[path.parts[depth]], depth + 1
+        keys = tuple(sorted(str(k) for k in value)) if isinstance(value, dict) else ()
+        suggestion = None
+        if depth < len(path.parts) and keys:
+            wanted = path.parts[depth]
+            close = [k for k in keys if _normalized(k) == _normalized(wanted)]
+            close = close or difflib.get_close_matches(wanted, keys, n=1, cutoff=0.75)
+            if close:
+                suggestion = ".".join((*path.parts[:depth], close[0], *path.parts[depth + 1 :]))
+        found.append(Unreachable(rule, keys, suggestion))
+    return found
+
+
+def without_value(event: Event, selectors: list[str]) -> list[Selector]:
+    """The declared selectors with a path at which ``event`` has no value: the cancel
+    event can match no run by them (what its decision says, rather than nothing)."""
+    missing = []
+    for text in selectors:
+        selector = Selector.parse(text)
+        if selector is not None and selector.path is not None and selector.token(event) is None:
+            missing.append(selector)
+    return missing

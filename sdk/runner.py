@@ -24,7 +24,7 @@ from sdk.expressions import compile_trigger_filter, describe_error, event_variab
 from sdk.function import Function
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions
-from sdk.rules import IndexEntry, index_entries, parse_path, value_token
+from sdk.rules import IndexEntry, index_entries, parse_path, unreachable_rules, value_token
 from sdk.store import (
     DEFAULT_RETENTION,
     Finished,
@@ -32,6 +32,7 @@ from sdk.store import (
     RegisterRequest,
     Registration,
 )
+from sdk.unreachable import UnreachableRuns
 from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
 #: Registering a run is one short script; longer means Redis is unreachable.
@@ -92,6 +93,8 @@ class Runner:
         self._log = log
         self._runs: dict[str, Run] = {}
         self._changed = anyio.Event()
+        #: Runs registered out of their rules' reach (no value at a match path), said so.
+        self.unreachable = UnreachableRuns(app_id, partitions.base, log)
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -126,6 +129,7 @@ class Runner:
                 await self.partitions.keep_reachable(fn.cancel_on, event, partition)
                 # Idempotent for this worker.
                 registration = await self.stores[partition].register(request)
+                await self.unreachable.flush(self.store.redis)
                 return await self._settle(run, registration)
         except BaseException:
             self._forget(run)
@@ -151,6 +155,7 @@ class Runner:
                 for request in requests:
                     await self.partitions.keep_reachable(fn.cancel_on, request.event, partition)
                 registrations = iter(await store.register_many(requests) if requests else [])
+                await self.unreachable.flush(store.redis)
                 for item in admitted:
                     if isinstance(item, Exception):
                         results.append(item)
@@ -187,6 +192,8 @@ class Runner:
         if run_id in self._runs:
             raise DuplicateRunError(run_id, "running")
         entries = index_entries(fn.cancel_on, event, self.stores[partition].keys)
+        if unreachable := unreachable_rules(fn.cancel_on, event):
+            self.unreachable.note(fn.id, run_id, unreachable)
         run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id, partition)
         run.status_read_at = time.monotonic()
         self._runs[run_id] = run

@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker.embedded import find_redis_cli
-from broker.findings import collect_state
+from broker.sync_state import collect_state
 from sdk import Client
 from sdk.connection import REDIS_URL_ENV
 from sdk.keys import Keys

@@ -13,9 +13,10 @@ import structlog
 from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics
-from broker.findings import SyncState, Windows, collect_state
+from broker.findings import SyncState, Windows
 from broker.http import create_app
 from broker.sync import EventWatch, SyncMonitor
+from broker.sync_state import collect_state
 from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
 from sdk.function import Function
 from sdk.keys import Keys

@@ -282,6 +282,7 @@ function decisionDetails(d) {
     outcomes ? el("div", {}, outcomes) : "",
     d.run_ids && d.run_ids.length ? el("div", { class: "mono muted" }, d.run_ids.map(shortId).join(" ")) : "",
     d.decision === "tombstoned" ? el("div", { class: "muted" }, "no run yet: a run that registers later is cancelled") : "",
+    d.detail ? el("div", { class: "warn-text" }, d.detail) : "",
     el("div", { class: "muted" }, `rules ${(d.rules || []).join(", ") || "-"}`, d.latency_ms != null ? ` · ${duration(d.latency_ms)}` : ""),
   );
 }

@@ -17,7 +17,7 @@ import anyio
 from redis.asyncio import Redis
 
 from broker.embedded import EmbeddedRedis
-from broker.findings import collect_state
+from broker.sync_state import collect_state
 from sdk import Client, RunInfo
 from sdk.keys import Keys
 
