@@ -11,7 +11,7 @@ them, so they never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 import msgspec
 
@@ -28,17 +28,7 @@ FindingKind = Literal[
     "unserved_trigger",
     "uncancellable_run",
 ]
-FINDING_KINDS: Final[tuple[FindingKind, ...]] = (
-    "drift",
-    "unsynced_run",
-    "gone_function",
-    "orphan_cancel_event",
-    "dead_rule",
-    "namespace_mismatch",
-    "misnamed_stream",
-    "unserved_trigger",
-    "uncancellable_run",
-)
+FINDING_KINDS: Final[tuple[FindingKind, ...]] = get_args(FindingKind)
 #: Event names that look like cancellations even when no rule mentions them: the last
 #: segment of the name, after any separator ("report/cancel.requested", "order.cancelled").
 CANCEL_SUFFIXES: Final = ("cancelled", "canceled", "cancel.requested")

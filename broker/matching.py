@@ -37,7 +37,7 @@ from sdk.expressions import Expression, compile_rule_expression, describe_error,
 from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.rules import Lookup, Selector, lookups, without_value
-from sdk.store import MatchCandidate, RunStore, match_events
+from sdk.store import CancelRequest, MatchCandidate, RunStore, match_events
 from sdk.streams import Entry
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
@@ -317,10 +317,12 @@ class Matcher:
             if held:
                 results += await store.request_cancel(
                     held,
-                    event_id=event.id,
-                    reason=f"cancel event {event.name}",
-                    cancelled_by=event.id,
-                    cancel_at_ms=entry_timestamp(event.id),
+                    CancelRequest(
+                        cancelled_by=event.id,
+                        reason=f"cancel event {event.name}",
+                        event_id=event.id,
+                        cancel_at_ms=entry_timestamp(event.id),
+                    ),
                 )
         unmatched = [
             CancelResult(

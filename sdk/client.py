@@ -20,7 +20,7 @@ from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
 from sdk.rules import value_token
-from sdk.store import OPERATOR_ACTOR, RunStore, request_cancel_everywhere
+from sdk.store import OPERATOR_ACTOR, CancelRequest, RunStore, request_cancel_everywhere
 from sdk.wire import (
     MAX_EVENT_BYTES,
     TERMINAL_STATUSES,
@@ -191,20 +191,18 @@ class Client:
         """
         check_id("run id", run_id)
         partitions = await self._open()
-        request: dict[str, Any] = {
-            "reason": reason or "cancelled by request",
-            "cancelled_by": "api",
-            "actor": _actor_token(actor),
-            "keep_ms": self._keep_ms,
-        }
+        request = CancelRequest(
+            cancelled_by="api",
+            reason=reason or "cancelled by request",
+            actor=_actor_token(actor),
+            keep_ms=self._keep_ms,
+        )
         located = await partitions.locate([run_id])
         if run_id in located:
-            (result,) = await self._stores[located[run_id]].request_cancel([run_id], **request)
+            (result,) = await self._stores[located[run_id]].request_cancel([run_id], request)
         else:
             # In no partition yet: kept in each, since any of them may be where it registers.
-            result = _first_decided(
-                await request_cancel_everywhere(self._stores, run_id, **request)
-            )
+            result = _first_decided(await request_cancel_everywhere(self._stores, run_id, request))
         # The audit line of a cancel by id, refused ones included.
         (log.warning if result.outcome == "forbidden" else log.info)(
             "cancel.requested",
@@ -266,6 +264,7 @@ class Client:
                 f"started_after ({_iso(after)}) is later than started_before ({_iso(before)})"
             )
         reason = reason or f"bulk cancel of {function_id}"
+        bulk_request = CancelRequest(cancelled_by="api", reason=reason)
         kept_until = None
         if self._keep_ms:
             # Kept before the registered runs are listed: a run registering meanwhile is
@@ -314,7 +313,7 @@ class Client:
                 done += len(batch)
                 if condition is not None:
                     batch = await self._filter(store, batch, condition)
-                results += await store.request_cancel(batch, reason=reason, cancelled_by="api")
+                results += await store.request_cancel(batch, bulk_request)
                 if progress is not None:
                     progress(done, total)
         result = BulkCancelResult(

@@ -27,6 +27,7 @@ from sdk.partitions import Partitions
 from sdk.rules import IndexEntry, index_entries, parse_path, unreachable_rules, value_token
 from sdk.store import (
     DEFAULT_RETENTION,
+    CancelRequest,
     Finished,
     Outcome,
     RegisterRequest,
@@ -263,7 +264,8 @@ class Runner:
             if not holds:
                 continue
             (result,) = await self.stores[run.partition].request_cancel(
-                [run.run_id], reason=bulk.reason, cancelled_by="api", holder=self.worker_id
+                [run.run_id],
+                CancelRequest(cancelled_by="api", reason=bulk.reason, holder=self.worker_id),
             )
             if result.outcome in ("signalled", "already_cancelling"):
                 self._log.info(
@@ -290,11 +292,13 @@ class Runner:
             reason = f"cancel event {cancel.name} (it arrived before the run registered)"
             (result,) = await self.stores[run.partition].request_cancel(
                 [run.run_id],
-                event_id=cancel.id,
-                reason=reason,
-                cancelled_by=cancel.id,
-                cancel_at_ms=entry_timestamp(cancel.id),
-                holder=self.worker_id,
+                CancelRequest(
+                    cancelled_by=cancel.id,
+                    reason=reason,
+                    event_id=cancel.id,
+                    cancel_at_ms=entry_timestamp(cancel.id),
+                    holder=self.worker_id,
+                ),
             )
             if result.outcome in ("signalled", "already_cancelling"):
                 self._log.info(

@@ -7,6 +7,7 @@ is atomic and terminal states are final whoever races whom.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Final, Literal, cast
@@ -89,6 +90,28 @@ def _results(replies: Sequence[Sequence[object]]) -> list[CancelResult]:
         )
         for run_id, outcome, previous, status, cascaded, *kept in replies
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """What a cancel asks of the runs it names (``request_cancel.lua``)."""
+
+    #: The cancel event's id, or ``"api"`` for a cancel by run id.
+    cancelled_by: str
+    reason: str = ""
+    #: The cancel event's id ("" for a cancel by run id): never its own trigger's run,
+    #: nor a run triggered after it.
+    event_id: str = ""
+    #: When the cancel was published (ms; None: now).
+    cancel_at_ms: int | None = None
+    #: The canonical value token of who asks, checked against the owner of functions that
+    #: declare one; ``""`` for nobody, :data:`OPERATOR_ACTOR` for anyone.
+    actor: str = OPERATOR_ACTOR
+    #: The calling worker, which cancels the runs it holds itself (no signal).
+    holder: str = ""
+    #: A cancel by id of a run that does not exist yet is kept this long (``pending``),
+    #: and cancels the run when it registers; 0 keeps none.
+    keep_ms: int = 0
 
 
 class Registration(msgspec.Struct, frozen=True):
@@ -341,55 +364,19 @@ class RunStore:
         return Finished(previous, float(latency) if latency else None)
 
     async def request_cancel(
-        self,
-        run_ids: Iterable[str],
-        *,
-        event_id: str = "",
-        reason: str = "",
-        cancelled_by: str,
-        cancel_at_ms: int | None = None,
-        actor: str = OPERATOR_ACTOR,
-        holder: str = "",
-        keep_ms: int = 0,
+        self, run_ids: Iterable[str], request: CancelRequest
     ) -> list[CancelResult]:
-        """Move these runs, if running, to ``cancelling`` and signal their workers.
-
-        ``actor``: the canonical value token of who asks, checked against the owner of
-        functions that declare one; ``""`` for nobody, :data:`OPERATOR_ACTOR` for anyone.
-        ``holder``: the calling worker, which cancels the runs it holds itself (no signal).
-        ``keep_ms``: a cancel by id of a run that does not exist yet is kept this long
-        (``pending``), and cancels the run when it registers.
-        """
-        (results,) = await self._pipelined(
-            self._request_cancel,
-            [
-                self._request_cancel_call(
-                    run_ids,
-                    event_id=event_id,
-                    reason=reason,
-                    cancelled_by=cancelled_by,
-                    cancel_at_ms=cancel_at_ms,
-                    actor=actor,
-                    holder=holder,
-                    keep_ms=keep_ms,
-                )
-            ],
+        """Move these runs, if running, to ``cancelling`` and signal their workers (see
+        :class:`CancelRequest` for what else a request says)."""
+        (reply,) = await self._pipelined(
+            self._request_cancel, [self._request_cancel_call(run_ids, request)]
         )
-        if isinstance(results, Exception):
-            raise results
-        return self._cancelled(results)
+        if isinstance(reply, Exception):
+            raise reply
+        return self._cancelled(reply)
 
     def _request_cancel_call(
-        self,
-        run_ids: Iterable[str],
-        *,
-        event_id: str = "",
-        reason: str = "",
-        cancelled_by: str,
-        cancel_at_ms: int | None = None,
-        actor: str = OPERATOR_ACTOR,
-        holder: str = "",
-        keep_ms: int = 0,
+        self, run_ids: Iterable[str], request: CancelRequest
     ) -> tuple[list[str], list[ScriptArg]]:
         keys = [
             self.keys.cancelling_runs,
@@ -398,13 +385,13 @@ class RunStore:
         ]
         args: list[ScriptArg] = [
             *self._cancel_context(),
-            event_id,
-            reason,
-            cancelled_by,
-            "" if cancel_at_ms is None else cancel_at_ms,
-            actor,
-            holder,
-            keep_ms,
+            request.event_id,
+            request.reason,
+            request.cancelled_by,
+            "" if request.cancel_at_ms is None else request.cancel_at_ms,
+            request.actor,
+            request.holder,
+            request.keep_ms,
             PENDING_CANCELS_KEPT,
             *run_ids,
         ]
@@ -608,13 +595,13 @@ async def match_events(
 
 
 async def request_cancel_everywhere(
-    stores: Sequence[RunStore], run_id: str, **request: Any
+    stores: Sequence[RunStore], run_id: str, request: CancelRequest
 ) -> list[CancelResult]:
     """:meth:`RunStore.request_cancel` of one run id in every partition (one store each), in
     one round trip: for a run that is in none of them yet, and will register in one (each
     script, atomic in its partition, either finds it there or keeps the cancel for it)."""
     first = stores[0]
-    calls = [store._request_cancel_call([run_id], **request) for store in stores]
+    calls = [store._request_cancel_call([run_id], request) for store in stores]
     replies = await first._pipelined(first._request_cancel, calls)
     results = []
     for store, reply in zip(stores, replies, strict=True):

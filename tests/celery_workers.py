@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -16,7 +19,7 @@ from celery.result import AsyncResult
 from sdk import RUN_CANCELLED_EVENT, SyncClient
 from sdk.integrations.celery import SENT_HEADER
 from sdk.keys import Keys
-from tests.processes import ProcessHandle
+from tests.processes import ProcessHandle, start_broker
 
 BLOCKING = "tests.apps.celery_tasks.blocking_report"
 POLLING = "tests.apps.celery_tasks.polling_report"
@@ -66,6 +69,20 @@ class Setup:
         while result.state != state:
             assert time.monotonic() < deadline, f"{result.id} is {result.state}, not {state}"
             time.sleep(0.02)
+
+
+@contextmanager
+def app_with_broker(redis_url: str) -> Iterator[Setup]:
+    """A broker process in a namespace of its own, and the app's side of it."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker, _ = start_broker(redis_url, namespace)
+    setup = Setup(redis_url, namespace)
+    try:
+        yield setup
+    finally:
+        setup.client.close()
+        setup.celery.close()
+        broker.terminate()
 
 
 def start_celery(

@@ -22,23 +22,16 @@ from celery import chain
 
 from broker import EmbeddedRedis
 from sdk import OPERATOR
-from tests.celery_workers import BLOCKING, RETRYING, Setup, start_celery
-from tests.processes import start_broker, sync_status
+from tests.celery_workers import BLOCKING, RETRYING, Setup, app_with_broker, start_celery
+from tests.processes import sync_status
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
-    namespace = f"t{uuid.uuid4().hex[:12]}"
-    broker, _ = start_broker(redis_server.url, namespace)
-    setup = Setup(redis_server.url, namespace)
-    try:
+    with app_with_broker(redis_server.url) as setup:
         yield setup
-    finally:
-        setup.client.close()
-        setup.celery.close()
-        broker.terminate()
 
 
 @pytest.fixture(scope="module")

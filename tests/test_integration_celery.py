@@ -19,25 +19,18 @@ from tests.celery_workers import (
     POLLING,
     SPAWNING,
     Setup,
+    app_with_broker,
     outcome_events_of,
     start_celery,
 )
-from tests.processes import start_broker
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
-    namespace = f"t{uuid.uuid4().hex[:12]}"
-    broker, _ = start_broker(redis_server.url, namespace)
-    setup = Setup(redis_server.url, namespace)
-    try:
+    with app_with_broker(redis_server.url) as setup:
         yield setup
-    finally:
-        setup.client.close()
-        setup.celery.close()
-        broker.terminate()
 
 
 @pytest.fixture(scope="module")

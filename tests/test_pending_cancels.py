@@ -33,6 +33,7 @@ from sdk import (
 )
 from sdk.errors import InvalidBulkCancelError
 from sdk.partitions import Partitions
+from sdk.store import CancelRequest
 from sdk.wire import RUN_CANCELLED_EVENT, decode_event
 from tests.conftest import (
     observed,
@@ -199,7 +200,7 @@ async def test_kept_cancels_are_bounded_in_number(redis_url: str, namespace: str
             patch.setattr("sdk.store.PENDING_CANCELS_KEPT", 3)
             for i in range(5):
                 await store.request_cancel(
-                    [f"id-{i}"], reason="r", cancelled_by="api", keep_ms=60_000
+                    [f"id-{i}"], CancelRequest(cancelled_by="api", reason="r", keep_ms=60_000)
                 )
         kept = await client._redis.zrange(store.keys.pending_cancel_deadlines, 0, -1)
         assert kept == ["id-2", "id-3", "id-4"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import anyio
 import pytest
@@ -66,6 +67,13 @@ async def cancelled_runs_of(url: str, event_ids: list[str]) -> list[str]:
         return reasons
 
 
+def in_second_shell(args: list[str], cwd: Path, env: dict[str, str]) -> CompletedProcess[str]:
+    """Run a command of the page as a user would in another terminal; it must succeed."""
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
 def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     """`make run` in one terminal, the page's files and commands in another, given no
     Redis URL: they find the embedded Redis `make run` started."""
@@ -91,15 +99,7 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
             [sys.executable, "-u", str(tmp_path / "worker.py")], env={REDIS_URL_ENV: ""}
         )
         anyio.run(wait_for_worker, url, "reports", time.monotonic() + 30)
-        app = subprocess.run(
-            [sys.executable, str(tmp_path / "app.py")],
-            cwd=tmp_path,
-            env=shell_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert app.returncode == 0, app.stdout + app.stderr
+        app = in_second_shell([sys.executable, str(tmp_path / "app.py")], tmp_path, shell_env)
         assert normalized(app.stdout) == normalized(blocks["output"]), app.stdout
         # The on_cancel hook ran in the worker's process, as the page says.
         deadline = time.monotonic() + 10
@@ -108,15 +108,9 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, worker.output
             time.sleep(0.05)
         # The shell block, as written, from the clone's root (its `.venv/bin/` paths).
-        shell = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", blocks["shell"]],
-            cwd=ROOT,
-            env=shell_env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+        shell = in_second_shell(
+            ["bash", "-euo", "pipefail", "-c", blocks["shell"]], ROOT, shell_env
         )
-        assert shell.returncode == 0, shell.stdout + shell.stderr
         printed = shell.stdout.split()
         assert len(printed) == 4, shell.stdout  # an id per send, and the XADD's
         # r2 cancelled by `cancel-broker send`, r3 by the plain XADD.

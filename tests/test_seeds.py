@@ -26,6 +26,11 @@ Seed 1, "cancel button not working" (asyncio task registry)
   cancelled_again`` and ``test_modes`` (level-triggered in both modes).
 
 Seed 2, "cancel button implementation complete" (context-based, wallet-authenticated)
+- ``Cancel(jobID)`` of a job whose context is not registered yet did nothing: a cancel
+  by id of a run not registered yet is kept (``pending``) and lands when it registers:
+  ``test_pending_cancels::test_a_run_cancelled_by_id_before_it_registered_never_runs_
+  its_block`` and, with Celery's queued tasks, groups and chains,
+  ``test_integration_celery::test_prefork_a_queued_task_cancelled_by_its_id_never_runs``.
 - only the owner may cancel, 403 otherwise: ``test_end_to_end_semantics::
   test_a_cancel_by_id_needs_the_owner``.
 - terminal state check, previous and new status in the answer: same test.
@@ -42,7 +47,10 @@ Seed 3, "cancel generations" (database flag polled between poll iterations)
 Seed 4, "API task cancellation" (client disconnect races execution start)
 - the cancel arrives before the run is registered: ``test_end_to_end_semantics::
   test_a_cancel_before_the_worker_started_cancels_the_queued_run_only`` and
-  ``test_semantics`` (tombstones, both orders, expiry).
+  ``test_semantics`` (tombstones, both orders, expiry); by job id (``cancelJob(job.id)``
+  before the orchestrator tracked it): ``test_pending_cancels`` (kept, then applied at
+  registration, refused for another owner, expired and reported), and a cancel published
+  before any worker or broker had started: ``test_trigger_lookback``.
 - the client's Ctrl+C: a ``worker.run`` block cancelled from outside is recorded
   cancelled: ``test_hardening::test_an_outer_cancellation_of_a_run_block_is_recorded_
   as_such``.
