@@ -129,6 +129,8 @@ def test_a_cancel_event_for_the_video_stops_every_running_scene(pipeline: Pipeli
         assert info.status == "cancelled"
         assert info.parent_run_id == video.id
         assert info.cancel_reason == f"parent run {video.id} was cancelled"
+    # Four tasks at once on four pool processes, each with a worker identity of its own.
+    assert len({info.worker_id for info in outcomes.values()}) == 4
     # Each scene was interrupted inside its blocking call, in its own pool process.
     for n in range(3):
         pipeline.worker.wait_for_line(rf"scene v2/{n}: interrupted, partial frames discarded")

@@ -7,22 +7,23 @@ and every scene still running or queued, at once, even inside a blocking call (p
 pool); each ends ``REVOKED`` and its run ``cancelled``, and none is retried, although
 ``render_scene`` retries any ``Exception``. Run it:
 
-    make run                       # the broker, on an embedded Redis; prints its URL
+    make run                       # the broker, on an embedded Redis it advertises
     .venv/bin/pip install -e '.[celery]'                      # in another shell
-    export CANCEL_BROKER_REDIS_URL=redis://127.0.0.1:PORT/0   # the URL `make run` printed
     cd docs/examples
     ../../.venv/bin/celery -A celery_pipeline worker --pool prefork --concurrency 4
-    ../../.venv/bin/python celery_pipeline.py     # another shell, same export and folder
+    ../../.venv/bin/python celery_pipeline.py     # another shell, same folder
+
+(Given no Redis URL, each finds the embedded Redis of `make run`; with a Redis of your
+own, export ``CANCEL_BROKER_REDIS_URL`` in each shell.)
 
 The last command sends a video of three scenes, waits until they are rendering, cancels
 the video by its task id and prints what happened to each task. (Celery uses the same
-Redis as its broker and result backend here; ``CANCEL_BROKER_NAMESPACE`` selects another
-key namespace.)
+Redis as its broker and result backend here; ``CANCEL_BROKER_NAMESPACE``, read by the SDK
+as by the broker, selects another key namespace.)
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -34,14 +35,12 @@ from celery.utils.log import get_task_logger
 from sdk import CancelOn, SyncClient, Worker
 from sdk.connection import resolve_url
 from sdk.integrations.celery import CeleryCancellation, current_run
-from sdk.keys import DEFAULT_NAMESPACE
 
-REDIS_URL = resolve_url(None)  # CANCEL_BROKER_REDIS_URL
-NAMESPACE = os.environ.get("CANCEL_BROKER_NAMESPACE") or DEFAULT_NAMESPACE
+REDIS_URL = resolve_url(None)  # CANCEL_BROKER_REDIS_URL, else the Redis `make run` started
 
 app = Celery("pipeline", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(worker_prefetch_multiplier=1, broker_connection_retry_on_startup=True)
-worker = Worker("pipeline", REDIS_URL, namespace=NAMESPACE)  # declares nothing itself
+worker = Worker("pipeline", REDIS_URL)  # declares nothing itself
 cancels = CeleryCancellation(app, worker)
 log = get_task_logger(__name__)
 
@@ -102,7 +101,7 @@ def revoked(task: AsyncResult, timeout: float = 10) -> str:
 
 
 def main() -> int:
-    with SyncClient(REDIS_URL, namespace=NAMESPACE) as client:
+    with SyncClient(REDIS_URL) as client:
         video = render_video.delay(video_id="v1", scenes=3)
         scenes = [AsyncResult(task_id, app=app) for task_id in scene_ids(video)]
         while any(client.get_run(scene.id) is None for scene in scenes):

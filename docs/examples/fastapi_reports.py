@@ -3,14 +3,17 @@
 The page lists your reports with their status, updated live; **Generate** starts one,
 **Cancel** stops it in the middle of its long call. Three processes, as in production:
 
-    make run                       # the broker, on an embedded Redis; prints its URL
+    make run                       # the broker, on an embedded Redis it advertises
     .venv/bin/pip install -e '.[fastapi]'                     # in another shell
-    export CANCEL_BROKER_REDIS_URL=redis://127.0.0.1:PORT/0   # the URL `make run` printed
     .venv/bin/python docs/examples/fastapi_reports.py worker          # the worker
     .venv/bin/uvicorn fastapi_reports:app --app-dir docs/examples     # the app
 
+(Given no Redis URL, the worker and the app find the embedded Redis of `make run`; with
+a Redis of your own, export ``CANCEL_BROKER_REDIS_URL`` in each shell.)
+
 then open http://127.0.0.1:8000/, sign in as any account name, press Generate, then
-Cancel. (``CANCEL_BROKER_NAMESPACE`` selects another key namespace, for all three.)
+Cancel. (``CANCEL_BROKER_NAMESPACE``, read by the SDK as by the broker, selects another
+key namespace, for all three.)
 
 - The app sends the trigger with ``Client.send`` and never runs a report itself; the
   worker, wherever it runs, picks it up.
@@ -28,7 +31,6 @@ unsigned cookie proves nothing.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -43,16 +45,14 @@ from fastapi.responses import HTMLResponse
 
 from sdk import Client, RunContext, Worker
 from sdk.integrations.starlette import cancel_route
-from sdk.keys import DEFAULT_NAMESPACE
 
-NAMESPACE = os.environ.get("CANCEL_BROKER_NAMESPACE") or DEFAULT_NAMESPACE
 TRIGGER = "report/build.requested"
 #: How long writing one report takes: one awaited call standing for an LLM's answer.
 WRITING_SECONDS = 30.0
 
 # -- the worker: `python fastapi_reports.py worker` -----------------------------------------
 
-worker = Worker("fastapi-reports", namespace=NAMESPACE)  # Redis URL from CANCEL_BROKER_REDIS_URL
+worker = Worker("fastapi-reports")  # Redis and namespace: CANCEL_BROKER_* or `make run`
 log = structlog.get_logger("reports")
 
 
@@ -79,7 +79,7 @@ async def build_report(ctx: RunContext) -> str:
 
 # -- the app: `uvicorn fastapi_reports:app` --------------------------------------------------
 
-client = Client(namespace=NAMESPACE)
+client = Client()
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """A report worker whose runs stop the moment ``report/cancel.requested`` arrives.
 
-    export CANCEL_BROKER_REDIS_URL=redis://127.0.0.1:PORT/0   # printed by `make run`
-    .venv/bin/python docs/examples/report_worker.py
+    .venv/bin/python docs/examples/report_worker.py   # finds the Redis of `make run`
 
 Then start a report and cancel it (from Python, the CLI, or a plain XADD):
 
