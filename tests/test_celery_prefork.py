@@ -155,12 +155,14 @@ def test_a_task_waiting_on_a_retry_countdown_is_cancelled_by_its_task_id(
 def test_our_cancels_fire_celerys_task_revoked_signal_and_event(setup: Setup, pool: str) -> None:
     """Existing ``task_revoked`` handlers and Flower (task events) see our cancels."""
     events: list[dict[str, Any]] = []
+    probes: list[dict[str, Any]] = []
     listening, stop = threading.Event(), threading.Event()
 
     def receive() -> None:
         with setup.celery.connection_for_read() as connection:
             receiver = setup.celery.events.Receiver(
-                connection, handlers={"task-revoked": events.append}
+                connection,
+                handlers={"task-revoked": events.append, "cancel-broker-probe": probes.append},
             )
             ready = receiver.on_consume_ready
 
@@ -178,7 +180,13 @@ def test_our_cancels_fire_celerys_task_revoked_signal_and_event(setup: Setup, po
     thread.start()
     try:
         assert listening.wait(10)
-        time.sleep(0.5)  # subscribed to the events' fanout once it drains (Redis transport)
+        # Subscribed once it receives: probe until an event of ours comes back.
+        deadline = time.monotonic() + 10
+        while not probes:
+            assert time.monotonic() < deadline, "the event receiver never subscribed"
+            with setup.celery.events.default_dispatcher(hostname="probe@test") as dispatcher:
+                dispatcher.send("cancel-broker-probe")
+            time.sleep(0.1)
         running = setup.send(BLOCKING, pool, report_id="ev1", account_id="a1")
         setup.wait_observed("ev1", "started")
         setup.client.cancel(running.id, actor=OPERATOR)
