@@ -389,7 +389,12 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
             worker.kill()
             info = await wait_for_status(operator, r3.run_id, "lost")
             gone = (KEYS.worker(r3.worker_id), KEYS.worker_runs(r3.worker_id))
-            assert await admin.exists(*gone, KEYS.signals(r3.worker_id)) == 0
+
+            async def forgotten() -> bool:
+                # The reaper records the runs lost first, then deletes what the worker had.
+                return await admin.exists(*gone, KEYS.signals(r3.worker_id)) == 0
+
+            await wait_until(forgotten)
     finally:
         if worker is not None:
             worker.kill()
