@@ -25,7 +25,7 @@ import anyio
 import msgspec
 
 from broker.metrics import BrokerMetrics
-from sdk.connection import REDIS_ERRORS, redis_now_ms
+from sdk.connection import REDIS_ERRORS, is_transient, redis_now_ms
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS
 from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
@@ -79,12 +79,19 @@ class Housekeeping:
             await anyio.sleep(pause)
 
     async def reap_once(self) -> float:
-        """Record the runs of workers that stopped heartbeating as lost; returns the pause."""
+        """Record the runs of workers that stopped heartbeating as lost; returns the pause.
+
+        An outage, or Redis refusing writes (OOM, READONLY: no worker can write its
+        heartbeat either), restarts the count of silence once Redis answers again."""
         try:
-            now = await redis_now_ms(self.redis)
-        except REDIS_ERRORS:
-            self._outage = True
+            return await self._reap_silent()
+        except REDIS_ERRORS as exc:
+            if is_transient(exc):
+                self._outage = True
             raise
+
+    async def _reap_silent(self) -> float:
+        now = await redis_now_ms(self.redis)
         if self._outage:
             self._outage, self._reachable_since = False, now
         workers = cast(

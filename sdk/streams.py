@@ -6,7 +6,13 @@ The one read loop used by the worker (triggers) and the broker (cancel events):
    start, so a restart with the same name or a dropped connection loses nothing;
 2. then block for new entries (``>``);
 3. every so often claim entries another consumer has left idle too long (it died);
-4. on a connection error, back off and go back to step 1.
+4. on an error reading, back off and go back to step 1;
+5. on an error *handling* a batch that is not the batch's own (Redis refusing writes:
+   OOM, READONLY, LOADING, BUSY; a connection lost; a cluster moving a slot), back off
+   and handle the same batch again, as read: reading it again would count one more
+   delivery of each entry, and an entry delivered more than ``MAX_DELIVERIES`` times is
+   set aside as poison. Only entries that keep failing for a reason of their own, or
+   that crash their consumer, get there.
 
 The handler acknowledges what it has handled; what it has not stays pending.
 """
@@ -27,6 +33,7 @@ from sdk.connection import (
     BackoffHooks,
     RedisClient,
     blocking_client,
+    is_transient,
     redis_now_ms,
 )
 from sdk.wire import encode_json, printable
@@ -170,6 +177,9 @@ class GroupConsumer:
         self._next_claim = 0.0
         self._stopping = False
         self._read_scope: anyio.CancelScope | None = None
+        #: The batch being handled (until the handler returns): what to handle again when
+        #: the handler fails for a reason that is not the batch's own.
+        self._in_hand: list[Entry] = []
 
     def reread_pending(self) -> None:
         """Read this consumer's pending entries again (a handler left some unacknowledged)."""
@@ -216,8 +226,22 @@ class GroupConsumer:
         self, reader: RedisClient, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
     ) -> None:
         pending_from: str | None = "0"
+        retry: list[Entry] = []
         backoff = Backoff(self._log, "stream", hooks=self._backoff_hooks, stream=self.stream)
         while not self._stopping:
+            try:
+                if retry:
+                    # Handled again as it was read: no delivery is counted for it.
+                    entries, retry = retry, []
+                    await self._handle(handle, entries)
+                    backoff.succeeded()
+                    continue
+            except REDIS_ERRORS as exc:
+                retry = self._retry_or_reread(exc)
+                if not retry:
+                    pending_from = "0"
+                await backoff.failed(exc)
+                continue
             count = self.batch if capacity is None else max(1, min(self.batch, await capacity()))
             if self._reread_pending and pending_from is None:
                 self._reread_pending, pending_from = False, "0"
@@ -242,7 +266,7 @@ class GroupConsumer:
                     pending_from = entries[-1][0] if entries else None
                     entries = await self._without_poison(entries)
                 if entries:
-                    await handle(entries)
+                    await self._handle(handle, entries)
             except REDIS_ERRORS as exc:
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     self._log.warning("stream.group_missing", stream=self.stream, group=self.group)
@@ -250,11 +274,25 @@ class GroupConsumer:
                         continue
                 # Whatever Redis says (an outage, NOPERM from a wrong ACL, OOM), a read loop
                 # backs off and carries on: a crash would only come back at the next start.
+                retry = self._retry_or_reread(exc)
+                if not retry:
+                    pending_from = "0"
                 await backoff.failed(exc)
-                pending_from = "0"
                 continue
             backoff.succeeded()
         await self._handle_left_pending(reader, handle)
+
+    async def _handle(self, handle: Handler, entries: list[Entry]) -> None:
+        self._in_hand = entries
+        await handle(entries)
+        self._in_hand = []
+
+    def _retry_or_reread(self, exc: BaseException) -> list[Entry]:
+        """After an error: the batch to handle again, if its handling failed for a reason
+        that is not its own; else nothing, and this consumer's pending entries are read
+        again (an error of the read itself, or of the batch)."""
+        in_hand, self._in_hand = self._in_hand, []
+        return in_hand if in_hand and is_transient(exc) else []
 
     async def _handle_left_pending(self, reader: RedisClient, handle: Handler) -> None:
         """After :meth:`stop`: a read it cancelled may have been answered already, and what
@@ -297,7 +335,7 @@ class GroupConsumer:
                 self._log.info("stream.claimed", stream=self.stream, entries=len(claimed))
                 claimed = await self._without_poison(claimed)
                 if claimed:
-                    await handle(claimed)
+                    await self._handle(handle, claimed)
             if start == "0-0":
                 return
 

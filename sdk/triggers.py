@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from anyio.abc import TaskGroup
 
-from sdk.connection import REDIS_ERRORS
+from sdk.connection import REDIS_ERRORS, Backoff, is_transient
 from sdk.errors import DuplicateRunError, InvalidEventError
 from sdk.function import Function
 from sdk.keys import PARTITION_FIELD, Keys
@@ -128,7 +128,35 @@ class FunctionTriggers:
 
     async def _start(self, batch: list[tuple[str, Event]]) -> None:
         """Register a batch of triggers' runs in one round trip, acknowledge the triggers
-        in one more, and start the runs."""
+        in one more, and start the runs.
+
+        While Redis refuses for a reason that is not the triggers' own (OOM, READONLY, a
+        lost connection, a cluster move), the triggers still to register are registered
+        again after a backoff, as read: reading them again would count deliveries toward
+        poison. Registering again is idempotent for this worker.
+        """
+        backoff = Backoff(self._log, "triggers.start", function_id=self.function.id)
+        remaining = batch
+        try:
+            while remaining:
+                remaining, error = await self._register(remaining)
+                if error is None:
+                    backoff.succeeded()
+                    continue
+                if not is_transient(error):
+                    # Of their own (or unknown): read again, counting toward poison.
+                    self._failed([entry_id for entry_id, _ in remaining], error)
+                    return
+                await backoff.failed(error)
+        finally:
+            self.starting.difference_update(entry_id for entry_id, _ in batch)
+            self.runner.notify()
+
+    async def _register(
+        self, batch: list[tuple[str, Event]]
+    ) -> tuple[list[tuple[str, Event]], BaseException | None]:
+        """One attempt: returns the triggers to try again and the error that stopped them
+        (none left and None when every trigger was registered and acknowledged)."""
         keys = self.runner.store.keys
         # From the event's id, not the entry's: unique across partitions, and the same for
         # an entry a broker moved twice.
@@ -136,6 +164,8 @@ class FunctionTriggers:
             triggered_run_id(keys, self.app_id, self.function.id, event.id) for _, event in batch
         ]
         runs: list[Run] = []
+        again: list[tuple[str, Event]] = []
+        error: BaseException | None = None
         try:
             results = await self.runner.register_many(
                 self.function,
@@ -143,29 +173,29 @@ class FunctionTriggers:
                 self.partition,
             )
             started: list[str] = []
-            for (entry_id, _), run_id, result in zip(batch, run_ids, results, strict=True):
+            for (entry_id, event), run_id, result in zip(batch, run_ids, results, strict=True):
                 if isinstance(result, Run):
                     runs.append(result)
                 elif isinstance(result, DuplicateRunError):
                     self._log.info("run.duplicate_trigger", run_id=run_id, status=result.status)
                 elif isinstance(result, REDIS_ERRORS):
-                    self._failed([entry_id], result)
+                    again.append((entry_id, event))
+                    error = result
                     continue
                 else:
                     raise result
                 started.append(entry_id)
             await self.consumer.ack(*started)
         except (*REDIS_ERRORS, TimeoutError) as exc:
-            # Not acknowledged: the entries stay pending and are read again; a run that did
-            # get registered is adopted then (same id, same worker).
-            self._failed([entry_id for entry_id, _ in batch], exc)
+            # Not acknowledged: registered again (a run that did get registered is adopted
+            # then: same id, same worker), or read again for a non-transient error.
+            return batch, exc
         finally:
             # Even when this task is being cancelled: a registered run must run (or be
             # recorded as cancelled), never be left "running" by nobody.
             for run in runs:
                 self._tg.start_soon(self._execute, run)
-            self.starting.difference_update(entry_id for entry_id, _ in batch)
-            self.runner.notify()
+        return again, error
 
     def _failed(self, entry_ids: list[str], exc: BaseException) -> None:
         self._log.warning("triggers.start_failed", entry_ids=entry_ids, error=repr(exc))

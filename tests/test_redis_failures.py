@@ -1,0 +1,154 @@
+"""Redis's own failure modes, on real redis-servers of each test's own, with the broker
+and workers as separate processes.
+
+- Refused writes (``noeviction`` at ``maxmemory``: OOM): a batch whose handling fails for
+  a reason that is not its own is handled again as it was read, never counted toward
+  poison; once writes return, every cancel and trigger of it is applied, once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from broker import EmbeddedRedis
+from sdk import Client
+from sdk.keys import Keys
+from tests.conftest import observed, run_of, wait_for_observation, wait_for_status, wait_until
+from tests.processes import ProcessHandle, start_broker, start_worker
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+#: How long Redis refuses writes in these tests: more than a broker's backoff needs to
+#: read a batch again more than MAX_DELIVERIES times.
+REFUSED_S = 8.0
+
+
+@pytest.fixture
+def server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+async def admin(server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(server.url, decode_responses=True)
+    yield client
+    await client.config_set("maxmemory", 0)
+    await client.aclose()
+
+
+@contextmanager
+def paused(handle: ProcessHandle) -> Iterator[None]:
+    """SIGSTOP a process for the block: it holds what it read, and reads nothing new."""
+    os.kill(handle.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(handle.process.pid, signal.SIGCONT)
+
+
+async def test_cancels_held_while_writes_are_refused_are_applied_once_when_they_return(
+    server: EmbeddedRedis, admin: Redis
+) -> None:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    keys = Keys(namespace)
+    broker, _ = start_broker(server.url, namespace)
+    worker = start_worker(server.url, namespace)
+    try:
+        async with Client(server.url, namespace=namespace) as client:
+            reports = [f"oom-{i}" for i in range(20)]
+            runs = {
+                report: await run_of(
+                    client, await client.send("report/generate.requested", {"reportId": report})
+                )
+                for report in reports
+            }
+            for report in reports:
+                await wait_for_observation(admin, namespace, report, "started")
+            # The broker reads the batch of cancels while Redis refuses every write.
+            with paused(broker):
+                cancels = {
+                    report: await client.send("report/cancel.requested", {"reportId": report})
+                    for report in reports
+                }
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", 1)
+            started = time.monotonic()
+            await anyio.sleep(REFUSED_S)
+            # Read once, handled again and again: not one more delivery counted.
+            assert await deliveries(admin, keys.events, "broker") == {1}
+            await admin.config_set("maxmemory", 0)
+            for report, run_id in runs.items():
+                info = await wait_for_status(client, run_id, "cancelled", timeout=15)
+                assert info.cancelled_by == cancels[report]
+            recovered = time.monotonic() - started - REFUSED_S
+            assert await admin.xlen(keys.dead_letters) == 0  # none set aside as poison
+            decided = [
+                line["event_id"]
+                for line in broker.logs("cancel.decided")
+                if line["event_id"] in set(cancels.values())
+            ]
+            assert sorted(decided) == sorted(cancels.values())  # each decided once
+            for report in reports:
+                whats = [o["what"] for o in await observed(admin, namespace, report)]
+                assert whats == ["started", "cancelled"]
+            print(f"20 of 20 cancels applied {recovered:.2f} s after writes returned")
+    finally:
+        worker.terminate()
+        broker.terminate()
+
+
+async def test_triggers_held_while_writes_are_refused_start_once_when_they_return(
+    server: EmbeddedRedis, admin: Redis
+) -> None:
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    keys = Keys(namespace)
+    broker, _ = start_broker(server.url, namespace)
+    worker = start_worker(server.url, namespace)
+    try:
+        async with Client(server.url, namespace=namespace) as client:
+            with paused(worker):
+                triggers = [
+                    await client.send(
+                        "report/generate.requested", {"reportId": f"t{i}", "seconds": 0}
+                    )
+                    for i in range(10)
+                ]
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", 1)
+            await anyio.sleep(REFUSED_S)
+            assert await deliveries(admin, keys.events, "fn:reports/generate-report") == {1}
+            await admin.config_set("maxmemory", 0)
+            for event_id in triggers:
+                run_id = await run_of(client, event_id)
+                await wait_for_status(client, run_id, "completed", timeout=15)
+                assert len(await client.runs_for_event(event_id)) == 1
+            assert await admin.xlen(keys.dead_letters) == 0
+            for i in range(10):
+                whats = [o["what"] for o in await observed(admin, namespace, f"t{i}")]
+                assert whats == ["started", "completed"]
+        await wait_until(lambda: _no_lost(admin, keys), timeout=1)
+    finally:
+        worker.terminate()
+        broker.terminate()
+
+
+async def deliveries(admin: Redis, stream: str, group: str) -> set[int]:
+    """How many times each entry pending for ``group`` was delivered."""
+    pending = await admin.xpending_range(stream, group, "-", "+", 1000)
+    assert pending, "nothing is pending: the batch was not held"
+    return {int(entry["times_delivered"]) for entry in pending}
+
+
+async def _no_lost(admin: Redis, keys: Keys) -> bool:
+    stats = await admin.hgetall(keys.finished_stats)
+    return not any(field.endswith("/lost") for field in stats)
