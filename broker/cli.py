@@ -43,6 +43,7 @@ from sdk.connection import (
 from sdk.durations import parse_duration
 from sdk.keys import Keys
 from sdk.local_redis import advertise
+from sdk.redis_health import OnEvicting
 
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0
@@ -321,6 +322,7 @@ async def _serve(url: str, settings: Settings) -> None:
         partitions=settings.partitions,
         pending_cancel_lookback_s=settings.pending_cancel_lookback,
         trigger_lookback_s=settings.trigger_lookback,
+        on_evicting_redis=cast(OnEvicting, settings.on_evicting_redis),
     )
     access = CancelAccess(
         mode=cast(DashboardMode, settings.dashboard),

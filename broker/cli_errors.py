@@ -23,6 +23,7 @@ from sdk.errors import (
     PartitionCountError,
     RunNotFinishedError,
 )
+from sdk.redis_health import EvictingRedisError
 
 #: The exit code of an error the command reports (bad input, configuration, Redis).
 EXIT_ERROR: Final = 2
@@ -102,6 +103,10 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
         return Diagnosis(message, "see docs/protocol.md for what an event may contain")
     if isinstance(exc, PartitionCountError):
         return Diagnosis(message, "docs/scaling.md#partitions says how partitions are set")
+    if isinstance(exc, EvictingRedisError):
+        return Diagnosis(
+            message, "docs/deploy.md#redis says which Redis settings cancel-broker needs"
+        )
     if isinstance(exc, ConfigurationError) and message.startswith(ENV_PREFIX):
         variable = message.partition("=")[0]
         return Diagnosis(message, f"fix or unset {variable}")

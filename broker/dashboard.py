@@ -103,6 +103,8 @@ class FunctionsPage(msgspec.Struct, frozen=True, kw_only=True):
     workers: list[WorkerView]
     #: Every stale finding, those about no single function (orphan cancel events) too.
     findings: list[Finding]
+    #: What is wrong with the broker's Redis now (an evicting policy): the page's banner.
+    warnings: list[str] = msgspec.field(default_factory=list)
 
 
 def functions_page(state: SyncState) -> FunctionsPage:
@@ -168,12 +170,15 @@ class DashboardData:
         partitions: Partitions,
         client: Client,
         sync_state: Callable[[], Awaitable[SyncState]],
+        *,
+        warnings: Callable[[], list[str]] = list,
     ) -> None:
         self.redis = redis
         self.partitions = partitions
         self.keys = partitions.base
         self.client = client
         self._sync_state = sync_state
+        self._warnings = warnings
 
     async def runs(self, query: RunsQuery) -> RunsPage:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -244,7 +249,8 @@ class DashboardData:
         return found[:limit]
 
     async def functions(self) -> FunctionsPage:
-        return functions_page(await self._sync_state())
+        page = functions_page(await self._sync_state())
+        return msgspec.structs.replace(page, warnings=self._warnings())
 
     async def decisions(self, limit: int = DEFAULT_DECISIONS) -> list[Decision]:
         if not 1 <= limit <= MAX_DECISIONS:

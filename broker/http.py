@@ -49,10 +49,8 @@ def create_app(
         if broker is None:
             return JSONResponse({"status": "ready"})
         ready, reason = await broker.readiness()
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "reason": reason},
-            status_code=200 if ready else 503,
-        )
+        status = "not ready" if not ready else "ready" if reason == "ready" else "degraded"
+        return JSONResponse({"status": status, "reason": reason}, status_code=200 if ready else 503)
 
     async def sync(request: Request) -> Response:
         if broker is None:

@@ -127,6 +127,12 @@ class BrokerMetrics:
             " warning names them).",
             registry=self.registry,
         )
+        self.redis_evicting = Gauge(
+            "cancel_broker_redis_evicting",
+            "1 while the broker's Redis evicts keys when full (maxmemory-policy other than"
+            " noeviction): runs and cancels can vanish (docs/operations.md).",
+            registry=self.registry,
+        )
         self.stale_findings = Gauge(
             "cancel_broker_stale_findings",
             "Stale-configuration findings present now, by kind (see docs/operations.md).",

@@ -14,7 +14,7 @@ import functools
 import os
 import socket
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import structlog
@@ -31,7 +31,7 @@ from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from broker.sync_state import collect_state
 from sdk.client import Client
-from sdk.config import TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
+from sdk.config import ON_EVICTING_REDIS, TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
@@ -42,6 +42,8 @@ from sdk.connection import (
 )
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.partitions import Partitions, check_partitions
+from sdk.redis_health import CHECK_EVERY_S as EVICTION_CHECK_S
+from sdk.redis_health import EvictionWatch, OnEvicting
 from sdk.store import RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
@@ -89,6 +91,7 @@ class Broker:
         partitions: int | None = None,
         pending_cancel_lookback_s: float | None = None,
         trigger_lookback_s: float | None = None,
+        on_evicting_redis: OnEvicting | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(resolve_namespace(namespace))
@@ -113,6 +116,11 @@ class Broker:
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
         self._watch = EventWatch(self.keys, cancel_event_names, self._log)
+        self._eviction = EvictionWatch(
+            redis_url,
+            cast(OnEvicting, ON_EVICTING_REDIS.resolve(on_evicting_redis)),
+            self._log,
+        )
         self._backoff_hooks = BackoffHooks(
             on_failure=self.metrics.redis_errors.inc, on_recovery=self.metrics.redis_reconnects.inc
         )
@@ -201,7 +209,9 @@ class Broker:
                 monitor.wake()
 
             self._redis, self._partitions = redis, partitions
-            self._dashboard = DashboardData(redis, partitions, client, self.sync_state)
+            self._dashboard = DashboardData(
+                redis, partitions, client, self.sync_state, warnings=self.warnings
+            )
             # Once before the first event: what is declared (rules, triggers) is known
             # when the first events are counted, matched, orphaned or unserved.
             with contextlib.suppress(*REDIS_ERRORS):
@@ -220,6 +230,7 @@ class Broker:
                     ).run
                 )
                 tg.start_soon(self._refresh_cluster_stats, redis)
+                tg.start_soon(self._watch_eviction, redis)
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 async with anyio.create_task_group() as consuming:
@@ -266,7 +277,8 @@ class Broker:
         )
 
     async def readiness(self) -> tuple[bool, str]:
-        """Whether this broker can do its work now: RedisClient answers and its groups exist."""
+        """Whether this broker can do its work now: Redis answers and its groups exist. A
+        reason other than ``ready`` with True: it works, degraded (``/readyz`` says so)."""
         redis, partitions = self._redis, self._partitions
         if redis is None or partitions is None:
             return False, "the broker is not running"
@@ -278,6 +290,8 @@ class Broker:
                 return False, f"Redis is unreachable: {exc!r}"
             if BROKER_GROUP not in groups:
                 return False, f"consumer group {BROKER_GROUP!r} is missing on {keys.events}"
+        if self._eviction.problem is not None:
+            return True, f"degraded: {self._eviction.problem}"
         return True, "ready"
 
     async def sync_state(self) -> SyncState:
@@ -303,6 +317,8 @@ class Broker:
         backoff = Backoff(self._log, "broker.startup", hooks=self._backoff_hooks)
         while True:
             try:
+                await self._eviction.check_at_start(redis)
+                self.metrics.redis_evicting.set(self._eviction.problem is not None)
                 partitions = await Partitions.open(redis, self.keys, self.partitions)
                 for keys in partitions.keys:
                     # Starting the lookback back: cancel events published before any
@@ -316,6 +332,17 @@ class Broker:
                 continue
             backoff.succeeded()
             return partitions
+
+    async def _watch_eviction(self, redis: RedisClient) -> None:
+        """Read the Redis's eviction policy now and then (it can change under us)."""
+        while True:
+            await anyio.sleep(EVICTION_CHECK_S)
+            problem = await self._eviction.check(redis)
+            self.metrics.redis_evicting.set(problem is not None)
+
+    def warnings(self) -> list[str]:
+        """What is wrong with the broker's Redis now (the dashboard's banner)."""
+        return [self._eviction.problem] if self._eviction.problem else []
 
     async def _refresh_cluster_stats(self, redis: RedisClient) -> None:
         """Every few seconds: the cluster's figures, and this namespace's broker presence

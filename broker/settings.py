@@ -18,6 +18,7 @@ from typing import Any, Final, Literal
 from sdk.config import (
     ENV_PREFIX,
     NAMESPACE,
+    ON_EVICTING_REDIS,
     PENDING_CANCEL_LOOKBACK,
     TRIGGER_LOOKBACK,
     SharedSetting,
@@ -106,7 +107,8 @@ def _shared(setting: SharedSetting[Any], *, group: Group) -> Any:
         group=group,
         parse=setting.parse,
         env=setting.env,
-        metavar=setting.metavar,
+        metavar=None if setting.choices else setting.metavar,
+        choices=setting.choices,
     )
 
 
@@ -227,6 +229,7 @@ class Settings:
         " it was handled, if the run's trigger is older (it was queued); 0 turns it off",
     )
     trigger_lookback: float = _shared(TRIGGER_LOOKBACK, group="broker")
+    on_evicting_redis: str = _shared(ON_EVICTING_REDIS, group="broker")
     dead_rule_window: float = _setting(
         "24h",
         group="detection",

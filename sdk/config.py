@@ -39,6 +39,8 @@ class SharedSetting(Generic[T]):
     parse: Callable[[str], T]
     help: str
     metavar: str
+    #: The only values it takes, if it is a choice.
+    choices: tuple[str, ...] = ()
 
     @property
     def env(self) -> str:
@@ -97,6 +99,24 @@ PENDING_CANCEL_LOOKBACK: Final = SharedSetting(
     " of runs not registered yet) is kept this long, and cancels the run when it registers;"
     " 0 keeps none (the cancel answers not_found)",
     metavar="DURATION",
+)
+
+
+def _on_evicting(text: str) -> str:
+    value = text.strip()
+    if value not in ("refuse", "warn"):
+        raise ValueError(f"must be refuse or warn, not {value!r}")
+    return value
+
+
+ON_EVICTING_REDIS: Final = SharedSetting(
+    "on_evicting_redis",
+    "refuse",
+    _on_evicting,
+    help="what a worker or broker does when it starts on a Redis that evicts keys when full"
+    " (maxmemory-policy other than noeviction): refuse to start, or warn and run degraded",
+    metavar="refuse|warn",
+    choices=("refuse", "warn"),
 )
 
 

@@ -57,6 +57,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.redis_evicting = Gauge(
+            "cancel_broker_redis_evicting",
+            "1 while this worker's Redis evicts keys when full (maxmemory-policy other than"
+            " noeviction): runs and cancels can vanish.",
+            registry=self.registry,
+        )
         self.abandoned_threads = Counter(
             "cancel_broker_abandoned_threads",
             "Thread steps that ignored their run's cancel past thread_grace.",

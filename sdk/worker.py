@@ -32,7 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
 
-from sdk.config import TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
+from sdk.config import ON_EVICTING_REDIS, TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import (
     REDIS_ERRORS,
     Backoff,
@@ -52,6 +52,7 @@ from sdk.function import Function
 from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
+from sdk.redis_health import CHECK_EVERY_S, EvictionWatch, OnEvicting
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
@@ -106,6 +107,7 @@ class Worker:
         thread_grace: float = DEFAULT_THREAD_GRACE,
         partitions: int | None = None,
         trigger_lookback: float | timedelta | str | None = None,
+        on_evicting_redis: OnEvicting | None = None,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -133,6 +135,9 @@ class Worker:
         #: group) reads triggers published before it started: ``$CANCEL_BROKER_TRIGGER_LOOKBACK``
         #: unless given, 10 minutes by default. Each is run once whoever reads it.
         self.trigger_lookback = resolve_lookback(TRIGGER_LOOKBACK, trigger_lookback)
+        #: ``refuse`` to start on a Redis that evicts keys, or ``warn`` and run degraded
+        #: (``$CANCEL_BROKER_ON_EVICTING_REDIS``, else refuse): see sdk/redis_health.py.
+        self.on_evicting_redis = cast(OnEvicting, ON_EVICTING_REDIS.resolve(on_evicting_redis))
         #: This process's run metrics; mount ``metrics.registry`` to expose them.
         self.metrics = WorkerMetrics(metrics_registry)
         self._functions: dict[str, Function] = {}
@@ -222,6 +227,9 @@ class Worker:
         try:
             redis = command_client(self.redis_url)
             stack.push_async_callback(redis.aclose)
+            eviction = EvictionWatch(self.redis_url, self.on_evicting_redis, self._log)
+            await eviction.check_at_start(redis)
+            self.metrics.redis_evicting.set(eviction.problem is not None)
             partitions = await Partitions.open(redis, self.keys, self.partitions)
             # One blocking read per partition: their streams live in different slots.
             signal_readers = []
@@ -259,6 +267,7 @@ class Worker:
             for partition, reader in enumerate(signal_readers):
                 self._tg.start_soon(self._listen_for_signals, reader, partition)
             self._tg.start_soon(registration.heartbeat_forever)
+            self._tg.start_soon(self._watch_eviction, eviction, redis)
         except BaseException:
             self._runner = self._tg = None
             await stack.aclose()
@@ -407,6 +416,14 @@ class Worker:
             else:
                 self._log.info("worker.cancelling_runs", signal=signum.name)
                 self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
+
+    async def _watch_eviction(self, eviction: EvictionWatch, redis: RedisClient) -> None:
+        """Read the Redis's eviction policy now and then: it can change under a running
+        worker (a CONFIG SET, a failover to a replica configured otherwise)."""
+        while True:
+            await anyio.sleep(CHECK_EVERY_S)
+            problem = await eviction.check(redis)
+            self.metrics.redis_evicting.set(problem is not None)
 
     # -- the signal loop -----------------------------------------------------------
 

@@ -140,11 +140,13 @@ class ProcessHandle:
         return self.process.wait()
 
 
-def start_broker(redis_url: str, namespace: str, *extra: str) -> tuple[ProcessHandle, str]:
+def start_broker(
+    redis_url: str, namespace: str, *extra: str, env: dict[str, str] | None = None
+) -> tuple[ProcessHandle, str]:
     """`cancel-broker run` on a free HTTP port; returns the handle and its base URL."""
     args = [sys.executable, "-m", "broker", "run", "--redis-url", redis_url]
     args += ["--namespace", namespace, "--http-port", "0", "--log-format", "json", *extra]
-    handle = ProcessHandle(args)
+    handle = ProcessHandle(args, env=env)
     ready = handle.wait_for_log("broker.ready")
     return handle, str(ready["http"])
 

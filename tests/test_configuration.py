@@ -23,7 +23,13 @@ from broker import EmbeddedRedis
 from broker.embedded import find_redis_cli
 from broker.settings import Settings
 from sdk import Client, Worker
-from sdk.config import NAMESPACE, PENDING_CANCEL_LOOKBACK, TRIGGER_LOOKBACK, SharedSetting
+from sdk.config import (
+    NAMESPACE,
+    ON_EVICTING_REDIS,
+    PENDING_CANCEL_LOOKBACK,
+    TRIGGER_LOOKBACK,
+    SharedSetting,
+)
 from sdk.connection import DEFAULT_REDIS_URL, REDIS_URL_ENV, resolve_url_source
 from sdk.errors import ConfigurationError
 from sdk.keys import PRESENCE
@@ -33,7 +39,12 @@ from tests.processes import ROOT, ProcessHandle, start_broker, start_worker, syn
 
 BROKER = (sys.executable, "-m", "broker")
 JSON_LOGS = ("--log-format", "json")
-SHARED: tuple[SharedSetting[Any], ...] = (NAMESPACE, TRIGGER_LOOKBACK, PENDING_CANCEL_LOOKBACK)
+SHARED: tuple[SharedSetting[Any], ...] = (
+    NAMESPACE,
+    TRIGGER_LOOKBACK,
+    PENDING_CANCEL_LOOKBACK,
+    ON_EVICTING_REDIS,
+)
 
 
 @pytest.mark.parametrize("setting", SHARED, ids=lambda s: s.name)

@@ -1,6 +1,8 @@
 """Redis's own failure modes, on real redis-servers of each test's own, with the broker
 and workers as separate processes.
 
+- An evicting ``maxmemory-policy``: refused at start by default; with ``warn``, run
+  degraded and said everywhere (log, gauge, ``/readyz``, the dashboard).
 - Refused writes (``noeviction`` at ``maxmemory``: OOM): a batch whose handling fails for
   a reason that is not its own is handled again as it was read, never counted toward
   poison; once writes return, every cancel and trigger of it is applied, once.
@@ -10,12 +12,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import anyio
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -23,7 +27,7 @@ from broker import EmbeddedRedis
 from sdk import Client
 from sdk.keys import Keys
 from tests.conftest import observed, run_of, wait_for_observation, wait_for_status, wait_until
-from tests.processes import ProcessHandle, start_broker, start_worker
+from tests.processes import BROKER, ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -152,3 +156,74 @@ async def deliveries(admin: Redis, stream: str, group: str) -> set[int]:
 async def _no_lost(admin: Redis, keys: Keys) -> bool:
     stats = await admin.hgetall(keys.finished_stats)
     return not any(field.endswith("/lost") for field in stats)
+
+
+# -- an evicting maxmemory-policy ----------------------------------------------------------
+
+
+async def evicting(admin: Redis) -> None:
+    await admin.config_set("maxmemory", 20 * 2**20)
+    await admin.config_set("maxmemory-policy", "allkeys-lru")
+
+
+async def test_a_broker_and_a_worker_refuse_to_start_on_an_evicting_redis(
+    server: EmbeddedRedis, admin: Redis
+) -> None:
+    """allkeys-lru with a maxmemory: long runs' records go first, and their cancels do
+    nothing. Refusing is the default: one line that says why and what to set."""
+    await evicting(admin)
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker = await anyio.run_process(
+        [*BROKER, "run", "--redis-url", server.url, "--namespace", namespace, "--http-port", "0"],
+        check=False,
+    )
+    assert broker.returncode == 2
+    line = broker.stderr.decode().strip().splitlines()[-1]  # after its log lines
+    assert line.startswith("cancel-broker: error: ")
+    assert "evicts keys when full (allkeys-lru with maxmemory 20 MiB)" in line
+    assert "set maxmemory-policy noeviction" in line
+    assert "CANCEL_BROKER_ON_EVICTING_REDIS=warn" in line
+    worker = ProcessHandle([sys.executable, "-m", "tests.apps.reports", server.url, namespace])
+    assert worker.process.wait(30) != 0
+    assert "EvictingRedisError" in worker.output
+    assert not await admin.exists(Keys(namespace).workers)  # it never registered
+
+
+async def test_with_warn_they_run_degraded_and_say_so_everywhere(
+    server: EmbeddedRedis, admin: Redis
+) -> None:
+    """The operator's choice: run on it anyway. An error line, the gauge, /readyz and the
+    dashboard's banner say so; a policy changed while they run is found within seconds."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    warn = {"CANCEL_BROKER_ON_EVICTING_REDIS": "warn"}
+    broker, base = start_broker(server.url, namespace, env=warn)
+    worker = start_worker(server.url, namespace, **{k.lower(): v for k, v in warn.items()})
+    try:
+        async with httpx.AsyncClient(base_url=base) as http:
+            ready = (await http.get("/readyz")).json()
+            assert ready == {"status": "ready", "reason": "ready"}
+            await evicting(admin)  # while they run
+
+            async def degraded() -> bool:
+                return (await http.get("/readyz")).json()["status"] == "degraded"
+
+            await wait_until(degraded, timeout=15, interval=0.2)
+            readyz = await http.get("/readyz")
+            assert readyz.status_code == 200  # degraded, not out of service
+            assert "evicts keys when full" in readyz.json()["reason"]
+            assert "cancel_broker_redis_evicting 1.0" in (await http.get("/metrics")).text
+            (warning,) = (await http.get("/v1/functions")).json()["warnings"]
+            assert "set maxmemory-policy noeviction" in warning
+            assert broker.wait_for_log("redis.evicting")["problem"] == warning
+            assert "evicts keys when full" in worker.wait_for_log("redis.evicting")["problem"]
+            # Fixed: it says so, and the warning goes.
+            await admin.config_set("maxmemory-policy", "noeviction")
+
+            async def healthy() -> bool:
+                return (await http.get("/readyz")).json()["status"] == "ready"
+
+            await wait_until(healthy, timeout=15, interval=0.2)
+            assert (await http.get("/v1/functions")).json()["warnings"] == []
+    finally:
+        worker.terminate()
+        broker.terminate()

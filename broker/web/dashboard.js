@@ -245,6 +245,9 @@ function fillSelect(select, values) {
 async function refreshFunctions() {
   try {
     const page = await getJSON("/v1/functions");
+    const banner = $("redis-warning");
+    banner.textContent = (page.warnings || []).join(" ");
+    banner.hidden = !(page.warnings || []).length;
     const cards = page.functions.map(functionCard);
     $("functions-body").replaceChildren(...(cards.length ? cards : [el("p", { class: "empty" }, "No app has synced yet.")]));
     const global = page.findings.filter((f) => !f.function_id);
