@@ -29,6 +29,7 @@ from typing import Any, Final, Literal, TypeAlias
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
+import anyio.lowlevel
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -130,14 +131,19 @@ class Backoff:
         self._context = context
         self.failures = 0
 
-    async def failed(self, exc: BaseException) -> None:
+    async def failed(self, exc: BaseException, *, pause: bool = True) -> None:
+        """Count and log one failure, then wait (``pause=False``: try again at once, for a
+        read that timed out on a dead connection: the next one gets a new connection)."""
         self.failures += 1
         self._hooks.on_failure()
         (self._log.warning if is_transient(exc) else self._log.error)(
             f"{self._event}.retrying", error=repr(exc), attempt=self.failures, **self._context
         )
-        pause = RECONNECT_BACKOFF.compute(self.failures)
-        await anyio.sleep(pause if self._cap is None else min(pause, self._cap))
+        if not pause:
+            await anyio.lowlevel.checkpoint()
+            return
+        delay = RECONNECT_BACKOFF.compute(self.failures)
+        await anyio.sleep(delay if self._cap is None else min(delay, self._cap))
 
     def succeeded(self) -> None:
         if self.failures:
@@ -347,19 +353,24 @@ def command_client(url: str) -> RedisClient:
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 
-def blocking_client(url: str, block_ms: int) -> RedisClient:
-    """A client of its own for one blocking reader; it never re-sends a read by itself."""
+def blocking_client(url: str, block_ms: int, *, margin_s: float = 10.0) -> RedisClient:
+    """A client of its own for one blocking reader; it never re-sends a read by itself.
+
+    A read that has not been answered ``margin_s`` after its BLOCK ended fails (a socket
+    timeout): the connection is dead (a silent drop, a load balancer that forgot the
+    flow) and the reader reconnects. A reader that must not be deaf for long (a worker's
+    cancel signals) uses a short BLOCK and a short margin."""
     cluster = parse_cluster_url(url)
     if cluster is not None:
         return _cluster_client(
-            RedisCluster, cluster, retries=0, socket_timeout=block_ms / 1000 + 10.0
+            RedisCluster, cluster, retries=0, socket_timeout=block_ms / 1000 + margin_s
         )
     return Redis.from_url(
         url,
         decode_responses=True,
         encoding_errors="surrogateescape",
         protocol=2,
-        socket_timeout=block_ms / 1000 + 10.0,
+        socket_timeout=block_ms / 1000 + margin_s,
         socket_connect_timeout=5.0,
         socket_keepalive=True,
         retry=Retry(NoBackoff(), retries=0),

@@ -31,6 +31,7 @@ import structlog
 from anyio.abc import TaskGroup, TaskStatus
 from prometheus_client import CollectorRegistry
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdk.config import ON_EVICTING_REDIS, TRIGGER_LOOKBACK, resolve_lookback, resolve_namespace
 from sdk.connection import (
@@ -62,8 +63,15 @@ from sdk.triggers import FunctionTriggers
 from sdk.wire import Event, Signal, decode_signal
 
 DEFAULT_CONCURRENCY: Final = 100
-#: How long the signal read waits before looping (it returns at once on a signal).
-SIGNAL_BLOCK_MS: Final = 5_000
+#: How long the signal read waits before looping (it returns at once on a signal). Short,
+#: with a short margin (SIGNAL_MARGIN_S): a connection that died without a reset (a silent
+#: drop) is noticed, and replaced, within a second, instead of leaving the worker deaf to
+#: cancels while its heartbeats (another connection) say it is fine.
+SIGNAL_BLOCK_MS: Final = 300
+SIGNAL_MARGIN_S: Final = 0.5
+#: The longest pause between two attempts to read signals again after an error: once Redis
+#: answers, the reader is back within it.
+SIGNAL_RECONNECT_CAP_S: Final = 0.5
 
 
 @contextmanager
@@ -234,7 +242,7 @@ class Worker:
             # One blocking read per partition: their streams live in different slots.
             signal_readers = []
             for _ in range(partitions.count):
-                reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS)
+                reader = blocking_client(self.redis_url, SIGNAL_BLOCK_MS, margin_s=SIGNAL_MARGIN_S)
                 stack.push_async_callback(reader.aclose)
                 signal_readers.append(reader)
             self._runner = Runner(
@@ -433,12 +441,14 @@ class Worker:
         # This stream is new with this worker id; reading from its start loses nothing,
         # and the last id carried across reconnects makes every signal arrive once.
         last_id = "0-0"
-        backoff = Backoff(self._log, "signals")
+        backoff = Backoff(self._log, "signals", cap=SIGNAL_RECONNECT_CAP_S)
         while True:
             try:
                 reply = await reader.xread({stream: last_id}, count=100, block=SIGNAL_BLOCK_MS)
             except REDIS_ERRORS as exc:
-                await backoff.failed(exc)
+                # A read unanswered past its block: the connection is dead (a silent drop),
+                # and redis-py dropped it. Read again at once, on a new one.
+                await backoff.failed(exc, pause=not isinstance(exc, RedisTimeoutError))
                 continue
             backoff.succeeded()
             received: list[Signal] = []

@@ -3,6 +3,8 @@ and workers as separate processes.
 
 - An evicting ``maxmemory-policy``: refused at start by default; with ``warn``, run
   degraded and said everywhere (log, gauge, ``/readyz``, the dashboard).
+- A connection that dies without a reset (a TCP proxy that goes silent): the signal
+  reader notices within about 2 s, and the cancels of the cut land within 1 s of its end.
 - Refused writes (``noeviction`` at ``maxmemory``: OOM): a batch whose handling fails for
   a reason that is not its own is handled again as it was read, never counted toward
   poison; once writes return, every cancel and trigger of it is applied, once.
@@ -28,6 +30,7 @@ from sdk import Client
 from sdk.keys import Keys
 from tests.conftest import observed, run_of, wait_for_observation, wait_for_status, wait_until
 from tests.processes import BROKER, ProcessHandle, start_broker, start_worker
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -227,3 +230,52 @@ async def test_with_warn_they_run_degraded_and_say_so_everywhere(
     finally:
         worker.terminate()
         broker.terminate()
+
+
+# -- a connection that dies without a reset -------------------------------------------------
+
+
+async def test_a_silent_cut_is_noticed_within_seconds_and_cancels_land_once_it_returns(
+    server: EmbeddedRedis, redis: Redis
+) -> None:
+    """A link that goes silent (no reset, no error: a load balancer forgetting the flow)
+    between a worker and Redis, for 5 s, while a cancel for one of its runs is published:
+    the worker notices within about 2 s, and the cancel lands within 1 s of the link
+    returning (it waited up to 15 s before)."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker, _ = start_broker(server.url, namespace)
+    with TcpProxy(server.port) as proxy:
+        worker = start_worker(proxy.url, namespace)
+        try:
+            async with (
+                Client(server.url, namespace=namespace) as client,
+                Redis.from_url(server.url, decode_responses=True) as direct,
+            ):
+                run_id = await run_of(
+                    client, await client.send("report/generate.requested", {"reportId": "cut"})
+                )
+                await wait_for_observation(direct, namespace, "cut", "started")
+                proxy.cut()
+                cut_at = time.monotonic()
+                await anyio.sleep(0.5)
+                await client.send("report/cancel.requested", {"reportId": "cut"})
+                noticed = await anyio.to_thread.run_sync(
+                    lambda: worker.wait_for_log("signals.retrying", timeout=10)
+                )
+                noticed_s = time.monotonic() - cut_at
+                assert "Timeout" in noticed["error"]
+                assert noticed_s < 2.5
+                await anyio.sleep(max(0.0, 5.0 - (time.monotonic() - cut_at)))
+                proxy.restore()
+                restored_at = time.monotonic()
+                seen = await wait_for_observation(direct, namespace, "cut", "cancelled", 10)
+                landed_s = seen["monotonic"] - restored_at
+                assert landed_s < 1.0
+                await wait_for_status(client, run_id, "cancelled")
+                print(
+                    f"cut noticed after {noticed_s:.2f} s; cancel landed {landed_s:.2f} s"
+                    " after the link returned"
+                )
+        finally:
+            worker.terminate()
+            broker.terminate()
