@@ -127,6 +127,12 @@ class BrokerMetrics:
             " warning names them).",
             registry=self.registry,
         )
+        self.redis_data_lost = Counter(
+            "cancel_broker_redis_data_lost",
+            "Times this broker found that Redis had lost its data (a restart without"
+            " persistence) and recreated its groups; workers register their runs again.",
+            registry=self.registry,
+        )
         self.redis_evicting = Gauge(
             "cancel_broker_redis_evicting",
             "1 while the broker's Redis evicts keys when full (maxmemory-policy other than"

@@ -40,6 +40,7 @@ from sdk.connection import (
     command_client,
     redis_now_ms,
 )
+from sdk.epoch import Epoch
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.partitions import Partitions, check_partitions
 from sdk.redis_health import CHECK_EVERY_S as EVICTION_CHECK_S
@@ -116,6 +117,7 @@ class Broker:
             "broker", consumer=self.consumer, namespace=self.keys.namespace
         )
         self._watch = EventWatch(self.keys, cancel_event_names, self._log)
+        self._epoch: Epoch | None = None
         self._eviction = EvictionWatch(
             redis_url,
             cast(OnEvicting, ON_EVICTING_REDIS.resolve(on_evicting_redis)),
@@ -320,6 +322,8 @@ class Broker:
                 await self._eviction.check_at_start(redis)
                 self.metrics.redis_evicting.set(self._eviction.problem is not None)
                 partitions = await Partitions.open(redis, self.keys, self.partitions)
+                self._epoch = Epoch(redis, self.keys, self._log)
+                await self._epoch.join()
                 for keys in partitions.keys:
                     # Starting the lookback back: cancel events published before any
                     # broker (or worker) existed still leave their tombstones.
@@ -332,6 +336,18 @@ class Broker:
                 continue
             backoff.succeeded()
             return partitions
+
+    async def _recover(self, redis: RedisClient) -> None:
+        """Redis lost its data (a restart without persistence): store the partition count
+        again and recreate the groups from the start of the new streams (everything in
+        them came after the loss); workers register their runs again themselves."""
+        self.metrics.redis_data_lost.inc()
+        assert self._partitions is not None
+        await redis.set(self.keys.partitions, self._partitions.count, nx=True)
+        for keys in self._partitions.keys:
+            await create_group(redis, keys.events, BROKER_GROUP, from_start=True)
+        await create_group(redis, self.keys.syncs, BROKER_GROUP, from_start=True)
+        self._log.warning("broker.rebuilt_after_data_loss")
 
     async def _watch_eviction(self, redis: RedisClient) -> None:
         """Read the Redis's eviction policy now and then (it can change under us)."""
@@ -351,6 +367,8 @@ class Broker:
         try:
             while True:
                 try:
+                    if self._epoch is not None and await self._epoch.lost():
+                        await self._recover(redis)
                     until = await redis_now_ms(redis) + PRESENCE_MS
                     await redis.hset(PRESENCE, field, until)
                     await self.metrics.cluster.refresh(redis, self.keys)

@@ -119,6 +119,13 @@ class Keys:
         return f"{self.prefix}partitions"
 
     @property
+    def epoch(self) -> str:
+        """String: a random id the namespace's first process stores. Every worker and broker
+        remembers it; finding it gone (or another) means Redis lost its data (a restart
+        without persistence), and they rebuild what they hold instead of giving it up."""
+        return f"{self.prefix}epoch"
+
+    @property
     def routes(self) -> str:
         """Hash ``trigger:{name}`` / ``cancel:{name}`` -> the path whose value decides an
         event's partition, or ``*`` for a cancel event matched in every partition."""

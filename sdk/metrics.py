@@ -57,6 +57,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.redis_data_lost = Counter(
+            "cancel_broker_redis_data_lost",
+            "Times this worker found that Redis had lost its data (a restart without"
+            " persistence) and registered its runs again.",
+            registry=self.registry,
+        )
         self.redis_evicting = Gauge(
             "cancel_broker_redis_evicting",
             "1 while this worker's Redis evicts keys when full (maxmemory-policy other than"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
 from importlib import resources
 from typing import Any, Final, cast
@@ -17,6 +17,7 @@ from typing import Any, Final, cast
 import anyio
 
 from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline, redis_now_ms
+from sdk.epoch import Epoch
 from sdk.function import Function
 from sdk.keys import PRESENCE, Keys, presence_field
 from sdk.partitions import declare_routes
@@ -77,6 +78,8 @@ class Registration:
         heartbeat_interval: float,
         log: Any,
         on_lost: Callable[[], None] = lambda: None,
+        epoch: Epoch | None = None,
+        on_data_lost: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -86,6 +89,8 @@ class Registration:
         self.heartbeat_interval = heartbeat_interval
         self._log = log
         self._on_lost = on_lost
+        self._epoch = epoch
+        self._on_data_lost = on_data_lost
         self._heartbeat = redis.register_script(_HEARTBEAT)
         self._functions: tuple[Function, ...] = ()
         self._presence_failed = False
@@ -179,17 +184,25 @@ class Registration:
                     args=[self.worker_id, int(REGISTRATION_TTL.total_seconds())],
                 )
                 if not alive:
-                    # Reaped after missed heartbeats (or expired during an outage): the
-                    # broker has recorded this worker's runs as lost.
-                    self._log.error("worker.declared_lost")
-                    self._on_lost()
-                    await self.sync(self._functions)
+                    await self._registration_gone()
                 else:
                     await self._announce(int(alive))
             except REDIS_ERRORS as exc:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
+
+    async def _registration_gone(self) -> None:
+        """The registration vanished: Redis lost its data (nothing was recorded against
+        this worker: it rebuilds and goes on), or the broker reaped this worker after
+        missed heartbeats (its runs were recorded lost: they are given up)."""
+        lost = self._epoch is not None and await self._epoch.lost()
+        if lost and self._on_data_lost is not None:
+            await self._on_data_lost()
+            return
+        self._log.error("worker.declared_lost")
+        self._on_lost()
+        await self.sync(self._functions)
 
     async def leave(self) -> None:
         """Deregister (a clean stop): this worker no longer serves anything."""

@@ -63,6 +63,8 @@ class Run:
     stopped_at: float | None = None
     #: When the run's status was last read from Redis (its registration is a read too).
     status_read_at: float = 0.0
+    #: What registered it: registered again, as it was, if Redis loses its data.
+    request: RegisterRequest | None = None
 
 
 def _stopped_by_its_cancel(exc: Exception, run: Run) -> bool:
@@ -198,7 +200,7 @@ class Runner:
         run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id, partition)
         run.status_read_at = time.monotonic()
         self._runs[run_id] = run
-        request = RegisterRequest(
+        request = run.request = RegisterRequest(
             run_id=run_id,
             app_id=self.app_id,
             function_id=fn.id,
@@ -211,6 +213,33 @@ class Runner:
             trigger_ms=trigger_ms,
         )
         return run, request
+
+    async def register_again(self) -> int:
+        """After Redis lost its data: register every run this process holds again, as it
+        first registered (its trigger, its rules, its parent), so that cancels reach it
+        again; returns how many. A cancel that came since (kept by id, a tombstone) applies
+        as it registers. A run that cannot be registered now is said and left out."""
+        by_partition: dict[int, list[Run]] = {}
+        for run in self._runs.values():
+            if run.request is not None:
+                by_partition.setdefault(run.partition, []).append(run)
+        registered = 0
+        for partition, runs in sorted(by_partition.items()):
+            requests = [run.request for run in runs if run.request is not None]
+            replies = await self.stores[partition].register_many(requests)
+            for run, reply in zip(runs, replies, strict=True):
+                if isinstance(reply, Exception):
+                    self._log.error(
+                        "run.register_again_failed", run_id=run.run_id, error=repr(reply)
+                    )
+                    continue
+                registered += 1
+                if reply.outcome == "cancelled":
+                    self._log.info("run.cancelled_on_registration", run_id=run.run_id)
+                    run.state.cancel(reply.reason)
+                elif reply.outcome == "registered" and (reply.tombstones or reply.bulk_cancels):
+                    await self._settle(run, reply)
+        return registered
 
     async def _settle(self, run: Run, registration: Registration) -> Run:
         """Act on what registering did: tombstones and bulk cancels to evaluate, a cancel by

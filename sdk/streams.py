@@ -78,7 +78,7 @@ async def dead_letter(
 
 
 async def create_group(
-    redis: RedisClient, stream: str, group: str, *, lookback_ms: int = 0
+    redis: RedisClient, stream: str, group: str, *, lookback_ms: int = 0, from_start: bool = False
 ) -> None:
     """Create ``group`` on ``stream`` (and the stream) unless it exists.
 
@@ -87,10 +87,12 @@ async def create_group(
     broker's trimming keeps that long of them, :func:`trim_acknowledged`). A function's
     first worker then runs the triggers published for it before it started (the web app
     was up first, a rolling deploy adds the function), and the broker handles the cancel
-    events published before it started. With 0 it starts at the stream's end.
+    events published before it started. With 0 it starts at the stream's end;
+    ``from_start``: at its first entry (a stream rebuilt after Redis lost its data holds
+    only what came after).
     """
-    start = "$"
-    if lookback_ms > 0:
+    start = "0" if from_start else "$"
+    if lookback_ms > 0 and not from_start:
         # (Redis reports the group's lag as unknown until it has read to the stream's end.)
         start = f"{max(0, await redis_now_ms(redis) - lookback_ms)}-0"
     try:

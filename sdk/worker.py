@@ -43,6 +43,7 @@ from sdk.connection import (
     resolve_url,
 )
 from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
+from sdk.epoch import Epoch
 from sdk.errors import (
     ConfigurationError,
     RunCancelled,
@@ -159,6 +160,8 @@ class Worker:
         #: worker. BlockingWorker turns it off: a group nobody reads (its worker only holds
         #: runs) would keep the events stream from ever being trimmed.
         self._trigger_groups = True
+        #: Bumped when Redis lost its data: signal readers start their new streams over.
+        self._signals_from_start = 0
         self._own_id = (0, "")  # (pid, id) of this process's default identity, once made
         # A lazy logger: workers are declared at import time, before the app configures logging.
         self._log = structlog.get_logger("sdk.worker", app_id=self.app_id, worker_id=self.worker_id)
@@ -239,6 +242,8 @@ class Worker:
             await eviction.check_at_start(redis)
             self.metrics.redis_evicting.set(eviction.problem is not None)
             partitions = await Partitions.open(redis, self.keys, self.partitions)
+            epoch = Epoch(redis, self.keys, self._log)
+            await epoch.join()
             # One blocking read per partition: their streams live in different slots.
             signal_readers = []
             for _ in range(partitions.count):
@@ -263,6 +268,8 @@ class Worker:
                 heartbeat_interval=self.heartbeat_interval,
                 log=self._log,
                 on_lost=lambda: self._require_runner().cancel_all(LOST_REASON, interrupt=True),
+                epoch=epoch,
+                on_data_lost=lambda: self._recover(redis, registration, partitions),
             )
             # Synced (rules and routes recorded) before the functions' groups exist: no
             # trigger is read before the broker knows its rules and where its events go.
@@ -425,6 +432,23 @@ class Worker:
                 self._log.info("worker.cancelling_runs", signal=signum.name)
                 self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
 
+    async def _recover(
+        self, redis: RedisClient, registration: Registration, partitions: Partitions
+    ) -> None:
+        """Redis lost its data (a restart without persistence): nothing was recorded
+        against this worker, so it gives nothing up. It stores the namespace's partition
+        count again, syncs, recreates its groups from the start of the new streams (all
+        of them came after the loss), registers again every run it holds, and reads its
+        signals from the start of its new streams. The runs go on; a cancel published
+        since reaches them (kept for them, or a tombstone, if it came first)."""
+        self.metrics.redis_data_lost.inc()
+        await redis.set(self.keys.partitions, partitions.count, nx=True)
+        await registration.sync(self._functions.values())
+        await self._create_groups(redis, from_start=True)
+        runs = await self._require_runner().register_again()
+        self._signals_from_start += 1
+        self._log.warning("worker.rebuilt_after_data_loss", runs_registered_again=runs)
+
     async def _watch_eviction(self, eviction: EvictionWatch, redis: RedisClient) -> None:
         """Read the Redis's eviction policy now and then: it can change under a running
         worker (a CONFIG SET, a failover to a replica configured otherwise)."""
@@ -440,9 +464,11 @@ class Worker:
         stream = self.keys.in_partition(partition).signals(self.worker_id)
         # This stream is new with this worker id; reading from its start loses nothing,
         # and the last id carried across reconnects makes every signal arrive once.
-        last_id = "0-0"
+        last_id, generation = "0-0", self._signals_from_start
         backoff = Backoff(self._log, "signals", cap=SIGNAL_RECONNECT_CAP_S)
         while True:
+            if generation != self._signals_from_start:  # Redis lost its data: a new stream
+                last_id, generation = "0-0", self._signals_from_start
             try:
                 reply = await reader.xread({stream: last_id}, count=100, block=SIGNAL_BLOCK_MS)
             except REDIS_ERRORS as exc:
@@ -509,21 +535,25 @@ class Worker:
     def _lookback_ms(self) -> int:
         return round(self.trigger_lookback.total_seconds() * 1000)
 
-    async def _create_groups(self, redis: RedisClient) -> None:
+    async def _create_groups(self, redis: RedisClient, *, from_start: bool = False) -> None:
         """The function's groups, for its first worker ever: starting the trigger lookback
         back, so that triggers published before any worker of the function started (the
         web app was up first; a rolling deploy adds the function) are run, once each (a
-        trigger's run id derives from its event id: read twice, it registers once)."""
+        trigger's run id derives from its event id: read twice, it registers once).
+        ``from_start``: after Redis lost its data, from the new streams' first entry."""
         lookback = self._lookback_ms
+        groups = [BROKER_GROUP]
+        if self._trigger_groups:
+            groups += [
+                self.keys.function_group(self.app_id, fn.id) for fn in self._functions.values()
+            ]
         for store in self._require_runner().stores:
             # The broker's group too: from the moment a run can exist, cancel events are
             # kept for the broker even if no broker has started yet.
-            await create_group(redis, store.keys.events, BROKER_GROUP, lookback_ms=lookback)
-            if not self._trigger_groups:
-                continue
-            for fn in self._functions.values():
-                group = self.keys.function_group(self.app_id, fn.id)
-                await create_group(redis, store.keys.events, group, lookback_ms=lookback)
+            for group in groups:
+                await create_group(
+                    redis, store.keys.events, group, lookback_ms=lookback, from_start=from_start
+                )
 
     async def _consume_triggers(self) -> None:
         runner = self._require_runner()

@@ -69,7 +69,7 @@ async def test_cancels_held_while_writes_are_refused_are_applied_once_when_they_
     namespace = f"t{uuid.uuid4().hex[:12]}"
     keys = Keys(namespace)
     broker, _ = start_broker(server.url, namespace)
-    worker = start_worker(server.url, namespace)
+    worker = start_worker(server.url, namespace, shutdown_timeout="0.2")
     try:
         async with Client(server.url, namespace=namespace) as client:
             reports = [f"oom-{i}" for i in range(20)]
@@ -245,7 +245,7 @@ async def test_a_silent_cut_is_noticed_within_seconds_and_cancels_land_once_it_r
     namespace = f"t{uuid.uuid4().hex[:12]}"
     broker, _ = start_broker(server.url, namespace)
     with TcpProxy(server.port) as proxy:
-        worker = start_worker(proxy.url, namespace)
+        worker = start_worker(proxy.url, namespace, shutdown_timeout="0.2")
         try:
             async with (
                 Client(server.url, namespace=namespace) as client,
@@ -279,3 +279,68 @@ async def test_a_silent_cut_is_noticed_within_seconds_and_cancels_land_once_it_r
         finally:
             worker.terminate()
             broker.terminate()
+
+
+# -- a restart without the data -------------------------------------------------------------
+
+
+async def test_a_redis_restart_without_its_data_keeps_the_runs_and_their_cancels(
+    server: EmbeddedRedis,
+) -> None:
+    """SHUTDOWN NOSAVE and a restart on the same port: everything is gone. The worker
+    says so, keeps its runs and registers them again with their triggers; cancels
+    published after the restart stop theirs, the others go on; a trigger published at once
+    after the restart runs."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    fast = {"heartbeat_interval": "1", "shutdown_timeout": "0.2"}
+    broker, base = start_broker(server.url, namespace)
+    worker = start_worker(server.url, namespace, **fast)
+    try:
+        async with Client(server.url, namespace=namespace) as client:
+            reports = [f"rs-{i}" for i in range(10)]
+            runs = {}
+            async with Redis.from_url(server.url, decode_responses=True) as admin:
+                for report in reports:
+                    event = await client.send("report/generate.requested", {"reportId": report})
+                    runs[report] = await run_of(client, event)
+                for report in reports:
+                    await wait_for_observation(admin, namespace, report, "started")
+                await admin.shutdown(nosave=True)
+            server.stop()
+            server.start()
+            restarted = time.monotonic()
+            early = await client.send(
+                "report/generate.requested", {"reportId": "after", "seconds": 0}
+            )
+            line = await anyio.to_thread.run_sync(
+                lambda: worker.wait_for_log("worker.rebuilt_after_data_loss", timeout=15)
+            )
+            assert line["runs_registered_again"] == 10
+            rebuilt_s = time.monotonic() - restarted
+            assert worker.logs("redis.data_lost")
+            assert not worker.logs("worker.declared_lost")  # not the false reason of before
+            for run_id in runs.values():
+                assert (await client.get_run(run_id)).status == "running"  # type: ignore[union-attr]
+            async with Redis.from_url(server.url, decode_responses=True) as admin:
+                for report in reports[:5]:
+                    await client.send("report/cancel.requested", {"reportId": report})
+                for report in reports[:5]:
+                    info = await wait_for_status(client, runs[report], "cancelled")
+                    assert info.cancel_reason == "cancel event report/cancel.requested"
+                for report in reports[5:]:
+                    assert (await client.get_run(runs[report])).status == "running"  # type: ignore[union-attr]
+                    assert "cancelled" not in [
+                        o["what"] for o in await observed(admin, namespace, report)
+                    ]
+            await wait_for_status(client, await run_of(client, early), "completed")
+            async with httpx.AsyncClient(base_url=base) as http:
+
+                async def counted() -> bool:
+                    text = (await http.get("/metrics")).text
+                    return "cancel_broker_redis_data_lost_total 1.0" in text
+
+                await wait_until(counted, timeout=10)
+            print(f"10 of 10 runs registered again {rebuilt_s:.2f} s after the restart")
+    finally:
+        worker.terminate()
+        broker.terminate()
