@@ -30,6 +30,8 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
+import redis
+import redis.cluster
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -375,3 +377,29 @@ def blocking_client(url: str, block_ms: int, *, margin_s: float = 10.0) -> Redis
         socket_keepalive=True,
         retry=Retry(NoBackoff(), retries=0),
     )
+
+
+#: What :func:`sync_command_client` returns.
+SyncRedisClient: TypeAlias = redis.Redis | redis.cluster.RedisCluster
+
+
+def sync_command_client(url: str, *, timeout_s: float = 2.0) -> SyncRedisClient:
+    """A blocking client for the few commands sent from outside the event loop (a
+    watchdog thread's heartbeats while the loop is blocked): short timeouts, no retry."""
+    cluster = parse_cluster_url(url)
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+    }
+    if cluster is not None:
+        return redis.cluster.RedisCluster.from_url(
+            cluster.url,
+            startup_nodes=[
+                redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]  # untyped in redis-py
+                for h, p in cluster.nodes[1:]
+            ],
+            **options,
+        )
+    return redis.Redis.from_url(url, **options)

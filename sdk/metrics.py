@@ -57,6 +57,13 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "cancel_broker_event_loop_lag_seconds",
+            "How late this worker's event loop runs a 100 ms tick: a body blocking the loop"
+            " (a blocking call in an async def) delays every cancel by as much.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.redis_data_lost = Counter(
             "cancel_broker_redis_data_lost",
             "Times this worker found that Redis had lost its data (a restart without"

@@ -16,7 +16,14 @@ from typing import Any, Final, cast
 
 import anyio
 
-from sdk.connection import REDIS_ERRORS, Backoff, RedisClient, RedisPipeline, redis_now_ms
+from sdk.connection import (
+    REDIS_ERRORS,
+    Backoff,
+    RedisClient,
+    RedisPipeline,
+    SyncRedisClient,
+    redis_now_ms,
+)
 from sdk.epoch import Epoch
 from sdk.function import Function
 from sdk.keys import PRESENCE, Keys, presence_field
@@ -191,6 +198,19 @@ class Registration:
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
+
+    def heartbeat_from(self, client: SyncRedisClient) -> Callable[[], None]:
+        """A heartbeat to send from another thread, with a blocking ``client``: while the
+        event loop is blocked (sdk/loop_watch.py). A registration found gone is left to
+        the loop's own heartbeat, once it runs again."""
+        script = client.register_script(_HEARTBEAT)
+        keys = [self.keys.workers, self.keys.worker(self.worker_id)]
+        args: list[str | int] = [self.worker_id, int(REGISTRATION_TTL.total_seconds())]
+
+        def beat() -> None:
+            script(keys=keys, args=args)
+
+        return beat
 
     async def _registration_gone(self) -> None:
         """The registration vanished: Redis lost its data (nothing was recorded against

@@ -41,6 +41,7 @@ from sdk.connection import (
     blocking_client,
     command_client,
     resolve_url,
+    sync_command_client,
 )
 from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
 from sdk.epoch import Epoch
@@ -52,6 +53,7 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
+from sdk.loop_watch import LoopWatch
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
 from sdk.redis_health import CHECK_EVERY_S, EvictionWatch, OnEvicting
@@ -283,6 +285,15 @@ class Worker:
                 self._tg.start_soon(self._listen_for_signals, reader, partition)
             self._tg.start_soon(registration.heartbeat_forever)
             self._tg.start_soon(self._watch_eviction, eviction, redis)
+            beating = sync_command_client(self.redis_url)
+            stack.callback(beating.close)
+            loop_watch = LoopWatch(
+                self._log,
+                self.metrics,
+                heartbeat=registration.heartbeat_from(beating),
+                heartbeat_interval=self.heartbeat_interval,
+            )
+            self._tg.start_soon(loop_watch.run)
         except BaseException:
             self._runner = self._tg = None
             await stack.aclose()

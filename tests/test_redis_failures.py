@@ -344,3 +344,49 @@ async def test_a_redis_restart_without_its_data_keeps_the_runs_and_their_cancels
     finally:
         worker.terminate()
         broker.terminate()
+
+
+# -- a blocked event loop -------------------------------------------------------------------
+
+
+async def test_a_body_blocking_the_loop_is_named_and_its_worker_is_not_reaped(
+    server: EmbeddedRedis,
+) -> None:
+    """`time.sleep(3)` in an async step, with a 1 s heartbeat: every cancel of the worker
+    waits 3 s (the body's doing), but the worker says which run and step blocked it, and
+    is not reaped (it was, and every run it held recorded lost)."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    broker, _ = start_broker(server.url, namespace)
+    worker = start_worker(server.url, namespace, heartbeat_interval="1", shutdown_timeout="0.2")
+    try:
+        async with (
+            Client(server.url, namespace=namespace) as client,
+            Redis.from_url(server.url, decode_responses=True) as direct,
+        ):
+            others = []
+            for i in range(5):
+                event = await client.send("report/generate.requested", {"reportId": f"ok-{i}"})
+                others.append(await run_of(client, event))
+            for i in range(5):
+                await wait_for_observation(direct, namespace, f"ok-{i}", "started")
+            blocking = await run_of(
+                client,
+                await client.send(
+                    "report/generate.requested",
+                    {"reportId": "blocker", "mode": "block-loop", "seconds": 3},
+                ),
+            )
+            line = await anyio.to_thread.run_sync(
+                lambda: worker.wait_for_log("worker.loop_blocked", timeout=15)
+            )
+            assert (line["run_id"], line["step"]) == (blocking, "blocking")
+            assert "in block_loop" in line["where"]
+            assert line["blocked_s"] >= 2.5
+            assert not broker.logs("worker.lost")
+            for run_id in [*others, blocking]:
+                assert (await client.get_run(run_id)).status == "running"  # type: ignore[union-attr]
+            await client.send("report/cancel.requested", {"reportId": "ok-0"})
+            await wait_for_status(client, others[0], "cancelled")
+    finally:
+        worker.terminate()
+        broker.terminate()

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog
 
 from sdk import (
     CancelOn,
@@ -23,7 +24,9 @@ from sdk import (
     UnknownFunctionError,
     Worker,
     WorkerNotStartedError,
+    loop_watch,
 )
+from sdk.metrics import WorkerMetrics
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -274,3 +277,34 @@ def test_a_worker_declared_before_a_fork_has_its_own_id_in_each_child() -> None:
     assert len(ids) == 2
     assert _FORKED.worker_id not in ids
     assert Worker("reports", "redis://unused:1/0", worker_id="fixed").worker_id == "fixed"
+
+
+async def test_the_loop_watch_heartbeats_a_blocked_loop_for_a_while_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A loop blocked briefly is kept live by the watchdog's heartbeats; one blocked longer
+    than MAX_BLOCKED_S is stuck, and is let go (reaped as a dead worker). The lag is
+    measured either way."""
+    monkeypatch.setattr(loop_watch, "MAX_BLOCKED_S", 1.0)
+    beats: list[float] = []
+    metrics = WorkerMetrics()
+    watch = loop_watch.LoopWatch(
+        structlog.get_logger(),
+        metrics,
+        heartbeat=lambda: beats.append(time.monotonic()),
+        heartbeat_interval=0.2,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch.run)
+        await anyio.sleep(0.3)
+        blocked_at = time.monotonic()
+        time.sleep(2.0)  # noqa: ASYNC251 - blocking the loop is the point
+        await anyio.sleep(0.3)
+        tg.cancel_scope.cancel()
+    while_blocked = [beat - blocked_at for beat in beats]
+    assert while_blocked, "no heartbeat while the loop was blocked"
+    assert min(while_blocked) >= loop_watch.BLOCKED_S - loop_watch.TICK_S  # since its last tick
+    assert max(while_blocked) < 1.0 + 2 * loop_watch.TICK_S  # then let go
+    lag = metrics.loop_lag.collect()[0]
+    largest = max(s.value for s in lag.samples if s.name.endswith("_sum"))
+    assert largest >= 1.9

@@ -7,7 +7,8 @@ really happened.
 
 The trigger's data selects the body: ``seconds`` (how long the work takes, default 60),
 ``mode``: ``sleep`` (one long awaited call), ``steps`` (a loop of 10 ms steps),
-``catch-exception`` (the long call wrapped in ``except Exception``).
+``catch-exception`` (the long call wrapped in ``except Exception``), ``block-loop`` (a
+blocking ``time.sleep`` of ``seconds`` in an async step, then a long awaited call).
 
 ``REPORTS_VERSION=v1`` runs the old deploy, whose function declares no ``cancel_on``
 (the stale configuration of the first seed); ``CANCEL_APP_VERSION`` names the version.
@@ -77,6 +78,11 @@ async def call_llm(seconds: float) -> str:
     return "text"
 
 
+async def block_loop(seconds: float) -> str:
+    time.sleep(seconds)  # noqa: ASYNC251 - the trap on purpose: it holds the whole loop
+    return "text"
+
+
 @worker.function(
     id="generate-report",
     trigger="report/generate.requested",
@@ -93,6 +99,9 @@ async def generate_report(ctx: RunContext) -> str:
             while time.monotonic() < deadline:
                 await ctx.step.run(f"chunk-{step}", call_llm, 0.01)
                 step += 1
+        elif mode == "block-loop":
+            await ctx.step.run("blocking", block_loop, seconds)
+            await ctx.step.run("llm", call_llm, 60)
         elif mode == "catch-exception":
             try:
                 await ctx.step.run("llm", call_llm, seconds)
