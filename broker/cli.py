@@ -36,7 +36,6 @@ from sdk.client import Actor
 from sdk.connection import (
     REDIS_URL_ENV,
     command_client,
-    redact_url,
     resolve_url,
     resolve_url_source,
 )
@@ -44,6 +43,7 @@ from sdk.durations import parse_duration
 from sdk.keys import Keys
 from sdk.local_redis import advertise
 from sdk.redis_health import OnEvicting
+from sdk.urls import redact_url
 
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0
@@ -321,6 +321,8 @@ async def _serve(url: str, settings: Settings) -> None:
         tombstone_lookback_s=settings.tombstone_lookback,
         partitions=settings.partitions,
         pending_cancel_lookback_s=settings.pending_cancel_lookback,
+        wait_replicas=settings.wait_replicas,
+        wait_timeout_s=settings.wait_timeout,
         trigger_lookback_s=settings.trigger_lookback,
         on_evicting_redis=cast(OnEvicting, settings.on_evicting_redis),
     )
@@ -398,6 +400,8 @@ def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -
             namespace=settings.namespace,
             partitions=settings.partitions,
             pending_cancel_lookback=settings.pending_cancel_lookback,
+            wait_replicas=settings.wait_replicas,
+            wait_timeout=settings.wait_timeout,
         ) as client:
             return await action(client)
 

@@ -14,16 +14,18 @@ from broker.embedded import EmbeddedRedisError
 from broker.http import HttpBindError
 from broker.settings import SettingsError
 from sdk.config import ENV_PREFIX
-from sdk.connection import REDIS_URL_ENV, redact_url
+from sdk.connection import REDIS_URL_ENV
 from sdk.errors import (
     CancelBrokerError,
     ConfigurationError,
     InvalidEventError,
     InvalidIdError,
+    NotReplicatedError,
     PartitionCountError,
     RunNotFinishedError,
 )
 from sdk.redis_health import EvictingRedisError
+from sdk.urls import redact_url
 
 #: The exit code of an error the command reports (bad input, configuration, Redis).
 EXIT_ERROR: Final = 2
@@ -107,6 +109,14 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
         return Diagnosis(
             message, "docs/deploy.md#redis says which Redis settings cancel-broker needs"
         )
+    if isinstance(exc, NotReplicatedError):
+        return Diagnosis(
+            f"{message} (the primary applied it: {exc.result!r})",
+            "look at the replicas (INFO replication, docs/operations.md#a-failover-to-a-replica-"
+            "that-lagged); running the command again is safe",
+        )
+    if isinstance(exc, ConfigurationError) and message.startswith("wait_replicas"):
+        return Diagnosis(message, "unset --wait-replicas (CANCEL_BROKER_WAIT_REPLICAS)")
     if isinstance(exc, ConfigurationError) and message.startswith(ENV_PREFIX):
         variable = message.partition("=")[0]
         return Diagnosis(message, f"fix or unset {variable}")

@@ -26,7 +26,7 @@ import sdk
 from broker.dashboard import STATUSES, DashboardData, InvalidQueryError, RunsQuery
 from broker.dashboard_access import REQUEST_HEADER, TOKEN_HEADER, CancelAccess, CancelRefused
 from sdk.connection import REDIS_ERRORS
-from sdk.errors import InvalidIdError
+from sdk.errors import InvalidIdError, NotReplicatedError
 
 CANCEL_REASON: Final = "cancelled from the dashboard"
 #: Only this origin, no inline script or style, never inside a frame (clickjacking).
@@ -155,6 +155,9 @@ def dashboard_routes(
                 result = await dashboard.cancel(request.path_params["run_id"], reason=CANCEL_REASON)
             except InvalidIdError as exc:
                 return _error(str(exc), 400)
+            except NotReplicatedError as exc:
+                log.warning("dashboard.cancel_not_replicated", error=str(exc))
+                return _json({"result": exc.result, "error": str(exc)}, status_code=503)
             log.info(
                 "dashboard.cancel",
                 run_id=result.run_id,

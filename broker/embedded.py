@@ -92,6 +92,11 @@ class EmbeddedRedis:
         return self._dir / "redis-server.log"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 

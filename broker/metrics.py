@@ -133,6 +133,12 @@ class BrokerMetrics:
             " persistence) and recreated its groups; workers register their runs again.",
             registry=self.registry,
         )
+        self.redis_server_changes = Counter(
+            "cancel_broker_redis_server_changes",
+            "Times another Redis server started answering this broker (a failover, a"
+            " restart) and it read again the cancel events it had in hand.",
+            registry=self.registry,
+        )
         self.redis_evicting = Gauge(
             "cancel_broker_redis_evicting",
             "1 while the broker's Redis evicts keys when full (maxmemory-policy other than"

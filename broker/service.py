@@ -45,6 +45,8 @@ from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.partitions import Partitions, check_partitions
 from sdk.redis_health import CHECK_EVERY_S as EVICTION_CHECK_S
 from sdk.redis_health import EvictionWatch, OnEvicting
+from sdk.server_watch import CHECK_EVERY_S as SERVER_CHECK_S
+from sdk.server_watch import ServerWatch
 from sdk.store import RunStore
 from sdk.streams import (
     DEAD_LETTER_MAXLEN,
@@ -91,6 +93,8 @@ class Broker:
         tombstone_lookback_s: float = TOMBSTONE_LOOKBACK_S,
         partitions: int | None = None,
         pending_cancel_lookback_s: float | None = None,
+        wait_replicas: int | None = None,
+        wait_timeout_s: float | None = None,
         trigger_lookback_s: float | None = None,
         on_evicting_redis: OnEvicting | None = None,
     ) -> None:
@@ -108,6 +112,8 @@ class Broker:
         self.tombstone_ms = max(0, round(tombstone_lookback_s * 1000))
         #: For the dashboard's Cancel, as for any Client (None: the SDK's own default).
         self.pending_cancel_lookback_s = pending_cancel_lookback_s
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_s = wait_timeout_s
         #: How long the events stream keeps what every group has read, for a function's
         #: first worker to read that far back (the workers' own setting, read alike).
         self.trigger_lookback_ms = round(
@@ -150,6 +156,8 @@ class Broker:
             namespace=self.keys.namespace,
             partitions=self.partitions,
             pending_cancel_lookback=self.pending_cancel_lookback_s,
+            wait_replicas=self.wait_replicas,
+            wait_timeout=self.wait_timeout_s,
         )
         try:
             partitions = await self._wait_for_redis(redis)
@@ -233,6 +241,7 @@ class Broker:
                 )
                 tg.start_soon(self._refresh_cluster_stats, redis)
                 tg.start_soon(self._watch_eviction, redis)
+                tg.start_soon(self._watch_server, redis, [syncs, *events])
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 async with anyio.create_task_group() as consuming:
@@ -355,6 +364,20 @@ class Broker:
             await anyio.sleep(EVICTION_CHECK_S)
             problem = await self._eviction.check(redis)
             self.metrics.redis_evicting.set(problem is not None)
+
+    async def _watch_server(self, redis: RedisClient, consumers: list[GroupConsumer]) -> None:
+        """When another Redis server answers (a failover, a restart), read again every
+        entry delivered to this broker but not acknowledged there: a batch handled on the
+        old primary whose effects and acknowledgement the new one lacks is handled again
+        (handling is idempotent), not left until another consumer claims it."""
+        watch = ServerWatch(self._log)
+        await watch.changed(redis)
+        while True:
+            await anyio.sleep(SERVER_CHECK_S)
+            if await watch.changed(redis):
+                self.metrics.redis_server_changes.inc()
+                for consumer in consumers:
+                    consumer.reread_pending()
 
     def warnings(self) -> list[str]:
         """What is wrong with the broker's Redis now (the dashboard's banner)."""

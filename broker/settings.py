@@ -21,6 +21,8 @@ from sdk.config import (
     ON_EVICTING_REDIS,
     PENDING_CANCEL_LOOKBACK,
     TRIGGER_LOOKBACK,
+    WAIT_REPLICAS,
+    WAIT_TIMEOUT,
     SharedSetting,
 )
 from sdk.durations import parse_duration
@@ -152,7 +154,8 @@ class Settings:
         " else redis://localhost:6379/0",
         metavar="URL",
         help="Redis URL (redis://, rediss:// for TLS, redis+cluster://host:port,... for a"
-        " Redis Cluster); without one, `run` starts a private redis-server on a free port,"
+        " Redis Cluster, redis+sentinel://host:port,.../SERVICE for a primary that Redis"
+        " Sentinel fails over); without one, `run` starts a private redis-server on a free port,"
         " prints its URL and advertises it while it runs, so that other commands, workers"
         " and clients on this machine given no URL use it too",
     )
@@ -168,6 +171,8 @@ class Settings:
         " workers and clients the same CANCEL_BROKER_PARTITIONS)",
     )
     pending_cancel_lookback: float = _shared(PENDING_CANCEL_LOOKBACK, group="connection")
+    wait_replicas: int = _shared(WAIT_REPLICAS, group="connection")
+    wait_timeout: float = _shared(WAIT_TIMEOUT, group="connection")
     http_host: str = _setting(
         "127.0.0.1",
         metavar="HOST",

@@ -13,8 +13,9 @@ import anyio
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
-from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace
+from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace, resolve_wait
 from sdk.connection import command_client, redis_now_ms, resolve_url
+from sdk.durability import Replicas
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
@@ -103,6 +104,8 @@ class Client:
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
         pending_cancel_lookback: float | timedelta | str | None = None,
+        wait_replicas: int | None = None,
+        wait_timeout: float | timedelta | str | None = None,
     ) -> None:
         self.redis_url = resolve_url(redis_url)
         self.keys = Keys(resolve_namespace(namespace))
@@ -116,6 +119,11 @@ class Client:
         #: The number of partitions this client expects (None: whatever the namespace has).
         self.partitions = check_partitions(partitions)
         self._redis = command_client(self.redis_url)
+        #: The replicas every write must reach (``$CANCEL_BROKER_WAIT_REPLICAS``, 0 by
+        #: default), waited for ``wait_timeout`` at most (``$CANCEL_BROKER_WAIT_TIMEOUT``,
+        #: 1 s): a write fewer acknowledged raises :class:`~sdk.errors.NotReplicatedError`.
+        wanted, timeout = resolve_wait(wait_replicas, wait_timeout)
+        self.replicas = Replicas(self._redis, self.keys, wanted=wanted, timeout=timeout)
         self._partitions: Partitions | None = None
         self._stores: tuple[RunStore, ...] = ()
 
@@ -153,11 +161,14 @@ class Client:
     async def send(self, name: str, data: dict[str, Any] | None = None) -> str:
         """Publish an event; returns its id (the stream entry id).
 
-        Raises :class:`~sdk.errors.InvalidEventError` for an event the broker would refuse.
+        Raises :class:`~sdk.errors.InvalidEventError` for an event the broker would refuse,
+        :class:`~sdk.errors.NotReplicatedError` for one fewer replicas than
+        ``wait_replicas`` acknowledged (it was published).
         """
         body = encode_event(name, data, max_bytes=self.max_event_bytes)
         partitions = await self._open()
-        return await partitions.publish(body, Event(name=name, data=data or {}))
+        event_id = await partitions.publish(body, Event(name=name, data=data or {}))
+        return await self.replicas.check(event_id)
 
     async def get_run(self, run_id: str) -> RunInfo | None:
         """The run's record, or None if there is no such run (or it expired)."""
@@ -188,6 +199,8 @@ class Client:
         ``not_found`` (no such run, and keeping is off), or ``forbidden``: the function
         declares an ``owner`` and ``actor`` is not that value (pass :data:`OPERATOR` to
         cancel any run). A kept cancel is checked against the owner when the run registers.
+        With ``wait_replicas``, a cancel fewer replicas acknowledged raises
+        :class:`~sdk.errors.NotReplicatedError`, whose ``result`` is this result.
         """
         check_id("run id", run_id)
         partitions = await self._open()
@@ -215,7 +228,7 @@ class Client:
             actor=repr(actor),
             reason=reason,
         )
-        return result
+        return await self.replicas.check(result)
 
     async def cancel_many(
         self,
@@ -244,7 +257,8 @@ class Client:
         considered, the time range, and until when the cancel is kept. ``progress(done,
         total)`` is called once the runs are listed (``done == 0``) and after each batch of
         ``BULK_BATCH`` runs: ``total`` counts the runs in the time range, before ``if_``
-        filters them.
+        filters them. With ``wait_replicas``, :class:`~sdk.errors.NotReplicatedError`
+        (carrying this result) says that fewer replicas acknowledged the cancels.
         """
         check_name("function id", function_id)
         condition = None if if_ is None else compile_trigger_filter(if_)
@@ -333,7 +347,7 @@ class Client:
             outcomes=dict(Counter(r.outcome for r in results)),
             kept_until=kept_until,
         )
-        return result
+        return await self.replicas.check(result)
 
     async def _filter(
         self, store: RunStore, run_ids: list[str], condition: Expression

@@ -120,6 +120,43 @@ ON_EVICTING_REDIS: Final = SharedSetting(
 )
 
 
+def _replicas(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"must be 0 or more, not {value}")
+    return value
+
+
+#: The longest a publisher waits for its replicas: below the 5 s reply timeout of its
+#: connection, so that a slow replica is reported as such, not as a dead connection.
+MAX_WAIT_TIMEOUT_S: Final = 4.0
+
+
+def _wait_timeout(text: str | float | timedelta) -> float:
+    value = parse_duration(text)
+    if not 0 < value <= MAX_WAIT_TIMEOUT_S:
+        raise ValueError(f"must be more than 0 and at most {MAX_WAIT_TIMEOUT_S:g}s, not {text}")
+    return value
+
+
+WAIT_REPLICAS: Final = SharedSetting(
+    "wait_replicas",
+    "0",
+    _replicas,
+    help="publishers (Client.send, cancel, cancel-many, the dashboard's Cancel) wait until"
+    " this many replicas have each write (Redis WAIT) and report one that fewer acknowledged;"
+    " 0: the primary's acknowledgement is enough",
+    metavar="N",
+)
+WAIT_TIMEOUT: Final = SharedSetting(
+    "wait_timeout",
+    "1s",
+    _wait_timeout,
+    help="how long a publisher waits for its replicas (--wait-replicas), at most 4s",
+    metavar="DURATION",
+)
+
+
 def resolve_namespace(namespace: str | None) -> str:
     """The namespace to use: ``namespace``, else ``CANCEL_BROKER_NAMESPACE``, else ``cancel``."""
     return NAMESPACE.resolve(namespace)
@@ -136,3 +173,17 @@ def resolve_lookback(
         return timedelta(seconds=parse_duration(value))
     except ValueError as exc:
         raise ConfigurationError(f"{setting.name}={value!r}: {exc}") from None
+
+
+def resolve_wait(
+    replicas: int | None, timeout: float | timedelta | str | None
+) -> tuple[int, float]:
+    """How many replicas a publisher waits for, and how long (seconds): the arguments,
+    else ``CANCEL_BROKER_WAIT_REPLICAS`` and ``CANCEL_BROKER_WAIT_TIMEOUT``, else 0 and 1 s."""
+    wanted = WAIT_REPLICAS.resolve(None if replicas is None else str(replicas))
+    if timeout is None or isinstance(timeout, str):
+        return wanted, WAIT_TIMEOUT.resolve(timeout)
+    try:
+        return wanted, _wait_timeout(timeout)
+    except ValueError as exc:
+        raise ConfigurationError(f"{WAIT_TIMEOUT.name}={timeout!r}: {exc}") from None

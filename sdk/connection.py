@@ -17,6 +17,10 @@ has not learnt yet, never after a reply timeout; a MOVED or ASK redirection is a
 followed (the node refused the command, so it did not run). The scheme says "cluster"
 because the client must be chosen before connecting: asking the server costs a round
 trip on every connect and turns a wrong guess into silent misrouting.
+
+A ``redis+sentinel://sentinel:26379[,...]/SERVICE`` URL gives clients of the service's
+current primary, which ask a Sentinel where it is on every connect (:mod:`sdk.sentinel`),
+with the same policy again.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
 import anyio.lowlevel
@@ -53,6 +56,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sdk.errors import InvalidRedisUrlError
 from sdk.local_redis import advertised
+from sdk.sentinel import parse_sentinel_url, sentinel_client, sync_sentinel_client
+from sdk.urls import redact_url
 
 #: What every factory here returns: a single-node client, or a cluster client for a
 #: ``redis+cluster://`` URL. Both speak the same commands; see docs/scaling.md for what a
@@ -158,20 +163,6 @@ async def redis_now_ms(redis: RedisClient) -> int:
     """Redis server time (ms): the one clock every process agrees on."""
     seconds, micros = await redis.time()
     return int(seconds) * 1000 + int(micros) // 1000
-
-
-def redact_url(url: str) -> str:
-    """``url`` fit for a log line: the password and any ``ssl_password`` replaced by ***."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = "&".join(
-        f"{key}=***" if key == "ssl_password" else f"{key}={value}"
-        for key, value in parse_qsl(parts.query, keep_blank_values=True)
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 UrlSource = Literal["argument", "environment", "embedded", "default"]
@@ -335,23 +326,26 @@ def command_client(url: str) -> RedisClient:
         )
     # A blocking pool: a burst of concurrent commands (thousands of runs registering at
     # once) waits for a connection instead of failing with MaxConnectionsError.
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=MAX_CONNECTIONS,
-        timeout=30,
-        decode_responses=True,
-        encoding_errors="surrogateescape",
-        protocol=2,
-        socket_timeout=5.0,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(
+    options: dict[str, Any] = {
+        "max_connections": MAX_CONNECTIONS,
+        "timeout": 30,
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "protocol": 2,
+        "socket_timeout": 5.0,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "retry": Retry(
             ExponentialWithJitterBackoff(cap=0.5, base=0.01),
             retries=3,
             supported_errors=(RedisConnectionError,),
         ),
-    )
+    }
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        return sentinel_client(sentinel, pooled=True, **options)
+    pool = BlockingConnectionPool.from_url(url, **options)
     return Redis.from_pool(pool)  # closing the client closes its pool
 
 
@@ -367,16 +361,19 @@ def blocking_client(url: str, block_ms: int, *, margin_s: float = 10.0) -> Redis
         return _cluster_client(
             RedisCluster, cluster, retries=0, socket_timeout=block_ms / 1000 + margin_s
         )
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        encoding_errors="surrogateescape",
-        protocol=2,
-        socket_timeout=block_ms / 1000 + margin_s,
-        socket_connect_timeout=5.0,
-        socket_keepalive=True,
-        retry=Retry(NoBackoff(), retries=0),
-    )
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "surrogateescape",
+        "protocol": 2,
+        "socket_timeout": block_ms / 1000 + margin_s,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), retries=0),
+    }
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        return sentinel_client(sentinel, **options)
+    return Redis.from_url(url, **options)
 
 
 #: What :func:`sync_command_client` returns.
@@ -402,4 +399,7 @@ def sync_command_client(url: str, *, timeout_s: float = 2.0) -> SyncRedisClient:
             ],
             **options,
         )
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        return sync_sentinel_client(sentinel, **options)
     return redis.Redis.from_url(url, **options)

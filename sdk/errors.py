@@ -39,6 +39,26 @@ class InvalidBulkCancelError(CancelBrokerError, ValueError):
     the wrong order."""
 
 
+class NotReplicatedError(CancelBrokerError):
+    """A publisher that waits for replicas (``Client(wait_replicas=N)``) wrote, and fewer than
+    N replicas acknowledged the write within ``wait_timeout``.
+
+    The write was applied by the primary (``result`` is what the call would have returned:
+    an event id, a :class:`~sdk.wire.CancelResult`, ...), but a failover before a replica
+    has it would lose it. Sending again is safe: an event id differs, a cancel is idempotent.
+    """
+
+    def __init__(self, result: object, *, wanted: int, acknowledged: int, timeout: float) -> None:
+        super().__init__(
+            f"written, but {acknowledged} of {wanted} replica(s) acknowledged it within"
+            f" {timeout:g} s: a failover now could lose it"
+        )
+        self.result = result
+        self.wanted = wanted
+        self.acknowledged = acknowledged
+        self.timeout = timeout
+
+
 class UnknownFunctionError(CancelBrokerError, LookupError):
     """``worker.run`` named a function the worker does not declare."""
 

@@ -126,6 +126,12 @@ class Keys:
         return f"{self.prefix}epoch"
 
     @property
+    def replicated(self) -> str:
+        """String a publisher that waits for replicas writes after its writes, then WAITs
+        for: the replicas that have it have everything written before it (sdk/durability.py)."""
+        return f"{self.prefix}replicated"
+
+    @property
     def routes(self) -> str:
         """Hash ``trigger:{name}`` / ``cancel:{name}`` -> the path whose value decides an
         event's partition, or ``*`` for a cancel event matched in every partition."""

@@ -70,6 +70,20 @@ class WorkerMetrics:
             " persistence) and registered its runs again.",
             registry=self.registry,
         )
+        self.redis_server_changes = Counter(
+            "cancel_broker_redis_server_changes",
+            "Times another Redis server started answering this worker (a failover, a"
+            " restart) and it reconciled its runs with what Redis holds.",
+            registry=self.registry,
+        )
+        self.runs_reconciled = Counter(
+            "cancel_broker_runs_reconciled",
+            "Runs a reconciliation repaired, by what it did: registered_again (record gone),"
+            " stopped (a cancel whose signal was lost), recorded_again (outcome lost),"
+            " recorded_lost (outcome lost and no longer known).",
+            ["action"],
+            registry=self.registry,
+        )
         self.redis_evicting = Gauge(
             "cancel_broker_redis_evicting",
             "1 while this worker's Redis evicts keys when full (maxmemory-policy other than"

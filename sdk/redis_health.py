@@ -24,8 +24,9 @@ from typing import Any, Final, Literal, cast
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
-from sdk.connection import REDIS_ERRORS, RedisClient, redact_url
+from sdk.connection import REDIS_ERRORS, RedisClient
 from sdk.errors import ConfigurationError
+from sdk.urls import redact_url
 
 #: The one policy under which Redis never deletes a key to make room.
 SAFE_POLICY: Final = "noeviction"

@@ -8,7 +8,7 @@ always find a run that has not finished (the registry is never dropped early).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -24,6 +24,7 @@ from sdk.expressions import compile_trigger_filter, describe_error, event_variab
 from sdk.function import Function
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions
+from sdk.reconcile import RecentOutcomes, RecordedOutcome
 from sdk.rules import IndexEntry, index_entries, parse_path, unreachable_rules, value_token
 from sdk.store import (
     DEFAULT_RETENTION,
@@ -65,6 +66,8 @@ class Run:
     status_read_at: float = 0.0
     #: What registered it: registered again, as it was, if Redis loses its data.
     request: RegisterRequest | None = None
+    #: Whether its registration script has answered (until then Redis may not hold it).
+    registered: bool = False
 
 
 def _stopped_by_its_cancel(exc: Exception, run: Run) -> bool:
@@ -95,12 +98,26 @@ class Runner:
         self.thread_grace = thread_grace
         self._log = log
         self._runs: dict[str, Run] = {}
+        #: What this process recorded lately, to record again if Redis loses it.
+        self.recent = RecentOutcomes()
         self._changed = anyio.Event()
         #: Runs registered out of their rules' reach (no value at a match path), said so.
         self.unreachable = UnreachableRuns(app_id, partitions.base, log)
 
     def __len__(self) -> int:
         return len(self._runs)
+
+    @property
+    def log(self) -> Any:
+        return self._log
+
+    def held(self, partition: int) -> list[Run]:
+        """The registered runs this process holds in ``partition``."""
+        return [r for r in self._runs.values() if r.partition == partition and r.registered]
+
+    def held_ids(self) -> set[str]:
+        """The ids of every run this process holds, registered or registering."""
+        return set(self._runs)
 
     async def register(
         self,
@@ -214,13 +231,14 @@ class Runner:
         )
         return run, request
 
-    async def register_again(self) -> int:
-        """After Redis lost its data: register every run this process holds again, as it
-        first registered (its trigger, its rules, its parent), so that cancels reach it
-        again; returns how many. A cancel that came since (kept by id, a tombstone) applies
-        as it registers. A run that cannot be registered now is said and left out."""
+    async def register_again(self, runs: Iterable[Run] | None = None) -> int:
+        """After Redis lost its data (or, ``runs``, these runs' records): register every run
+        this process holds again, as it first registered (its trigger, its rules, its
+        parent), so that cancels reach it again; returns how many. A cancel that came since
+        (kept by id, a tombstone) applies as it registers. A run that cannot be registered
+        now is said and left out."""
         by_partition: dict[int, list[Run]] = {}
-        for run in self._runs.values():
+        for run in self._runs.values() if runs is None else runs:
             if run.request is not None:
                 by_partition.setdefault(run.partition, []).append(run)
         registered = 0
@@ -244,6 +262,7 @@ class Runner:
     async def _settle(self, run: Run, registration: Registration) -> Run:
         """Act on what registering did: tombstones and bulk cancels to evaluate, a cancel by
         id the owner refused, a taken id, a cancel."""
+        run.registered = True
         if registration.refused_actor:
             self._log.warning(
                 "run.pending_cancel_refused",
@@ -489,26 +508,29 @@ class Runner:
     async def _record(
         self, run: Run, outcome: Outcome, error: str | None, *, on_cancel_error: str | None = None
     ) -> None:
-        reason = run.state.reason if outcome == "cancelled" else None
+        recorded = RecordedOutcome(
+            run_id=run.run_id,
+            partition=run.partition,
+            function_id=run.function.id,
+            outcome=outcome,
+            index_keys=tuple(entry.key for entry in run.entries),
+            error=error,
+            cancel_reason=run.state.reason if outcome == "cancelled" else None,
+            abandoned_thread=run.state.abandoned_thread,
+            on_cancel_error=on_cancel_error,
+            continued_by=run.state.continued_by,
+        )
+        # Remembered before it is written: from the moment the run leaves the registry, a
+        # reconciliation that finds it still listed in Redis can write it again.
+        self.recent.remember(recorded)
         finished = Finished(None)
         backoff = Backoff(self._log, "run.finish", run_id=run.run_id)
         with anyio.move_on_after(FINISH_TIMEOUT_S, shield=True) as scope:
             while True:
                 try:
                     stopped = run.stopped_at or time.monotonic()
-                    finished = await self.stores[run.partition].finish(
-                        run.run_id,
-                        outcome,
-                        [entry.key for entry in run.entries],
-                        app_id=self.app_id,
-                        function_id=run.function.id,
-                        worker_id=self.worker_id,
-                        error=error,
-                        cancel_reason=reason,
-                        stopped_ago_ms=(time.monotonic() - stopped) * 1000,
-                        abandoned_thread=run.state.abandoned_thread,
-                        continued_by=run.state.continued_by,
-                        on_cancel_error=on_cancel_error,
+                    finished = await self.write_outcome(
+                        recorded, stopped_ago_ms=(time.monotonic() - stopped) * 1000
                     )
                     break
                 except REDIS_ERRORS as exc:  # an outage, OOM, a failover: try again
@@ -530,3 +552,22 @@ class Runner:
             self.metrics.abandoned_threads.inc()
         if on_cancel_error is not None:
             self.metrics.on_cancel_errors.inc()
+
+    async def write_outcome(
+        self, recorded: RecordedOutcome, *, stopped_ago_ms: float | None = None
+    ) -> Finished:
+        """Write a run's outcome to its record (a record already terminal keeps its own)."""
+        return await self.stores[recorded.partition].finish(
+            recorded.run_id,
+            recorded.outcome,
+            recorded.index_keys,
+            app_id=self.app_id,
+            function_id=recorded.function_id,
+            worker_id=self.worker_id,
+            error=recorded.error,
+            cancel_reason=recorded.cancel_reason,
+            stopped_ago_ms=stopped_ago_ms,
+            abandoned_thread=recorded.abandoned_thread,
+            continued_by=recorded.continued_by,
+            on_cancel_error=recorded.on_cancel_error,
+        )

@@ -36,6 +36,8 @@ class SyncClient:
         max_event_bytes: int = MAX_EVENT_BYTES,
         partitions: int | None = None,
         pending_cancel_lookback: float | timedelta | str | None = None,
+        wait_replicas: int | None = None,
+        wait_timeout: float | timedelta | str | None = None,
     ) -> None:
         stack = ExitStack()
         try:
@@ -51,6 +53,8 @@ class SyncClient:
                     max_event_bytes=max_event_bytes,
                     partitions=partitions,
                     pending_cancel_lookback=pending_cancel_lookback,
+                    wait_replicas=wait_replicas,
+                    wait_timeout=wait_timeout,
                 )
             )
             stack.callback(portal.call, client.aclose)

@@ -56,10 +56,13 @@ from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
 from sdk.loop_watch import LoopWatch
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
+from sdk.reconcile import reconcile
 from sdk.redis_health import CHECK_EVERY_S, EvictionWatch, OnEvicting
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
+from sdk.server_watch import CHECK_EVERY_S as SERVER_CHECK_S
+from sdk.server_watch import ServerWatch
 from sdk.store import DEFAULT_RETENTION
 from sdk.streams import create_group
 from sdk.triggers import FunctionTriggers
@@ -285,6 +288,7 @@ class Worker:
                 self._tg.start_soon(self._listen_for_signals, reader, partition)
             self._tg.start_soon(registration.heartbeat_forever)
             self._tg.start_soon(self._watch_eviction, eviction, redis)
+            self._tg.start_soon(self._watch_server, redis)
             beating = sync_command_client(self.redis_url)
             stack.callback(beating.close)
             loop_watch = LoopWatch(
@@ -467,6 +471,33 @@ class Worker:
             await anyio.sleep(CHECK_EVERY_S)
             problem = await eviction.check(redis)
             self.metrics.redis_evicting.set(problem is not None)
+
+    async def _watch_server(self, redis: RedisClient) -> None:
+        """Reconcile the runs this process holds whenever another Redis server answers (a
+        failover to a replica that may lag, a restart): see sdk/reconcile.py."""
+        watch = ServerWatch(self._log)
+        await watch.changed(redis)
+        while True:
+            await anyio.sleep(SERVER_CHECK_S)
+            if not await watch.changed(redis):
+                continue
+            try:
+                done = await reconcile(self._require_runner())
+            except REDIS_ERRORS as exc:  # the server changes again, or fails: next look
+                self._log.warning("worker.reconcile_failed", error=repr(exc))
+                watch.known = None
+                continue
+            self.metrics.redis_server_changes.inc()
+            for action in ("registered_again", "stopped", "recorded_again", "recorded_lost"):
+                if count := getattr(done, action):
+                    self.metrics.runs_reconciled.labels(action).inc(count)
+            (self._log.warning if done.changed else self._log.info)(
+                "worker.reconciled",
+                registered_again=done.registered_again,
+                stopped=done.stopped,
+                recorded_again=done.recorded_again,
+                recorded_lost=done.recorded_lost,
+            )
 
     # -- the signal loop -----------------------------------------------------------
 

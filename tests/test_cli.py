@@ -198,6 +198,19 @@ def test_cancel_of_an_id_no_run_has_yet_says_it_is_kept(redis_url: str, namespac
     assert "not_found" in off.stdout
 
 
+def test_a_cancel_no_replica_acknowledged_is_an_error_that_says_it_was_applied(
+    redis_url: str, namespace: str
+) -> None:
+    """`--wait-replicas 1` on a Redis with no replica: the primary applied the cancel, and
+    the command says so, and that it is not replicated, in one line."""
+    base = ("--redis-url", redis_url, "--namespace", namespace)
+    result = cli("cancel", "job-45", "--wait-replicas", "1", "--wait-timeout", "50ms", *base)
+    assert result.returncode == 2
+    assert "0 of 1 replica(s) acknowledged it within 0.05 s" in result.stderr
+    assert "outcome='pending'" in result.stderr
+    assert "running the command again is safe" in result.stderr
+
+
 def test_tables_render_with_rich_on_a_terminal(redis_url: str, namespace: str) -> None:
     (run,) = register(redis_url, namespace, 1)
     base = ["--redis-url", redis_url, "--namespace", namespace]

@@ -22,9 +22,9 @@ from sdk.connection import (
     blocking_client,
     command_client,
     parse_cluster_url,
-    redact_url,
 )
 from sdk.errors import InvalidRedisUrlError
+from sdk.urls import redact_url
 from tests.cluster import SLOTS, RedisClusterServer
 
 pytestmark = pytest.mark.anyio

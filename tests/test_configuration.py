@@ -28,6 +28,8 @@ from sdk.config import (
     ON_EVICTING_REDIS,
     PENDING_CANCEL_LOOKBACK,
     TRIGGER_LOOKBACK,
+    WAIT_REPLICAS,
+    WAIT_TIMEOUT,
     SharedSetting,
 )
 from sdk.connection import DEFAULT_REDIS_URL, REDIS_URL_ENV, resolve_url_source
@@ -44,6 +46,8 @@ SHARED: tuple[SharedSetting[Any], ...] = (
     TRIGGER_LOOKBACK,
     PENDING_CANCEL_LOOKBACK,
     ON_EVICTING_REDIS,
+    WAIT_REPLICAS,
+    WAIT_TIMEOUT,
 )
 
 

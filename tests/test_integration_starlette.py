@@ -222,3 +222,23 @@ async def test_the_cancel_route_checks_the_owner_and_answers_the_outcome(
         assert (invalid.status_code, invalid.json()["error"]) == (400, "invalid_run_id")
         garbage = await http.post(url, headers={"x-account": "a1"}, content=b"{not json")
         assert garbage.status_code == 400
+
+
+async def test_the_cancel_route_says_when_no_replica_acknowledged_the_cancel(
+    redis_url: str, namespace: str
+) -> None:
+    """A client that waits for a replica, on a Redis with none: the cancel is applied by
+    the primary, and the route answers 503 with the outcome, for the caller to retry."""
+    async with Client(
+        redis_url, namespace=namespace, wait_replicas=1, wait_timeout=0.05
+    ) as waiting:
+        app = FastAPI()
+        app.router.routes.append(cancel_route(waiting, actor=lambda request: OPERATOR))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            answer = await http.post("/runs/queued-job/cancel")
+    assert answer.status_code == 503
+    body = answer.json()
+    assert body["error"] == "not_replicated"
+    assert "0 of 1 replica(s)" in body["detail"]
+    assert body["result"]["outcome"] == "pending"

@@ -8,7 +8,6 @@ import pytest
 
 from broker.findings import is_cancel_like
 from sdk import CancelOn, ConfigurationError, Event, InvalidEventError, Worker
-from sdk.connection import redact_url
 from sdk.expressions import (
     MAX_EXPRESSION_CHARS,
     ExpressionError,
@@ -17,6 +16,7 @@ from sdk.expressions import (
 )
 from sdk.keys import Keys
 from sdk.rules import Path, Selector, index_entries, lookups, value_token
+from sdk.urls import redact_url
 from sdk.wire import decode_event, encode_event
 
 

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
 from broker import EmbeddedRedis
-from sdk import Client, RunInfo
+from sdk import Client, NotReplicatedError, RunInfo
 from sdk.keys import Keys
 from sdk.streams import trim_acknowledged
 from tests.conftest import broker_drained, wait_for_status, wait_until
@@ -367,6 +367,16 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
             # Cancels of runs not registered yet are kept, by id (the operator, and the
             # dashboard as the broker's user) and in bulk; the broker expires what is kept.
             assert (await operator.cancel("queued-run")).outcome == "pending"
+            # Publishers that wait for replicas (this Redis has none: each write is reported).
+            for role in ("publisher", "operator"):
+                async with Client(
+                    acl_server.url(role), namespace=NAMESPACE, wait_replicas=1, wait_timeout=0.05
+                ) as waiting:
+                    with pytest.raises(NotReplicatedError):
+                        await waiting.send("report/cancel.requested", {"reportId": "nobody"})
+                    if role == "operator":
+                        with pytest.raises(NotReplicatedError):
+                            await waiting.cancel("queued-run-3")
             async with httpx.AsyncClient(base_url=http) as web:
                 kept = await web.post(
                     "/v1/runs/queued-run-2/cancel", headers={"X-Cancel-Broker-Request": "1"}

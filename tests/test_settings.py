@@ -40,6 +40,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "tombstone_lookback": ("0", 0.0),
     "trigger_lookback": ("1m", 60.0),
     "on_evicting_redis": ("warn", "warn"),
+    "wait_replicas": ("2", 2),
+    "wait_timeout": ("500ms", 0.5),
     "pending_cancel_lookback": ("30s", 30.0),
     "dead_rule_window": ("2h", 7200.0),
     "orphan_window": ("90s", 90.0),

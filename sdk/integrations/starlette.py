@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from sdk.client import Actor, Client
-from sdk.errors import InvalidIdError
+from sdk.errors import InvalidIdError, NotReplicatedError
 from sdk.wire import CancelOutcome
 
 log = structlog.get_logger("sdk.integrations.starlette")
@@ -94,6 +94,10 @@ def cancel_route(
             result = await client.cancel(run_id, reason=given.reason or reason, actor=who)
         except InvalidIdError as exc:
             return JSONResponse({"error": "invalid_run_id", "detail": str(exc)}, status_code=400)
+        except NotReplicatedError as exc:
+            # Applied by the primary, not yet by enough replicas: sending again is safe.
+            failure = {"error": "not_replicated", "detail": str(exc), "result": exc.result}
+            return Response(msgspec.json.encode(failure), 503, media_type="application/json")
         return Response(
             msgspec.json.encode(result),
             status_code=HTTP_STATUS.get(result.outcome, 200),
