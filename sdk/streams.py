@@ -48,6 +48,9 @@ MAX_DELIVERIES: Final = 5
 
 #: Approximate cap on the dead-letter stream.
 DEAD_LETTER_MAXLEN: Final = 100_000
+#: The longest pause between two reads after failures: once Redis is back (a restart, a
+#: failover), the entries published meanwhile are read within about a second.
+RECONNECT_CAP_S: Final = 1.0
 
 
 async def dead_letter(
@@ -229,7 +232,9 @@ class GroupConsumer:
     ) -> None:
         pending_from: str | None = "0"
         retry: list[Entry] = []
-        backoff = Backoff(self._log, "stream", hooks=self._backoff_hooks, stream=self.stream)
+        backoff = Backoff(
+            self._log, "stream", cap=RECONNECT_CAP_S, hooks=self._backoff_hooks, stream=self.stream
+        )
         while not self._stopping:
             try:
                 if retry:
