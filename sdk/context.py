@@ -13,6 +13,7 @@ import anyio.lowlevel
 import structlog
 
 from sdk.errors import RunCancelled
+from sdk.process_steps import pickled_call, run_in_process
 from sdk.threads import run_in_thread
 from sdk.wire import Event
 
@@ -131,16 +132,31 @@ class Step:
         /,
         *args: Any,
         shield: bool = False,
+        process: bool = False,
         **kwargs: Any,
     ) -> T: ...
 
     @overload
     async def run(
-        self, name: str, fn: Callable[..., T], /, *args: Any, shield: bool = False, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., T],
+        /,
+        *args: Any,
+        shield: bool = False,
+        process: bool = False,
+        **kwargs: Any,
     ) -> T: ...
 
     async def run(
-        self, name: str, fn: Callable[..., Any], /, *args: Any, shield: bool = False, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        shield: bool = False,
+        process: bool = False,
+        **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` as step ``name`` and return its result.
 
@@ -151,8 +167,16 @@ class Step:
 
         ``shield=True`` lets the step run to its end whatever cancel arrives meanwhile (a
         payment must not be cut in half); the cancel takes effect as soon as it returns.
-        ``shield`` is reserved: it is never passed on to ``fn``.
+        ``process=True`` runs a plain function in a child process instead, which a cancel
+        stops whatever it is doing: SIGTERM, then SIGKILL after ``thread_grace``. ``fn``,
+        its arguments and its result must be picklable.
+
+        ``shield`` and ``process`` are reserved: they are never passed on to ``fn``.
         """
+        if process:
+            if is_async_callable(fn):
+                raise TypeError(f"step {name!r}: process=True runs plain functions, not coroutines")
+            pickled_call(name, fn, args, kwargs)  # refused here, before any cancel check
         # A cancel whose signal never arrived is still seen here, then any cancel stops us:
         # a step boundary is where a between_steps run is interrupted.
         await self._backstop()
@@ -163,9 +187,9 @@ class Step:
         log.debug("step.started", run_id=self._run_id, step=name, shield=shield)
         try:
             if not shield:
-                return await self._call(fn, args, kwargs, shielded=False)
+                return await self._call(name, fn, args, kwargs, shielded=False, process=process)
             with anyio.CancelScope(shield=True):
-                result = await self._call(fn, args, kwargs, shielded=True)
+                result = await self._call(name, fn, args, kwargs, shielded=True, process=process)
             # The cancel the shield held back takes effect now that the step is done.
             await anyio.lowlevel.checkpoint_if_cancelled()
             return result
@@ -181,8 +205,17 @@ class Step:
             self.current = None
 
     async def _call(
-        self, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], *, shielded: bool
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: dict[str, Any],
+        *,
+        shielded: bool,
+        process: bool,
     ) -> Any:
+        if process:
+            return await run_in_process(name, fn, args, kwargs, grace=self._thread_grace)
         if is_async_callable(fn):
             return await fn(*args, **kwargs)
         call = functools.partial(fn, *args, **kwargs)

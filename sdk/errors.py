@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal as signal_module
+
 
 class CancelBrokerError(Exception):
     """Base class of every error this package raises."""
@@ -121,3 +123,33 @@ class PartitionCountError(ConfigurationError):
         self.namespace = namespace
         self.stored = stored
         self.configured = configured
+
+
+class ProcessStepError(CancelBrokerError):
+    """A process step (``ctx.step.run(..., process=True)``) could not run or did not end."""
+
+
+class NotPicklableError(ProcessStepError, TypeError):
+    """A process step's callable, arguments or result cannot be pickled to cross processes."""
+
+
+class ProcessStepCrashed(ProcessStepError):
+    """A process step's child process died without an answer (a signal, ``os._exit``).
+
+    ``signal`` names the signal that killed it (``"SIGKILL"`` for the OOM killer,
+    ``"SIGSEGV"`` for a crash in C code), or is ``None`` when it exited with ``exitcode``.
+    """
+
+    def __init__(self, step: str | None, exitcode: int) -> None:
+        self.step = step
+        self.exitcode = exitcode
+        self.signal: str | None = None
+        if exitcode < 0:
+            try:
+                self.signal = signal_module.Signals(-exitcode).name
+            except ValueError:
+                self.signal = f"signal {-exitcode}"
+            how = f"was killed by {self.signal}"
+        else:
+            how = f"exited with code {exitcode} without returning"
+        super().__init__(f"the process of step {step!r} {how}")

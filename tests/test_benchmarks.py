@@ -161,3 +161,22 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
         "1 namespace, 4 partition(s), 2 broker(s)",
         "3 namespaces on 3 primaries, 1 broker each",
     ]
+
+
+def test_process_steps_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "tests/benchmarks/process_steps.py", "--runs", "3", "--grace", "0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    rows = [line.split("|")[1].strip() for line in table[1:]]
+    assert rows == [
+        "first process step (starts the fork server)",
+        "process step",
+        "thread step",
+        "stop of a child ignoring SIGTERM (grace 0.1 s)",
+    ]
