@@ -93,7 +93,9 @@ async def test_a_cancel_by_job_id_interrupts_the_job_at_its_await(
     assert seen["exception"] == "CancelledError"
     with pytest.raises(RunCancelled):
         await job.result(timeout=10)
-    # Caught once, cancelled again at the next await; never retried.
+    # Caught once, cancelled again at the next await; never retried. The job's result can
+    # be stored before its last observation is (a race under load): wait for it.
+    await wait_observed(arq, arq_worker, "j1", "ended")
     assert [o["what"] for o in await observed(arq, arq_worker, "j1")] == [
         "started",
         "cancelled",
