@@ -173,10 +173,11 @@ class Step:
 
         ``shield`` and ``process`` are reserved: they are never passed on to ``fn``.
         """
+        payload: bytes | None = None
         if process:
             if is_async_callable(fn):
                 raise TypeError(f"step {name!r}: process=True runs plain functions, not coroutines")
-            pickled_call(name, fn, args, kwargs)  # refused here, before any cancel check
+            payload = pickled_call(name, fn, args, kwargs)  # refused here, before any cancel check
         # A cancel whose signal never arrived is still seen here, then any cancel stops us:
         # a step boundary is where a between_steps run is interrupted.
         await self._backstop()
@@ -187,9 +188,9 @@ class Step:
         log.debug("step.started", run_id=self._run_id, step=name, shield=shield)
         try:
             if not shield:
-                return await self._call(name, fn, args, kwargs, shielded=False, process=process)
+                return await self._call(name, fn, args, kwargs, shielded=False, payload=payload)
             with anyio.CancelScope(shield=True):
-                result = await self._call(name, fn, args, kwargs, shielded=True, process=process)
+                result = await self._call(name, fn, args, kwargs, shielded=True, payload=payload)
             # The cancel the shield held back takes effect now that the step is done.
             await anyio.lowlevel.checkpoint_if_cancelled()
             return result
@@ -212,10 +213,10 @@ class Step:
         kwargs: dict[str, Any],
         *,
         shielded: bool,
-        process: bool,
+        payload: bytes | None,
     ) -> Any:
-        if process:
-            return await run_in_process(name, fn, args, kwargs, grace=self._thread_grace)
+        if payload is not None:  # a process step, its call already pickled
+            return await run_in_process(name, payload, grace=self._thread_grace)
         if is_async_callable(fn):
             return await fn(*args, **kwargs)
         call = functools.partial(fn, *args, **kwargs)

@@ -58,11 +58,9 @@ def pickled_call(step: str, fn: Callable[..., Any], args: Any, kwargs: dict[str,
         ) from exc
 
 
-async def run_in_process(
-    step: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], *, grace: float
-) -> Any:
-    """``fn(*args, **kwargs)`` in a child process; on cancel, SIGTERM, then SIGKILL."""
-    payload = pickled_call(step, fn, args, kwargs)
+async def run_in_process(step: str, payload: bytes, *, grace: float) -> Any:
+    """The call ``payload`` (from :func:`pickled_call`) in a child process; on cancel,
+    SIGTERM, then SIGKILL."""
     reader, writer = _CONTEXT.Pipe(duplex=False)
     lifeline, lifeline_end = _CONTEXT.Pipe(duplex=False)
     process = _CONTEXT.Process(target=_child, args=(payload, writer, lifeline), name=f"step {step}")
