@@ -431,6 +431,8 @@ def _run_rows(run: RunInfo) -> list[tuple[str, Any]]:
     rows += [(name, value) for name, value in optional if value is not None]
     if run.abandoned_thread:
         rows.append(("abandoned_thread", True))
+    if run.escalated:
+        rows.append(("escalated", True))
     return rows
 
 

@@ -87,6 +87,7 @@ class ConfigRow(msgspec.Struct, frozen=True, kw_only=True):
     active_runs: int
     #: The configuration of the app's latest sync.
     synced: bool
+    interrupt_after_s: float | None = None
 
 
 class FunctionRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +127,7 @@ def functions_page(state: SyncState) -> FunctionsPage:
                     cancel_on=list(config.cancel_on) if config else [],
                     cancel_mode=config.cancel_mode if config else None,
                     owner=config.owner if config else None,
+                    interrupt_after_s=config.interrupt_after_s if config else None,
                     workers=view.served.get(config_hash, []),
                     active_runs=view.active_runs.get(config_hash, 0),
                     synced=config_hash == view.synced,

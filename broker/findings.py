@@ -150,6 +150,10 @@ def rule_text(rule: RuleConfig) -> str:
     return f"{rule.event} match {rule.match}"
 
 
+#: The fields of a configuration, besides its rules, that a drift diff compares.
+COMPARED_FIELDS: Final = ("trigger", "cancel_mode", "interrupt_after_s", "owner")
+
+
 def config_changes(old: FunctionConfig | None, new: FunctionConfig | None) -> dict[str, Any]:
     """How ``new`` differs from ``old``: rules added and removed, other fields changed."""
     old_rules = set(old.cancel_on) if old else set()
@@ -159,7 +163,7 @@ def config_changes(old: FunctionConfig | None, new: FunctionConfig | None) -> di
         "rules_removed": sorted(rule_text(r) for r in old_rules - new_rules),
     }
     if old and new:
-        for field in ("trigger", "cancel_mode", "owner"):
+        for field in COMPARED_FIELDS:
             before, after = getattr(old, field), getattr(new, field)
             if before != after:
                 changes[field] = [before, after]

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from broker.findings import SyncState
+from broker.findings import COMPARED_FIELDS, SyncState
 
 
 def _ago(now: int, then: int | None) -> str:
@@ -28,7 +28,7 @@ def _changes(changes: dict[str, Any]) -> list[str]:
     lines += [f"- rule {rule}" for rule in changes.get("rules_removed", [])]
     lines += [
         f"~ {field}: {changes[field][0]!r} -> {changes[field][1]!r}"
-        for field in ("trigger", "cancel_mode", "owner")
+        for field in COMPARED_FIELDS
         if field in changes
     ]
     return lines or ["(same rules)"]

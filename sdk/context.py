@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, TypeVar, overload
@@ -45,14 +46,22 @@ class CancelState:
     """The cancel scope a run executes in, whether a cancel was received, and why.
 
     A received cancel *interrupts* the run (cancels its scope) at once in ``immediate``
-    mode, and at the next step boundary in ``between_steps`` mode. anyio cancel scopes
-    are level-triggered: once interrupted, every later await in the scope raises again,
-    so a body that catches the cancellation cannot carry on.
+    mode, and at the next step boundary in ``between_steps`` mode; with ``interrupt_after``,
+    a ``between_steps`` run that has not stopped that many seconds after its cancel is
+    interrupted where it is (the scope's deadline). anyio cancel scopes are
+    level-triggered: once interrupted, every later await in the scope raises again, so a
+    body that catches the cancellation cannot carry on.
     """
 
-    def __init__(self, mode: CancelMode = "immediate") -> None:
+    def __init__(
+        self, mode: CancelMode = "immediate", *, interrupt_after: float | None = None
+    ) -> None:
         self.scope = anyio.CancelScope()
         self.mode: CancelMode = mode
+        self.interrupt_after = interrupt_after
+        # Whether the scope was cancelled by us (a step boundary, immediate mode, a
+        # shutdown) rather than by the interrupt_after deadline: see ``escalated``.
+        self._interrupted = False
         self.reason: str | None = None
         # Read by thread steps (ctx.cancelled, ctx.check()) as well: one attribute, set
         # once and never cleared, needs no lock (and a threading.Event per run is not free).
@@ -75,11 +84,22 @@ class CancelState:
         if self._received_event is not None:
             self._received_event.set()
         if interrupt or self.mode == "immediate" or not self.body_started:
-            self.scope.cancel()
+            self.interrupt()
+        elif self.interrupt_after is not None and math.isinf(self.scope.deadline):
+            # Called in the event loop's thread (signals, the backstop, reconciliation).
+            self.scope.deadline = anyio.current_time() + self.interrupt_after
 
     def interrupt(self) -> None:
         """Cancel the run's scope: its current (or next) await raises."""
+        if not self.scope.cancel_called:
+            self._interrupted = True
         self.scope.cancel()
+
+    @property
+    def escalated(self) -> bool:
+        """A ``between_steps`` run had not stopped within ``interrupt_after`` of its cancel
+        and was interrupted at its current await (a process step killed)."""
+        return self.scope.cancel_called and not self._interrupted
 
     @property
     def cancelled(self) -> bool:

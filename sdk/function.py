@@ -6,9 +6,11 @@ import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Final, overload
 
 from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
+from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.keys import check_name
 from sdk.rules import CancelOn, Path, check_rules
@@ -22,6 +24,7 @@ def canonical_config(
     cancel_mode: CancelMode = "immediate",
     *,
     owner: str | None = None,
+    interrupt_after_s: float | None = None,
 ) -> FunctionConfig:
     """The configuration as data; rule order does not change what a function does."""
     configs = (
@@ -40,7 +43,30 @@ def canonical_config(
         cancel_on=tuple(sorted(configs, key=encode_json)),
         cancel_mode=cancel_mode,
         owner=owner,
+        interrupt_after_s=interrupt_after_s,
     )
+
+
+def check_interrupt_after(
+    id: str, cancel_mode: CancelMode, interrupt_after: float | timedelta | str | None
+) -> float | None:
+    """``interrupt_after`` in seconds: positive, and only for ``between_steps`` runs."""
+    if interrupt_after is None:
+        return None
+    if cancel_mode != "between_steps":
+        raise ConfigurationError(
+            f"function {id!r}: interrupt_after applies to cancel_mode='between_steps' only"
+            " (an immediate run is interrupted at once)"
+        )
+    try:
+        seconds = parse_duration(interrupt_after)
+    except ValueError as exc:
+        raise ConfigurationError(f"function {id!r}: interrupt_after: {exc}") from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigurationError(
+            f"function {id!r}: interrupt_after must be a positive duration, not {interrupt_after!r}"
+        )
+    return seconds
 
 
 OnCancelHook = Callable[[RunContext, str], Awaitable[None]]
@@ -74,6 +100,8 @@ class Function:
     cancel_mode: CancelMode
     #: Path in the trigger naming who owns a run: a cancel by run id must come from them.
     owner: str | None
+    #: Seconds after its cancel that a between_steps run is interrupted where it is.
+    interrupt_after: float | None
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
@@ -89,6 +117,7 @@ class Function:
         handler: Handler,
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
+        interrupt_after: float | timedelta | str | None = None,
     ) -> Function:
         try:
             check_name("function id", id)
@@ -105,10 +134,13 @@ class Function:
                 f"function {id!r}: cancel_mode must be one of"
                 f" {', '.join(map(repr, CANCEL_MODES))}, not {cancel_mode!r}"
             )
+        interrupt_after_s = check_interrupt_after(id, cancel_mode, interrupt_after)
         rules = check_rules(tuple(cancel_on))
         if owner is not None:
             owner = Path.parse(owner).text
-        config = canonical_config(id, trigger, rules, cancel_mode, owner=owner)
+        config = canonical_config(
+            id, trigger, rules, cancel_mode, owner=owner, interrupt_after_s=interrupt_after_s
+        )
         return cls(
             id=id,
             trigger=trigger,
@@ -116,6 +148,7 @@ class Function:
             handler=handler,
             cancel_mode=cancel_mode,
             owner=owner,
+            interrupt_after=interrupt_after_s,
             config=config,
             config_hash=config_hash(config),
         )

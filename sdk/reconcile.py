@@ -51,6 +51,7 @@ class RecordedOutcome:
     error: str | None = None
     cancel_reason: str | None = None
     abandoned_thread: bool = False
+    escalated: bool = False
     on_cancel_error: str | None = None
     continued_by: str | None = None
 

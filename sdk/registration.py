@@ -30,7 +30,7 @@ from sdk.keys import PRESENCE, Keys, presence_field
 from sdk.partitions import declare_routes
 from sdk.rules import CancelOn
 from sdk.version import __version__
-from sdk.wire import WorkerInfo, encode_json
+from sdk.wire import WorkerInfo, encode_config, encode_json
 
 DEFAULT_HEARTBEAT_INTERVAL: Final = 5.0
 #: A worker is live while its last heartbeat is younger than this many intervals; then the
@@ -122,7 +122,7 @@ class Registration:
         await declare_routes(self.redis, self.keys, self._functions)
         async with self.redis.pipeline(transaction=True) as pipe:
             for fn in self._functions:
-                pipe.set(self.keys.config(fn.config_hash), encode_json(fn.config), ex=CONFIG_TTL)
+                pipe.set(self.keys.config(fn.config_hash), encode_config(fn.config), ex=CONFIG_TTL)
                 declare_rules(pipe, self.keys, fn.cancel_on, now, function=f"{self.app_id}/{fn.id}")
             pipe.hset(self.keys.worker(self.worker_id), mapping={"info": body, "heartbeat_at": now})
             pipe.expire(self.keys.worker(self.worker_id), REGISTRATION_TTL)

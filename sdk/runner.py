@@ -214,7 +214,8 @@ class Runner:
         entries = index_entries(fn.cancel_on, event, self.stores[partition].keys)
         if unreachable := unreachable_rules(fn.cancel_on, event):
             self.unreachable.note(fn.id, run_id, unreachable)
-        run = Run(run_id, fn, event, entries, CancelState(fn.cancel_mode), parent_run_id, partition)
+        state = CancelState(fn.cancel_mode, interrupt_after=fn.interrupt_after)
+        run = Run(run_id, fn, event, entries, state, parent_run_id, partition)
         run.status_read_at = time.monotonic()
         self._runs[run_id] = run
         request = run.request = RegisterRequest(
@@ -517,6 +518,7 @@ class Runner:
             error=error,
             cancel_reason=run.state.reason if outcome == "cancelled" else None,
             abandoned_thread=run.state.abandoned_thread,
+            escalated=outcome == "cancelled" and run.state.escalated,
             on_cancel_error=on_cancel_error,
             continued_by=run.state.continued_by,
         )
@@ -568,6 +570,7 @@ class Runner:
             cancel_reason=recorded.cancel_reason,
             stopped_ago_ms=stopped_ago_ms,
             abandoned_thread=recorded.abandoned_thread,
+            escalated=recorded.escalated,
             continued_by=recorded.continued_by,
             on_cancel_error=recorded.on_cancel_error,
         )

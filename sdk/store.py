@@ -314,6 +314,7 @@ class RunStore:
         cancel_reason: str | None = None,
         stopped_ago_ms: float | None = None,
         abandoned_thread: bool = False,
+        escalated: bool = False,
         on_cancel_error: str | None = None,
         continued_by: str | None = None,
     ) -> Finished:
@@ -342,6 +343,7 @@ class RunStore:
                 "error": error,
                 "cancel_reason": cancel_reason,
                 "abandoned_thread": "1" if abandoned_thread else None,
+                "escalated": "1" if escalated else None,
                 "on_cancel_error": on_cancel_error,
                 "continued_by": continued_by,
             }

@@ -116,6 +116,10 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     rule_error: str | None = None
     #: A cancelled run's thread step ignored the cancel past the grace and was left running.
     abandoned_thread: bool = False
+    #: A cancelled ``between_steps`` run had not stopped within its ``interrupt_after`` and
+    #: was interrupted at its current await (a process step killed); False when it stopped
+    #: at a step boundary.
+    escalated: bool = False
     #: How the ``on_cancel`` hook failed (``"ValueError: boom"``), None if it did not.
     on_cancel_error: str | None = None
     #: The run that continues this one, which ended (a job queue's retry): a cancel by
@@ -194,6 +198,9 @@ class FunctionConfig(msgspec.Struct, frozen=True, kw_only=True):
     cancel_on: tuple[RuleConfig, ...] = ()
     cancel_mode: str = "immediate"
     owner: str | None = None
+    #: Seconds after its cancel that a ``between_steps`` run is interrupted where it is.
+    #: Left out of the canonical text when None, so older configurations keep their hash.
+    interrupt_after_s: float | None = None
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -398,14 +405,24 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         else None,
         rule_error=fields.get("rule_error") or None,
         abandoned_thread=fields.get("abandoned_thread") == "1",
+        escalated=fields.get("escalated") == "1",
         on_cancel_error=fields.get("on_cancel_error") or None,
         continued_by=fields.get("continued_by") or None,
     )
 
 
+def encode_config(config: FunctionConfig) -> bytes:
+    """The canonical text of a configuration: what is stored, and what is hashed."""
+    if config.interrupt_after_s is None:  # as every configuration was before it existed
+        fields = msgspec.to_builtins(config)
+        del fields["interrupt_after_s"]
+        return encode_json(fields)
+    return encode_json(config)
+
+
 def config_hash(config: FunctionConfig) -> str:
     """SHA-256 of the canonical encoding: equal configurations, equal hash."""
-    return hashlib.sha256(encode_json(config)).hexdigest()
+    return hashlib.sha256(encode_config(config)).hexdigest()
 
 
 _config_decoder = msgspec.json.Decoder(FunctionConfig)

@@ -197,13 +197,17 @@ class Worker:
         cancel_on: Iterable[CancelOn] = (),
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
+        interrupt_after: float | timedelta | str | None = None,
     ) -> Callable[[Handler], Function]:
         """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
 
         ``cancel_mode``: ``"immediate"`` interrupts the body at its current await;
         ``"between_steps"`` lets the step in flight finish and stops the run at its next
-        ``ctx.step.run``. ``owner``: a path in the trigger (``data.accountId``) naming who
-        owns each run; a cancel by run id must then give that value as its ``actor``.
+        ``ctx.step.run``. ``interrupt_after`` (``between_steps`` only, ``"30s"``): a run
+        that has not stopped that long after its cancel is interrupted at its current
+        await, as in ``immediate`` mode (a process step is killed). ``owner``: a path in
+        the trigger (``data.accountId``) naming who owns each run; a cancel by run id
+        must then give that value as its ``actor``.
         """
 
         def register(handler: Handler) -> Function:
@@ -214,6 +218,7 @@ class Worker:
                 handler=handler,
                 cancel_mode=cancel_mode,
                 owner=owner,
+                interrupt_after=interrupt_after,
             )
             if fn.id in self._functions:
                 raise ConfigurationError(f"function {fn.id!r} is declared twice")

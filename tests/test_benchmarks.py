@@ -165,7 +165,10 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
 
 def test_process_steps_benchmark_prints_its_table() -> None:
     result = subprocess.run(
-        [sys.executable, "tests/benchmarks/process_steps.py", "--runs", "3", "--grace", "0.1"],
+        [
+            *(sys.executable, "tests/benchmarks/process_steps.py", "--runs", "3"),
+            *("--grace", "0.1", "--interrupt-after", "0.1"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -179,4 +182,5 @@ def test_process_steps_benchmark_prints_its_table() -> None:
         "process step",
         "thread step",
         "stop of a child ignoring SIGTERM (grace 0.1 s)",
+        "escalation of an awaited step (interrupt_after 0.1 s)",
     ]

@@ -20,7 +20,7 @@
 -- ARGV[5]  the run's 'finished' channel
 -- ARGV[6]  name of the outcome event; ARGV[7] the field events are written in
 -- ARGV[8]  how many recently finished runs KEYS[10] keeps
--- ARGV[9 ..]  extra run hash fields (error, cancel_reason, abandoned_thread,
+-- ARGV[9 ..]  extra run hash fields (error, cancel_reason, abandoned_thread, escalated,
 --             on_cancel_error, continued_by), as field/value pairs
 -- Returns {the status the run had before, the cancel latency in ms or ''}, or false when the
 -- run is unknown.

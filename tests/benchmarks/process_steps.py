@@ -5,8 +5,10 @@
   same function as a thread step.
 - Stop: a child that ignores SIGTERM and spins, its step's scope cancelled; the figure is
   the time until the child is gone (the grace, ``--grace``, then SIGKILL and the reap).
+- Escalation: a ``between_steps`` run with ``interrupt_after`` (``--interrupt-after``)
+  whose step awaits 60 s, cancelled; the figure is the time until the step raised.
 
-    python tests/benchmarks/process_steps.py [--runs 50] [--grace 0.5]
+    python tests/benchmarks/process_steps.py [--runs 50] [--grace 0.5] [--interrupt-after 0.5]
 """
 
 from __future__ import annotations
@@ -60,7 +62,25 @@ async def stop(grace: float, trials: int) -> list[float]:
     return times
 
 
-async def main(runs: int, grace: float) -> None:
+async def escalate(interrupt_after: float, trials: int) -> list[float]:
+    times = []
+    for _ in range(trials):
+        state = CancelState("between_steps", interrupt_after=interrupt_after)
+        state.body_started = True
+        step = Step("bench", state)
+        with state.scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(step.run, "call", anyio.sleep, 60)
+                while step.current != "call":
+                    await anyio.sleep(0.001)
+                started = time.perf_counter()
+                state.cancel("bench")  # in the step: no boundary comes, the deadline does
+        times.append(time.perf_counter() - started)
+        assert state.escalated
+    return times
+
+
+async def main(runs: int, grace: float, interrupt_after: float) -> None:
     step = Step("bench", CancelState())
     first = time.perf_counter()
     await step.run("warm", square, 0, process=True)
@@ -68,6 +88,7 @@ async def main(runs: int, grace: float) -> None:
     process = await start_up(step, runs, process=True)
     thread = await start_up(step, runs, process=False)
     stops = await stop(grace, 5)
+    escalations = await escalate(interrupt_after, 5)
     print("| what | runs | p50 ms | p99 ms |")
     print("|---|---|---|---|")
     print(f"| first process step (starts the fork server) | 1 | {ms(first_s)} | {ms(first_s)} |")
@@ -78,11 +99,16 @@ async def main(runs: int, grace: float) -> None:
         f"| stop of a child ignoring SIGTERM (grace {grace} s) | {len(stops)}"
         f" | {ms(statistics.median(stops))} | {ms(max(stops))} |"
     )
+    print(
+        f"| escalation of an awaited step (interrupt_after {interrupt_after} s)"
+        f" | {len(escalations)} | {ms(statistics.median(escalations))} | {ms(max(escalations))} |"
+    )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--grace", type=float, default=0.5)
+    parser.add_argument("--interrupt-after", type=float, default=0.5)
     arguments = parser.parse_args()
-    anyio.run(main, arguments.runs, arguments.grace)
+    anyio.run(main, arguments.runs, arguments.grace, arguments.interrupt_after)
