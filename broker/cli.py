@@ -433,6 +433,8 @@ def _run_rows(run: RunInfo) -> list[tuple[str, Any]]:
         rows.append(("abandoned_thread", True))
     if run.escalated:
         rows.append(("escalated", True))
+    if run.terminated:
+        rows.append(("terminated", True))
     return rows
 
 

@@ -21,6 +21,7 @@ from sdk.errors import (
     ProcessStepError,
     RunCancelled,
     RunNotFinishedError,
+    ThreadCancelled,
     UnknownFunctionError,
     WorkerNotStartedError,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "RunNotFinishedError",
     "RunStatus",
     "SyncClient",
+    "ThreadCancelled",
     "UnknownFunctionError",
     "Worker",
     "WorkerNotStartedError",

@@ -12,18 +12,22 @@ registered under a function's cancel rules, told of its cancel, and recorded. A
   moment the cancel interrupts the run, which can stop the body harder (signal its
   thread, cancel its task);
 - the run is recorded only once the body has stopped (or after ``grace`` seconds, as an
-  abandoned thread): its outcome and cancel latency are the body's, not the holder's.
+  abandoned thread): its outcome and cancel latency are the body's, not the holder's;
+- with ``raise_in_thread=True``, a body still running after its grace gets
+  :class:`~sdk.errors.ThreadCancelled` raised in its thread
+  (``PyThreadState_SetAsyncExc``), a last resort with the caveats of docs/sdk.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import anyio
 import anyio.from_thread
@@ -31,7 +35,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from sdk.context import CancelState, RunContext
-from sdk.errors import RunCancelled, WorkerNotStartedError
+from sdk.errors import RunCancelled, ThreadCancelled, WorkerNotStartedError
 from sdk.keys import check_id
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.wire import Event
@@ -42,6 +46,19 @@ log = structlog.get_logger("sdk.blocking")
 #: Called in the worker's thread, with the reason, when a cancel interrupts a run: it must
 #: return at once (send a signal, schedule a cancel), never block.
 OnInterrupt = Callable[[str], None]
+#: Seconds a thread gets to stop once ``ThreadCancelled`` was raised in it (it lands at
+#: its next bytecode: a C call must return first) before it is abandoned.
+RAISED_WAIT_S: Final = 1.0
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None) -> int:
+    """``PyThreadState_SetAsyncExc``: raise ``exc`` in the thread at its next bytecode
+    (``None`` takes back one not raised yet); returns how many threads it reached."""
+    return int(
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc is not None else None
+        )
+    )
 
 
 class BlockingRun:
@@ -52,6 +69,10 @@ class BlockingRun:
         self._state = state
         self._finished = anyio.Event()  # set in the worker's loop
         self._error: BaseException | None = None
+        # The thread running the block, until it leaves it: where ThreadCancelled may be
+        # raised. The lock makes raising it and leaving the block exclude each other.
+        self._thread_id: int | None = None
+        self._thread_lock = threading.Lock()
 
     @property
     def run_id(self) -> str:
@@ -95,6 +116,31 @@ class BlockingRun:
         return f"BlockingRun(run_id={self.run_id!r}, function_id={self.function_id!r})"
 
 
+def _raise_in_thread(run: BlockingRun) -> bool:
+    """Raise ThreadCancelled in the thread running ``run``'s block, if it is still in it."""
+    with run._thread_lock:
+        if run._thread_id is None:
+            return False
+        _set_async_exc(run._thread_id, ThreadCancelled)
+        run._thread_id = None  # once
+        return True
+
+
+def _leave_block(run: BlockingRun) -> ThreadCancelled | None:
+    """In the block's thread, as it leaves the block: no ThreadCancelled can be raised in
+    it after this; one raised just now, and not yet landed, is taken back (or returned,
+    if it landed here)."""
+    try:
+        with run._thread_lock:
+            if run._thread_id is not None:
+                run._thread_id = None
+            else:
+                _set_async_exc(threading.get_ident(), None)
+    except ThreadCancelled as landed:
+        return landed
+    return None
+
+
 def _body_result(run: BlockingRun, error: BaseException | None) -> None:
     """Called in the worker's loop when the body is over."""
     run._error = error
@@ -110,8 +156,10 @@ class BlockingWorker:
     another in the child (threads do not survive a fork).
     """
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Worker, *, raise_in_thread: bool = False) -> None:
         self.worker = worker
+        #: Raise ThreadCancelled in a block's thread still running after its grace.
+        self.raise_in_thread = raise_in_thread
         # Its functions' triggers are consumed by nobody here: no consumer groups for them.
         worker._trigger_groups = False
         self._stack: ExitStack | None = None
@@ -207,9 +255,14 @@ class BlockingWorker:
             portal.call(_body_result, run, None)
             future.result()  # raises RunCancelled once the outcome is recorded
             raise RunCancelled(run.run_id, run.cancel_reason)
+        if self.raise_in_thread:
+            run._thread_id = threading.get_ident()
         try:
             yield run
-        except BaseException as exc:
+            if (landed := _leave_block(run)) is not None:
+                raise landed
+        except BaseException as raised:
+            exc: BaseException = _leave_block(run) or raised
             traceback = exc.__traceback__
             portal.call(_body_result, run, exc)
             try:
@@ -217,8 +270,9 @@ class BlockingWorker:
             except RunCancelled as cancelled:
                 # Cancelled: the cancel wins over whatever the block raised on its way out,
                 # except KeyboardInterrupt and the like, which must go on.
-                if isinstance(exc, Exception) and not (
-                    isinstance(exc, RunCancelled) and exc.run_id == run.run_id
+                if isinstance(exc, ThreadCancelled) or (
+                    isinstance(exc, Exception)
+                    and not (isinstance(exc, RunCancelled) and exc.run_id == run.run_id)
                 ):
                     raise cancelled from exc
             except BaseException:
@@ -307,6 +361,11 @@ class BlockingWorker:
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(self.worker.thread_grace if grace is None else grace):
                         await run._finished.wait()
+                    if not run._finished.is_set() and _raise_in_thread(run):
+                        log.warning("run.thread_cancelled", run_id=run.run_id)
+                        with anyio.move_on_after(RAISED_WAIT_S):
+                            await run._finished.wait()
+                        state.terminated = run._finished.is_set()
                     if not run._finished.is_set():
                         state.abandoned_thread = True  # recorded with the outcome
                 raise

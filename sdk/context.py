@@ -72,6 +72,8 @@ class CancelState:
         self.body_started = False
         #: A thread step ignored the interruption past its grace and was left running.
         self.abandoned_thread = False
+        #: The body was stopped by force after its grace (an exception raised in its thread).
+        self.terminated = False
         #: The run that continues this one once it has ended (a job queue's retry): a
         #: cancel by this run's id then reaches that one (recorded as ``continued_by``).
         self.continued_by: str | None = None

@@ -100,6 +100,15 @@ class RunCancelled(CancelBrokerError):
         return type(self), (self.run_id, self.reason)
 
 
+class ThreadCancelled(BaseException):
+    """Raised inside a blocked thread, after its grace, by ``BlockingWorker(...,
+    raise_in_thread=True)``: the last resort for a body that never polls its cancel.
+
+    A ``BaseException``, so ``except Exception`` cannot swallow it; the ``run`` block's
+    caller sees :class:`RunCancelled`, as for any cancelled block.
+    """
+
+
 class RunNotFinishedError(CancelBrokerError, TimeoutError):
     """``Client.wait`` gave up: the run had not finished within the timeout."""
 

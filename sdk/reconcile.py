@@ -52,6 +52,7 @@ class RecordedOutcome:
     cancel_reason: str | None = None
     abandoned_thread: bool = False
     escalated: bool = False
+    terminated: bool = False
     on_cancel_error: str | None = None
     continued_by: str | None = None
 

@@ -519,6 +519,7 @@ class Runner:
             cancel_reason=run.state.reason if outcome == "cancelled" else None,
             abandoned_thread=run.state.abandoned_thread,
             escalated=outcome == "cancelled" and run.state.escalated,
+            terminated=run.state.terminated,
             on_cancel_error=on_cancel_error,
             continued_by=run.state.continued_by,
         )
@@ -571,6 +572,7 @@ class Runner:
             stopped_ago_ms=stopped_ago_ms,
             abandoned_thread=recorded.abandoned_thread,
             escalated=recorded.escalated,
+            terminated=recorded.terminated,
             continued_by=recorded.continued_by,
             on_cancel_error=recorded.on_cancel_error,
         )

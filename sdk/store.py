@@ -315,6 +315,7 @@ class RunStore:
         stopped_ago_ms: float | None = None,
         abandoned_thread: bool = False,
         escalated: bool = False,
+        terminated: bool = False,
         on_cancel_error: str | None = None,
         continued_by: str | None = None,
     ) -> Finished:
@@ -344,6 +345,7 @@ class RunStore:
                 "cancel_reason": cancel_reason,
                 "abandoned_thread": "1" if abandoned_thread else None,
                 "escalated": "1" if escalated else None,
+                "terminated": "1" if terminated else None,
                 "on_cancel_error": on_cancel_error,
                 "continued_by": continued_by,
             }
@@ -528,19 +530,43 @@ class RunStore:
 
     async def reap(self, run_id: str, *, worker_id: str, error: str) -> Finished:
         """Record a run whose worker died as ``lost`` and take it out of the index."""
-        fields = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
-        if not fields:
+        return await self._finish_from_record(run_id, "lost", worker_id=worker_id, error=error)
+
+    async def record_terminated(self, run_id: str, *, worker_id: str) -> Finished:
+        """A cancelled run whose process was terminated after its grace (Celery's prefork
+        pool): ``cancelled`` with ``terminated``. A run its worker already recorded
+        (``cancelled`` with ``abandoned_thread``, the body running on) is marked
+        ``terminated``; another outcome is left as it is."""
+        status = cast(str | None, await self.redis.hget(self.keys.run(run_id), "status"))
+        if status == "cancelled":
+            await self.redis.hset(self.keys.run(run_id), "terminated", "1")
+            return Finished(status)
+        if status != "cancelling":
+            return Finished(status)
+        return await self._finish_from_record(
+            run_id, "cancelled", worker_id=worker_id, terminated=True
+        )
+
+    async def _finish_from_record(
+        self, run_id: str, outcome: Outcome, *, worker_id: str, **fields: Any
+    ) -> Finished:
+        """Record an outcome for a run whose worker is gone: what ``finish`` needs is
+        read from the run's record."""
+        record = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        if not record:
             await self.redis.srem(self.keys.worker_runs(worker_id), run_id)
             return Finished(None)
-        index_keys = msgspec.json.decode(fields.get("index", "[]"), type=list[str])
+        index_keys = msgspec.json.decode(record.get("index", "[]"), type=list[str])
         return await self.finish(
             run_id,
-            "lost",
+            outcome,
             index_keys,
-            app_id=fields["app_id"],
-            function_id=fields["function_id"],
+            app_id=record["app_id"],
+            function_id=record["function_id"],
             worker_id=worker_id,
-            error=error,
+            cancel_reason=record.get("cancel_reason") if outcome == "cancelled" else None,
+            stopped_ago_ms=0 if outcome == "cancelled" else None,
+            **fields,
         )
 
     async def declared_selectors(self, names: Iterable[str]) -> dict[str, list[str]]:

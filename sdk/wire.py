@@ -120,6 +120,10 @@ class RunInfo(msgspec.Struct, frozen=True, kw_only=True):
     #: was interrupted at its current await (a process step killed); False when it stopped
     #: at a step boundary.
     escalated: bool = False
+    #: A cancelled run's body was stopped by force after the grace: its Celery prefork pool
+    #: process terminated, or (``BlockingWorker(raise_in_thread=True)``) the cancellation
+    #: raised in its thread.
+    terminated: bool = False
     #: How the ``on_cancel`` hook failed (``"ValueError: boom"``), None if it did not.
     on_cancel_error: str | None = None
     #: The run that continues this one, which ended (a job queue's retry): a cancel by
@@ -406,6 +410,7 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
         rule_error=fields.get("rule_error") or None,
         abandoned_thread=fields.get("abandoned_thread") == "1",
         escalated=fields.get("escalated") == "1",
+        terminated=fields.get("terminated") == "1",
         on_cancel_error=fields.get("on_cancel_error") or None,
         continued_by=fields.get("continued_by") or None,
     )

@@ -25,6 +25,7 @@ BLOCKING = "tests.apps.celery_tasks.blocking_report"
 POLLING = "tests.apps.celery_tasks.polling_report"
 SPAWNING = "tests.apps.celery_tasks.spawning_report"
 RETRYING = "tests.apps.celery_tasks.retrying_report"
+STUBBORN = "tests.apps.celery_tasks.stubborn_report"
 
 
 class Setup:
@@ -86,15 +87,21 @@ def app_with_broker(redis_url: str) -> Iterator[Setup]:
 
 
 def start_celery(
-    setup: Setup, pool: str, queue: str, concurrency: int, *extra: str
+    setup: Setup,
+    pool: str,
+    queue: str,
+    concurrency: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> ProcessHandle:
     """``celery worker`` for ``queue`` (``extra``: more options, ``-E``,
-    ``--max-tasks-per-child 1``), once its first pool process has entered the worker."""
+    ``--max-tasks-per-child 1``; ``env``: more environment), once its first pool process
+    has entered the worker."""
     args = [sys.executable, "-m", "celery", "-A", "tests.apps.celery_tasks", "worker"]
     args += ["--pool", pool, "--concurrency", str(concurrency), "-Q", queue, *extra]
     args += ["-n", f"{queue}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     args += ["--loglevel", "WARNING"]
-    env = {"REDIS_URL": setup.redis_url, "NAMESPACE": setup.namespace}
+    env = {"REDIS_URL": setup.redis_url, "NAMESPACE": setup.namespace, **(env or {})}
     handle = ProcessHandle(args, env=env, new_session=True)
     handle.wait_for_log("worker.started", timeout=30)
     return handle

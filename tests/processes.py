@@ -21,6 +21,30 @@ ROOT = Path(__file__).resolve().parent.parent
 BROKER = (sys.executable, "-m", "broker")
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/{pid}/stat`` after the command name, None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped (the process table)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is ``pid`` (the process table)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        fields = _stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry.name))
+    return found
+
+
 class ProcessHandle:
     """A child process whose stderr JSON log lines are collected as they arrive."""
 

@@ -184,3 +184,16 @@ def test_process_steps_benchmark_prints_its_table() -> None:
         "stop of a child ignoring SIGTERM (grace 0.1 s)",
         "escalation of an awaited step (interrupt_after 0.1 s)",
     ]
+
+
+def test_hard_stop_benchmark_prints_its_table() -> None:
+    result = subprocess.run(
+        [sys.executable, "tests/benchmarks/hard_stop.py", "--trials", "1", "--modes", "swallow"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["swallow"]

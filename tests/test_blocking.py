@@ -130,6 +130,50 @@ def test_a_body_that_ignores_its_cancel_is_abandoned_after_the_grace(
     assert info.abandoned_thread is True
 
 
+def test_raise_in_thread_stops_a_body_that_never_polls_after_the_grace(
+    redis_url: str, namespace: str, sync_client: SyncClient
+) -> None:
+    """The opt-in last resort: ThreadCancelled raised in the block's thread once the grace
+    is over. ``except Exception`` cannot swallow it, ``finally`` runs, the caller sees
+    RunCancelled and the run is recorded ``cancelled``, ``terminated``, not abandoned."""
+    worker = make_worker(redis_url, namespace, thread_grace=0.3)
+    seen: list[str] = []
+    with BlockingWorker(worker, raise_in_thread=True) as host:
+        started = time.monotonic()
+        with pytest.raises(RunCancelled):  # noqa: SIM117
+            with host.run("generate-report", report("r-spin")) as run:
+                canceller = cancel_soon(sync_client, run.run_id, delay=0.05)
+                try:
+                    while time.monotonic() - started < 30:  # pure Python, never polls
+                        try:
+                            sum(range(1000))
+                        except Exception:  # the trap: swallows ordinary exceptions only
+                            seen.append("swallowed")  # pragma: no cover
+                finally:
+                    seen.append("finally")
+        stopped_after = time.monotonic() - started
+    canceller.join()
+    assert seen == ["finally"]
+    assert 0.3 <= stopped_after < 2, stopped_after
+    info = sync_client.wait(run.run_id, timeout=5)
+    assert (info.status, info.terminated, info.abandoned_thread) == ("cancelled", True, False)
+
+
+def test_without_raise_in_thread_nothing_is_raised_in_a_thread_that_finishes_late(
+    host: BlockingWorker, sync_client: SyncClient
+) -> None:
+    """The default: a block past its grace is abandoned, never interrupted by force."""
+    with pytest.raises(RunCancelled):  # noqa: SIM117
+        with host.run("generate-report", report("r-late"), grace=0.1) as run:
+            canceller = cancel_soon(sync_client, run.run_id, delay=0.05)
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:  # past the grace: ThreadCancelled never lands
+                sum(range(1000))
+    canceller.join()
+    info = sync_client.wait(run.run_id, timeout=5)
+    assert (info.terminated, info.abandoned_thread) == (False, True)
+
+
 def test_completed_and_failed_blocks_are_recorded(
     host: BlockingWorker, sync_client: SyncClient
 ) -> None:

@@ -1,9 +1,11 @@
 """Celery's prefork pool, its default: every pool process has its own identity, decided
-after the fork, so one that exits or dies takes only its own runs with it; and what
-Celery's own revoke does for chains, retries and monitors, our cancels do too.
+after the fork, so one that exits or dies takes only its own runs with it; what Celery's
+own revoke does for chains, retries and monitors, our cancels do too; and a task that
+ignores its cancel loses its pool process.
 
-Two real ``celery worker`` processes (prefork, ``--concurrency 3`` with task events, and
-``--concurrency 2 --max-tasks-per-child 1``), a real broker, the test as the app.
+Real ``celery worker`` processes (prefork, ``--concurrency 3`` with task events,
+``--concurrency 2 --max-tasks-per-child 1``, and ``--concurrency 1`` for the stubborn
+tasks), a real broker, the test as the app.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from celery import chain
 
 from broker import EmbeddedRedis
 from sdk import OPERATOR
-from tests.celery_workers import BLOCKING, RETRYING, Setup, app_with_broker, start_celery
-from tests.processes import sync_status
+from tests.celery_workers import (
+    BLOCKING,
+    RETRYING,
+    STUBBORN,
+    Setup,
+    app_with_broker,
+    start_celery,
+)
+from tests.processes import ProcessHandle, alive, children_of, sync_status
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +61,18 @@ def one_task_per_child(setup: Setup) -> Iterator[str]:
     handle = start_celery(setup, "prefork", queue, 2, "--max-tasks-per-child", "1")
     try:
         yield queue
+    finally:
+        handle.stop_group()
+
+
+@pytest.fixture(scope="module")
+def single(setup: Setup) -> Iterator[tuple[str, ProcessHandle]]:
+    """One pool process. Heartbeats 5 s apart: a process stuck in C code cannot send them,
+    and must be terminated for its cancel, not reaped for its silence first."""
+    queue = f"{setup.namespace}-single"
+    handle = start_celery(setup, "prefork", queue, 1, env={"HEARTBEAT_INTERVAL": "5"})
+    try:
+        yield queue, handle
     finally:
         handle.stop_group()
 
@@ -209,3 +230,43 @@ def test_our_cancels_fire_celerys_task_revoked_signal_and_event(setup: Setup, po
     finally:
         stop.set()
         thread.join(5)
+
+
+@pytest.mark.parametrize("mode", ["swallow", "c-loop"])
+def test_a_task_that_ignores_its_cancel_loses_its_pool_process(
+    setup: Setup, single: tuple[str, ProcessHandle], mode: str
+) -> None:
+    """``swallow`` catches every interrupt; ``c-loop`` holds the GIL in C code, so that
+    nothing of its process runs. Either way, the worker's ``thread_grace`` (1 s) plus a
+    second after the cancel, Celery's main process kills the pool process: the task ends
+    REVOKED (``task_revoked``, ``terminated``, SIGKILL), the run ``cancelled`` and
+    ``terminated``, a new pool process replaces it, and no process is left behind."""
+    queue, celery = single
+    report_id = f"st-{mode}"
+    result = setup.send(STUBBORN, queue, report_id=report_id, mode=mode)
+    pid = setup.wait_observed(report_id, "started", timeout=20)["pid"]
+    sent_at = time.monotonic()
+    setup.client.send("report/cancel.requested", {"report_id": report_id})
+    setup.wait_state(result, "REVOKED", timeout=10)
+    revoked_after = time.monotonic() - sent_at
+    assert 2.0 <= revoked_after < 2.0 + 1.5, revoked_after
+    signalled = setup.wait_observed(f"{report_id}-revoked", "revoked_signal")
+    assert (signalled["terminated"], signalled["signum"]) == (True, int(signal.SIGKILL))
+    wait_status(setup, result.id, "cancelled", timeout=5)
+    info = setup.client.get_run(result.id)
+    assert info is not None
+    assert info.terminated
+    assert "completed" not in [o["what"] for o in setup.observed(report_id)]
+    # The killed process is gone from the process table; another takes its slot and runs
+    # the next task.
+    deadline = time.monotonic() + 10
+    while alive(pid) or not children_of(celery.process.pid) - {pid}:
+        assert time.monotonic() < deadline, "the pool process was not replaced"
+        time.sleep(0.05)
+    assert len(children_of(celery.process.pid)) == 1
+    after = setup.send(BLOCKING, queue, report_id=f"{report_id}-next", seconds=0)
+    assert after.get(timeout=20) == "report"
+    assert setup.wait_observed(f"{report_id}-next", "started")["pid"] != pid
+    # The dead process's identity left the registry at once.
+    _, state = anyio.run(sync_status, setup.redis_url, setup.namespace)
+    assert info.worker_id not in {worker["worker_id"] for worker in state["workers"]}

@@ -16,18 +16,9 @@ from sdk import Client, NotPicklableError, ProcessStepCrashed
 from sdk.context import CancelState, Step
 from tests.apps.spinning import crash, fail, spin, square
 from tests.conftest import run_of, status_is, wait_until
-from tests.processes import start_broker, start_worker
+from tests.processes import alive, start_broker, start_worker
 
 pytestmark = pytest.mark.anyio
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie waiting to be reaped."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def child_pid(pid_file: Path) -> int:

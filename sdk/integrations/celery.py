@@ -28,13 +28,16 @@ What a cancel does depends on where the task runs:
   signals it) and its handler raises :class:`TaskCancelled` in the task at once, even in
   a blocking call. ``TaskCancelled`` is a ``BaseException``: ``except Exception`` cannot
   swallow it (Celery's ``SoftTimeLimitExceeded`` is an ``Exception``); ``finally`` blocks
-  and ``with`` exits run.
+  and ``with`` exits run. A task still running ``terminate_after`` seconds after the
+  cancel (stuck in C code, or swallowing the interrupt) has its pool process killed by
+  Celery's main process and replaced (``sdk/integrations/celery_pool.py``).
 - **threads, solo**: Python cannot safely stop a thread from outside
   (an exception injected into a thread lands in whatever it runs, locks and ``finally``
   blocks included, and never interrupts a blocking call). The task stops at its next
   cancellable point: ``current_run().check()`` or ``current_run().sleep(s)`` (a sleep the
   cancel cuts short). A task that never reaches one runs to its end; after the worker's
-  ``thread_grace`` its run is recorded ``cancelled`` with ``abandoned_thread``.
+  ``thread_grace`` its run is recorded ``cancelled`` with ``abandoned_thread`` (unless
+  ``raise_in_thread=True``: see :class:`~sdk.BlockingWorker`).
 
 Either way the task's state is ``REVOKED`` (``AsyncResult(task_id).state``), its result
 is discarded, and it is never retried: ``self.retry()`` and ``autoretry_for`` raise
@@ -70,6 +73,7 @@ from sdk.blocking import BlockingRun, BlockingWorker
 from sdk.context import CancelMode, RunContext
 from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.integrations.arguments import EventData, keyword_data
+from sdk.integrations.celery_pool import PoolSupervisor, supervisor_step
 from sdk.rules import CancelOn
 from sdk.wire import Event
 from sdk.worker import Worker
@@ -85,6 +89,9 @@ PARENT_HEADER: Final = "cancel_broker_parent_run"
 #: The signal that stops a task in a prefork pool process (SIGUSR1 is billiard's soft
 #: time limit).
 INTERRUPT_SIGNAL: Final = signal.SIGUSR2
+#: Seconds past the worker's ``thread_grace`` after which a prefork task still running
+#: its cancelled run has its pool process terminated (``terminate_after`` by default).
+TERMINATE_MARGIN_S: Final = 1.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -174,6 +181,11 @@ def _run_id(task_id: str, retries: int) -> str:
     return task_id if not retries else f"{task_id}-retry-{retries}"
 
 
+def _run_id_of(request: Any) -> str:
+    """The run of a task the main process handed to the pool (a ``Request``)."""
+    return _run_id(request.id, int(request.request_dict.get("retries") or 0))
+
+
 def _workflow_sent_ms(app: Celery) -> int | None:
     """When the workflow of a task sent from inside a running task was sent: the sender's
     own send time. A chain's later links, a chord's callback, a task started by a task are
@@ -200,11 +212,33 @@ class CeleryCancellation:
     :class:`~sdk.BlockingWorker`) that receives the cancel signals; it is started when
     the process starts and left when it stops. ``worker`` only needs the app id and the
     Redis settings: the functions are declared by :meth:`task`.
+
+    ``terminate_stuck`` (prefork): Celery's main process kills the pool process of a task
+    still running ``terminate_after`` seconds after its cancel (default: the worker's
+    ``thread_grace`` plus ``TERMINATE_MARGIN_S``), as ``revoke(terminate=True)`` would.
+    ``raise_in_thread`` (threads, solo): the last resort of :class:`~sdk.BlockingWorker`.
     """
 
-    def __init__(self, app: Celery, worker: Worker) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        worker: Worker,
+        *,
+        terminate_stuck: bool = True,
+        terminate_after: float | None = None,
+        raise_in_thread: bool = False,
+    ) -> None:
         self.app = app
         self.worker = worker
+        self.raise_in_thread = raise_in_thread
+        #: The names of the cancellable tasks declared (``task``).
+        self.task_names: set[str] = set()
+        if terminate_stuck:
+            after = terminate_after
+            if after is None:
+                after = worker.thread_grace + TERMINATE_MARGIN_S
+            supervisor = PoolSupervisor(worker, self.task_names, _run_id_of, after)
+            app.steps["consumer"].add(supervisor_step(supervisor))
         self._host: BlockingWorker | None = None
         self._pid = 0
         self._lock = threading.Lock()
@@ -258,6 +292,7 @@ class CeleryCancellation:
                     "event_data": staticmethod(event_data),
                 },
             )
+            self.task_names.add(name)
             return self.app.task(base=base, name=name, **options)(fn)
 
         return declare
@@ -269,7 +304,7 @@ class CeleryCancellation:
         with self._lock:
             if self._host is None or self._pid != os.getpid():
                 # A new process, or a fork: threads do not survive one, start another.
-                self._host = BlockingWorker(self.worker)
+                self._host = BlockingWorker(self.worker, raise_in_thread=self.raise_in_thread)
                 self._pid = os.getpid()
             host = self._host
         host.start()

@@ -9,6 +9,7 @@ can check what really happened in the pool.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -34,7 +35,13 @@ app.conf.update(
     worker_redirect_stdouts=False,
     task_acks_late=True,
 )
-worker = Worker("reports", REDIS_URL, namespace=NAMESPACE, heartbeat_interval=1.0, thread_grace=1.0)
+worker = Worker(
+    "reports",
+    REDIS_URL,
+    namespace=NAMESPACE,
+    heartbeat_interval=float(os.environ.get("HEARTBEAT_INTERVAL", "1")),
+    thread_grace=1.0,
+)
 cancels = CeleryCancellation(app, worker)
 recorder = redis.Redis.from_url(REDIS_URL)
 RULE = CancelOn(event="report/cancel.requested", match="data.report_id")
@@ -76,6 +83,25 @@ def blocking_report(report_id: str, account_id: str = "a1", seconds: float = 30)
         record(report_id, "completed")
     finally:
         record(report_id, "ended")
+    return "report"
+
+
+@cancels.task(trigger="report/generate.requested", cancel_on=[RULE])
+def stubborn_report(report_id: str, mode: str = "swallow") -> str:
+    """A task no interrupt stops: ``swallow`` catches every one and sleeps on; ``c-loop``
+    runs C code that holds the GIL and never returns to the interpreter (no signal
+    handler, no other thread of its process runs meanwhile)."""
+    record(report_id, "started")
+    if mode == "c-loop":
+        sum(itertools.repeat(0, 10**12))
+    else:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(60)
+            except BaseException as exc:
+                record(report_id, "swallowed", exception=kind(exc))
+    record(report_id, "completed")
     return "report"
 
 
