@@ -13,14 +13,16 @@ from tests.processes import ROOT
 pytestmark = pytest.mark.e2e
 
 
+def benchmark(args: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark script as a user would; it must exit 0 within ``timeout``."""
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=True
+    )
+
+
 def test_latency_benchmark_prints_its_table() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [sys.executable, "tests/benchmarks/latency.py", "--runs", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     rows = [line for line in result.stdout.splitlines() if line.startswith("| s")]
     assert [row.split("|")[1].strip() for row in rows] == ["sleep", "steps"]
@@ -31,13 +33,8 @@ def test_latency_benchmark_prints_its_table() -> None:
 
 
 def test_overhead_benchmark_counts_two_round_trips_per_run() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [sys.executable, "tests/benchmarks/overhead.py", "--runs", "50", "--active", "200"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     lines = result.stdout.splitlines()
     overhead = lines[lines.index("| p50 us | p99 us | Redis round trips per run |") + 2]
@@ -46,17 +43,12 @@ def test_overhead_benchmark_counts_two_round_trips_per_run() -> None:
 
 
 def test_throughput_benchmark_prints_its_table() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [
             sys.executable,
             "tests/benchmarks/throughput.py",
             *("--sizes", "50,200", "--events", "400", "--targets", "20"),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "," in line]
     sizes = [row.split("|")[1].strip() for row in rows if row.split("|")[1].strip()[0].isdigit()]
@@ -74,13 +66,8 @@ def test_peers_benchmark_prints_its_table() -> None:
         " `make test` does not install (`pip install -e '.[bench]'` or `make bench`)",
     )
     args = ["--trials", "3", "--systems", "cancel-broker,cancel-broker-by-id,arq"]
-    result = subprocess.run(
+    result = benchmark(
         [sys.executable, "tests/benchmarks/peers.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     rows = [
         [cell.strip() for cell in line.strip("|").split("|")]
@@ -102,7 +89,7 @@ def test_peers_benchmark_prints_its_table() -> None:
 
 
 def test_load_benchmark_cancels_every_run_it_names() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [
             sys.executable,
             "tests/benchmarks/load.py",
@@ -117,11 +104,6 @@ def test_load_benchmark_cancels_every_run_it_names() -> None:
             "--cancel-after",
             "0.3",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     lines = result.stdout.splitlines()
     row = lines[lines.index("| runs cancelled | p50 ms | p90 ms | p99 ms | max ms | misses |") + 2]
@@ -131,7 +113,7 @@ def test_load_benchmark_cancels_every_run_it_names() -> None:
 
 
 def test_scaling_benchmark_prints_a_row_per_setup() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [
             sys.executable,
             "tests/benchmarks/scaling.py",
@@ -144,11 +126,7 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
             "--runs",
             "100",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=180,
-        check=True,
     )
     rows = [
         line for line in result.stdout.splitlines() if line.startswith("| ") and "namespace" in line
@@ -164,16 +142,11 @@ def test_scaling_benchmark_prints_a_row_per_setup() -> None:
 
 
 def test_process_steps_benchmark_prints_its_table() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [
             *(sys.executable, "tests/benchmarks/process_steps.py", "--runs", "3"),
             *("--grace", "0.1", "--interrupt-after", "0.1"),
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     rows = [line.split("|")[1].strip() for line in table[1:]]
@@ -187,13 +160,8 @@ def test_process_steps_benchmark_prints_its_table() -> None:
 
 
 def test_hard_stop_benchmark_prints_its_table() -> None:
-    result = subprocess.run(
+    result = benchmark(
         [sys.executable, "tests/benchmarks/hard_stop.py", "--trials", "1", "--modes", "swallow"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
     )
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert [line.split("|")[1].strip() for line in table[1:]] == ["swallow"]
