@@ -6,9 +6,11 @@ before an event arrives is checked at definition time, with the position of the 
 syntax, unknown variables, functions outside CEL's standard definitions, and the bounds
 that keep one evaluation cheap (length, no comprehension nested in another).
 
-At run time an expression matches only when it evaluates to exactly ``true``: a missing
-field, a type error or any other evaluation error is a non-match, reported to the caller
-so it can be recorded, never a match by accident.
+At run time a field the expression reads that the event does not have is ``null``, as in
+Inngest's expression engine (``event.data.orgID == null`` holds when ``orgID`` is absent;
+``has(event.data.orgID)`` still tells absent from present). An expression matches only
+when it evaluates to exactly ``true``: a type error or any other evaluation error is a
+non-match, reported to the caller so it can be recorded, never a match by accident.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ _STRING: Final = re.compile(
 )
 _BINDER: Final = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,")
 _MACRO_CALL: Final = re.compile(r"\.\s*(?:all|exists_one|exists|map|filter)\s*\(")
+#: A dotted field path from a variable: ``event.data.user.id``.
+#: (A segment followed by ``(`` is a method, ``items.exists(...)``: not a field.)
+_FIELD_PATH: Final = re.compile(r"(?<![\w.])(event|async)((?:\s*\.\s*[A-Za-z_]\w*+(?!\s*\())+)")
+_HAS_ARGUMENT: Final = re.compile(r"\bhas\s*\(\s*((?:event|async)(?:\s*\.\s*[A-Za-z_]\w*)+)\s*\)")
+_MISSING: Final = object()
+
+Path = tuple[str, ...]
 
 
 class ExpressionError(ConfigurationError):
@@ -91,6 +100,51 @@ def _first_use(code: str, name: str) -> int:
     return found.start() if found else 0
 
 
+def _dotted(text: str) -> Path:
+    return tuple(part.strip() for part in text.split("."))
+
+
+def _null_paths(code: str) -> tuple[Path, ...]:
+    """The field paths the expression reads, but not those it tests with ``has()``: an
+    absent one is given as ``null`` (a path under ``has()`` keeps CEL's meaning)."""
+    tested = {_dotted(found.group(1)) for found in _HAS_ARGUMENT.finditer(code)}
+    paths = {_dotted(found.group(0)) for found in _FIELD_PATH.finditer(code)}
+    # A path also read as the prefix of a tested one keeps its meaning too.
+    return tuple(sorted(p for p in paths if not any(t[: len(p)] == p for t in tested)))
+
+
+def _absent(root: Mapping[str, Any], path: Path) -> bool:
+    node: Any = root
+    for key in path:
+        if not isinstance(node, Mapping):
+            return False  # not a field access CEL can make: its own error stands
+        node = node.get(key, _MISSING)
+        if node is _MISSING:
+            return True
+    return False
+
+
+def _with_nulls(variables: Mapping[str, Any], paths: tuple[Path, ...]) -> dict[str, Any]:
+    """``variables`` with every absent path of ``paths`` present as None (copied where
+    written: the events themselves are never changed)."""
+    missing = [path for path in paths if _absent(variables, path)]
+    root = dict(variables)
+    for path in missing:
+        node = root
+        for depth, key in enumerate(path):
+            if depth == len(path) - 1:
+                node.setdefault(key, None)
+                break
+            child = node.get(key, _MISSING)
+            if child is _MISSING or child is None:
+                child = {}
+            elif not isinstance(child, Mapping):
+                break
+            node[key] = child = dict(child)
+            node = child
+    return root
+
+
 @dataclass(frozen=True, slots=True)
 class Expression:
     """A compiled CEL expression. ``id`` names it in keys (a prefix of its SHA-256)."""
@@ -98,10 +152,12 @@ class Expression:
     source: str
     id: str
     program: Any
+    #: The field paths given as ``null`` when the event lacks them (see the module).
+    null_paths: tuple[Path, ...] = ()
 
     def evaluate(self, variables: Mapping[str, Any]) -> bool:
         """True only if the expression evaluates to ``true``; raises on evaluation errors."""
-        return self.program.execute(dict(variables)) is True
+        return self.program.execute(_with_nulls(variables, self.null_paths)) is True
 
 
 def expression_id(source: str) -> str:
@@ -138,7 +194,9 @@ def _compile(source: str, variables: frozenset[str]) -> Expression:
             _pointer(source, _first_use(code, name), f"{name!r} is not a standard CEL function")
         )
     _check_nesting(code, source)
-    return Expression(source=source, id=expression_id(source), program=program)
+    return Expression(
+        source=source, id=expression_id(source), program=program, null_paths=_null_paths(code)
+    )
 
 
 @functools.lru_cache(maxsize=4096)

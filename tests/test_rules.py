@@ -156,6 +156,28 @@ def test_invalid_expressions_fail_at_definition_with_the_position(
         CancelOn(event="x/cancel", if_=source)
 
 
+def test_a_field_an_event_lacks_is_null_but_has_still_tells() -> None:
+    """Inngest's expression engine: an absent field is ``null`` and never an error."""
+    empty = {"event": {"data": {}}, "async": {"data": {}}}
+    assert compile_rule_expression("event.data.orgID == null").evaluate(empty)
+    assert compile_rule_expression("async.data.reason != 'keep'").evaluate(empty)
+    assert compile_rule_expression("event.data.user.id == null").evaluate(empty)  # nested
+    assert compile_rule_expression("event.data.a == async.data.a").evaluate(empty)
+    assert not compile_rule_expression("has(event.data.orgID)").evaluate(empty)
+    guarded = compile_rule_expression("has(event.data.a) && event.data.a == async.data.a")
+    assert not guarded.evaluate(empty)
+    # The events themselves are left as they were.
+    trigger = {"data": {"tags": []}}
+    compile_rule_expression("event.data.tier == null").evaluate({"event": trigger})
+    assert trigger == {"data": {"tags": []}}
+    # Bulk cancels' filters too.
+    assert compile_trigger_filter("event.data.orgID == null").evaluate({"event": {"data": {}}})
+    # A method's receiver is a field; the method is not.
+    assert compile_rule_expression("event.data.tags.exists(t, t == 'x')").null_paths == (
+        ("event", "data", "tags"),
+    )
+
+
 def test_expressions_evaluate_over_both_events_and_only_true_matches() -> None:
     rule = compile_rule_expression(
         "event.data.user == async.data.user && async.data.reason in ['abuse', 'refund']"
@@ -164,9 +186,11 @@ def test_expressions_evaluate_over_both_events_and_only_true_matches() -> None:
     trigger = {"data": {"user": "u1", "tags": ["video"]}}
     assert rule.evaluate({"event": trigger, "async": {"data": {"user": "u1", "reason": "abuse"}}})
     assert not rule.evaluate({"event": trigger, "async": {"data": {"user": "u2", "reason": "x"}}})
-    # A missing field is an evaluation error, never a match.
-    with pytest.raises(KeyError):
-        rule.evaluate({"event": trigger, "async": {"data": {"user": "u1"}}})
+    # A missing field is null, as in Inngest: `null in [...]` is false.
+    assert not rule.evaluate({"event": trigger, "async": {"data": {"user": "u1"}}})
+    # A type error is an evaluation error, never a match.
+    with pytest.raises(TypeError):
+        compile_rule_expression("async.data.pages > 100").evaluate({"event": {}, "async": {}})
     # Strings inside literals are not mistaken for variables or comprehensions.
     assert compile_rule_expression("async.data.note == 'evnt.all(x, y.all(z, 1))'")
     # A non-boolean result is not a match.

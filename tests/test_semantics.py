@@ -53,6 +53,8 @@ TIER_RULE = CancelOn(
 #: Both a key and an expression: the same report, and only if the cancel is "hard".
 HARD_RULE = CancelOn(event="report/stop", match="data.reportId", if_="async.data.hard == true")
 SHORT_RULE = CancelOn(event="report/stop.early", match="data.reportId", timeout=0.4)
+#: An expression that can fail: ``null > 100`` (no ``pages``) is a type error.
+BIG_RULE = CancelOn(event="report/stop.big", match="data.reportId", if_="async.data.pages > 100")
 
 
 def studio(redis_url: str, namespace: str, **options: Any) -> Worker:
@@ -61,7 +63,7 @@ def studio(redis_url: str, namespace: str, **options: Any) -> Worker:
     @worker.function(
         id="generate-report",
         trigger="report/generate.requested",
-        cancel_on=[REPORT_RULE, TIER_RULE, HARD_RULE, SHORT_RULE],
+        cancel_on=[REPORT_RULE, TIER_RULE, HARD_RULE, SHORT_RULE, BIG_RULE],
         owner="data.accountId",
     )
     async def generate_report(ctx: RunContext) -> None:
@@ -150,15 +152,15 @@ async def test_an_expression_that_errors_never_matches_and_is_recorded(
     client: Client, redis: Redis, namespace: str, broker: Broker
 ) -> None:
     run_id = await start(client, "r1")
-    # No "tier" in the cancel event: `async.data.tier` is an evaluation error.
-    await client.send("account/cancel-all", {"accountId": "a1"})
+    # No "pages" in the cancel event: `null > 100` is a type error.
+    await client.send("report/stop.big", {"reportId": "r1"})
     await settle(redis, namespace)
     info = await client.get_run(run_id)
     assert info is not None
     assert info.status == "running"
     assert info.rule_error is not None
-    assert "account/cancel-all" in info.rule_error
-    assert "KeyError" in info.rule_error
+    assert "report/stop.big" in info.rule_error
+    assert "TypeError" in info.rule_error
 
 
 @pytest.mark.usefixtures("worker")
