@@ -34,6 +34,7 @@ def canonical_config(
             if_=rule.if_,
             timeout_s=rule.timeout_s,
             all_runs=rule.all_runs,
+            until_ms=rule.until_ms,
         )
         for rule in rules
     )

@@ -17,8 +17,9 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import msgspec
@@ -35,6 +36,8 @@ MAX_RULES_PER_FUNCTION: Final = 5
 MAX_TOKEN_CHARS: Final = 96
 
 _ROOTS: Final = ("data",)
+#: What starts an RFC 3339 time (a duration never starts with a four-digit year and '-').
+_RFC3339_START: Final = re.compile(r"^\s*\d{4}-\d{2}-\d{2}")
 #: Path and token of the index entry of a rule without ``match``.
 ALL_RUNS: Final = "*"
 #: Separates the parts of a selector; never part of a path.
@@ -111,6 +114,30 @@ def value_token(value: Any) -> str | None:
     return token
 
 
+Timeout = float | timedelta | str | datetime
+
+
+def _absolute(value: Timeout) -> datetime | None:
+    """The instant ``value`` names (an aware datetime, or an RFC 3339 time as Inngest
+    accepts), None when it is a duration."""
+    if isinstance(value, str) and _RFC3339_START.match(value):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise ConfigurationError(
+                f"CancelOn(timeout={value!r}): not an RFC 3339 time"
+                " (use '2026-12-31T23:00:00Z' or a duration)"
+            ) from None
+    if not isinstance(value, datetime):
+        return None
+    if value.tzinfo is None:
+        raise ConfigurationError(
+            f"CancelOn(timeout={value!r}): a time needs its offset ('Z', '+02:00'):"
+            " a naive time means a different instant on every machine"
+        )
+    return value
+
+
 def _timeout_seconds(value: float | timedelta | str) -> float:
     try:
         seconds = parse_duration(value)
@@ -128,8 +155,9 @@ class CancelOn(msgspec.Struct, frozen=True):
       trigger and in the cancel event (``event.data.reportId == async.data.reportId``).
     - ``if_``: a CEL expression over ``event`` (the run's trigger) and ``async`` (the
       cancel event) that must be true. With ``match``, both must hold.
-    - ``timeout``: seconds, a timedelta or ``"30m"``; the rule stops listening that long
-      after the run started.
+    - ``timeout``: seconds, a timedelta or ``"30m"``, ``"1h30m"``: the rule stops
+      listening that long after the run started; or an instant (an aware ``datetime``,
+      an RFC 3339 string such as ``"2026-12-31T23:00:00Z"``): it stops listening then.
 
     A rule with neither ``match`` nor ``if_`` would cancel every run of the function, so it
     is refused unless ``all_runs=True`` says that is meant.
@@ -138,7 +166,7 @@ class CancelOn(msgspec.Struct, frozen=True):
     event: str
     match: str | None = None
     if_: str | None = None
-    timeout: float | timedelta | str | None = None
+    timeout: Timeout | None = None
     all_runs: bool = False
 
     def __post_init__(self) -> None:
@@ -150,8 +178,8 @@ class CancelOn(msgspec.Struct, frozen=True):
             Path.parse(self.match)
         if self.if_ is not None:
             compile_rule_expression(self.if_)
-        if self.timeout is not None:
-            _timeout_seconds(self.timeout)
+        if self.timeout is not None and _absolute(self.timeout) is None:
+            _timeout_seconds(self.timeout)  # type: ignore[arg-type]  # not a datetime
         if self.all_runs and (self.match is not None or self.if_ is not None):
             given = "match=..." if self.match is not None else "if_=..."
             raise ConfigurationError(f"CancelOn: all_runs=True contradicts {given}")
@@ -164,7 +192,18 @@ class CancelOn(msgspec.Struct, frozen=True):
 
     @property
     def timeout_s(self) -> float | None:
-        return None if self.timeout is None else _timeout_seconds(self.timeout)
+        """The timeout after the run's start, in seconds (None: none, or an instant)."""
+        if self.timeout is None or isinstance(self.timeout, datetime):
+            return None
+        if _absolute(self.timeout) is not None:
+            return None
+        return _timeout_seconds(self.timeout)
+
+    @property
+    def until_ms(self) -> int | None:
+        """The instant the rule stops listening, in Unix ms (None: no instant)."""
+        at = None if self.timeout is None else _absolute(self.timeout)
+        return None if at is None else round(at.timestamp() * 1000)
 
     @property
     def expression(self) -> Expression | None:
@@ -178,18 +217,21 @@ class CancelOn(msgspec.Struct, frozen=True):
             path=self.match,
             expression_id=None if expression is None else expression.id,
             timeout_ms=None if timeout_s is None else max(1, round(timeout_s * 1000)),
+            until_ms=self.until_ms,
         )
 
 
 @dataclass(frozen=True, slots=True)
 class Selector:
     """What identifies a rule in the index: ``data.reportId``, ``*|if=3ef9597b4f8403b8``,
-    ``data.reportId|ttl=1800000`` (the path or ``*``, the expression id, the timeout in ms).
+    ``data.reportId|ttl=1800000`` (the path or ``*``, the expression id, the timeout in ms),
+    ``data.reportId|until=1798758000000`` (the instant it stops listening, Unix ms).
     """
 
     path: str | None
     expression_id: str | None = None
     timeout_ms: int | None = None
+    until_ms: int | None = None
 
     @property
     def text(self) -> str:
@@ -198,7 +240,17 @@ class Selector:
             parts.append(f"if={self.expression_id}")
         if self.timeout_ms is not None:
             parts.append(f"ttl={self.timeout_ms}")
+        if self.until_ms is not None:
+            parts.append(f"until={self.until_ms}")
         return _SELECTOR_SEPARATOR.join(parts)
+
+    @property
+    def expiry(self) -> str:
+        """How match_event.lua reads the timeout: ms after the run's start, ``u`` and an
+        instant, or '' for none."""
+        if self.until_ms is not None:
+            return f"u{self.until_ms}"
+        return "" if self.timeout_ms is None else str(self.timeout_ms)
 
     @staticmethod
     @functools.lru_cache(maxsize=4096)
@@ -213,15 +265,20 @@ class Selector:
                 return None
         expression_id: str | None = None
         timeout_ms: int | None = None
+        until_ms: int | None = None
         for option in options:
             name, _, value = option.partition("=")
             if name == "if" and value.isalnum():
                 expression_id = value
             elif name == "ttl" and value.isdigit():
                 timeout_ms = int(value)
+            elif name == "until" and value.isdigit():
+                until_ms = int(value)
             else:
                 return None
-        return Selector(path=path, expression_id=expression_id, timeout_ms=timeout_ms)
+        return Selector(
+            path=path, expression_id=expression_id, timeout_ms=timeout_ms, until_ms=until_ms
+        )
 
     def token(self, event: Event) -> str | None:
         """The index token of ``event`` under this selector; None: it cannot match."""

@@ -467,7 +467,7 @@ class RunStore:
                 for lookup in found
                 for arg in (
                     "m" if lookup.selector.expression_id is None else "c",
-                    lookup.selector.timeout_ms or "",
+                    lookup.selector.expiry,
                 )
             ),
         ]

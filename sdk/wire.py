@@ -192,6 +192,9 @@ class RuleConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False)
     if_: str | None = msgspec.field(default=None, name="if")
     timeout_s: float | None = None
     all_runs: bool = False
+    #: The instant (Unix ms) the rule stops listening, for a timeout given as a time.
+    #: Left out of the canonical text when None, as ``interrupt_after_s``.
+    until_ms: int | None = None
 
 
 class FunctionConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -417,12 +420,16 @@ def decode_run(fields: dict[str, str]) -> RunInfo:
 
 
 def encode_config(config: FunctionConfig) -> bytes:
-    """The canonical text of a configuration: what is stored, and what is hashed."""
-    if config.interrupt_after_s is None:  # as every configuration was before it existed
-        fields = msgspec.to_builtins(config)
+    """The canonical text of a configuration: what is stored, and what is hashed. Fields
+    added since the first release are left out when unset, so that a configuration that
+    does not use them keeps the hash it always had."""
+    fields = msgspec.to_builtins(config)
+    if fields["interrupt_after_s"] is None:
         del fields["interrupt_after_s"]
-        return encode_json(fields)
-    return encode_json(config)
+    for rule in fields["cancel_on"]:
+        if rule["until_ms"] is None:
+            del rule["until_ms"]
+    return encode_json(fields)
 
 
 def config_hash(config: FunctionConfig) -> str:

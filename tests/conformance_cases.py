@@ -24,6 +24,7 @@ class Case:
     expected: Outcome
     match: str | None = None
     if_: str | None = None
+    timeout: str | None = None
     #: The peer's outcome, when we differ on purpose (``differs`` says where it is written).
     peer: Outcome | None = None
     differs: str | None = None
@@ -41,6 +42,8 @@ class Case:
 
 
 EXPR = "inngest/expr expr_test.go"
+JS_CONFIG = "inngest/inngest-js packages/inngest/src/components/InngestFunction.ts getConfig"
+JS_TEST = "inngest/inngest-js packages/inngest/src/components/InngestFunction.test.ts"
 NULL_ENGINE = (
     "inngest/expr engine_null.go nullLookup.Match (an absent path is null: 'This isn't"
     " present, which matches null in our overloads')"
@@ -181,6 +184,64 @@ CASES: tuple[Case, ...] = (
         expected="running",
         peer="cancelled",
         differs="docs/migrate/inngest.md#match-never-matches-a-value-that-is-absent",
+    ),
+    Case(
+        id="match-registers",
+        source=f"{JS_TEST} runFn > cancellation > 'specifying a cancellation event registers"
+        " correctly' (match data.title is `event.data.title == async.data.title`)",
+        match="data.title",
+        trigger={"title": "t1"},
+        cancel={"title": "t1"},
+        expected="cancelled",
+    ),
+    Case(
+        id="match-registers-other",
+        source=f"{JS_TEST} runFn > cancellation > 'specifying a cancellation event registers"
+        " correctly', another title",
+        match="data.title",
+        trigger={"title": "t1"},
+        cancel={"title": "t2"},
+        expected="running",
+    ),
+    Case(
+        id="match-and-if",
+        source=f"{JS_CONFIG}: with `match`, the `if` is dropped (`if (match) ret.if = ...;"
+        " else if (ifStr) ret.if = ifStr`)",
+        match="data.title",
+        if_="async.data.hard == true",
+        trigger={"title": "t1"},
+        cancel={"title": "t1", "hard": False},
+        expected="running",
+        peer="cancelled",
+        differs="docs/migrate/inngest.md#match-and-if-together",
+    ),
+    Case(
+        id="timeout-compound",
+        source=f"{JS_CONFIG}: `ret.timeout = timeStr(timeout)` (durations such as 1h30m)",
+        match="data.title",
+        timeout="1h30m",
+        trigger={"title": "t1"},
+        cancel={"title": "t1"},
+        expected="cancelled",
+    ),
+    Case(
+        id="timeout-instant-future",
+        source=f"{JS_CONFIG}: `timeStr(timeout)` of a Date (an RFC 3339 time)",
+        match="data.title",
+        timeout="2100-01-01T00:00:00Z",
+        trigger={"title": "t1"},
+        cancel={"title": "t1"},
+        expected="cancelled",
+    ),
+    Case(
+        id="timeout-instant-past",
+        source=f"{JS_CONFIG}: `timeStr(timeout)` of a Date that has passed: the rule no"
+        " longer listens",
+        match="data.title",
+        timeout="2020-01-01T00:00:00+00:00",
+        trigger={"title": "t1"},
+        cancel={"title": "t1"},
+        expected="running",
     ),
     Case(
         id="match-equivalent-if",

@@ -344,6 +344,7 @@ async def test_functions_show_rules_workers_and_stale_findings(
             "if": None,
             "timeout_s": None,
             "all_runs": False,
+            "until_ms": None,
         }
     ]
     assert configs[(old.worker_id,)]["cancel_on"] == []

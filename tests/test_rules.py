@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -284,3 +284,24 @@ def test_logged_urls_hide_secrets() -> None:
         "rediss://h:6380/0?ssl_password=***&ssl_cert_reqs=required"
     )
     assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+def test_timeouts_are_durations_as_inngest_writes_them_or_instants() -> None:
+    assert CancelOn(event="a/b", match="data.id", timeout="1h30m").timeout_s == 5400
+    assert CancelOn(event="a/b", match="data.id", timeout="1w").timeout_s == 604800
+    at = CancelOn(event="a/b", match="data.id", timeout="2026-12-31T23:00:00Z")
+    assert (at.timeout_s, at.until_ms) == (None, 1798758000000)
+    assert at.selector.text == "data.id|until=1798758000000"
+    assert Selector.parse(at.selector.text) == at.selector
+    aware = datetime(2026, 12, 31, 23, tzinfo=UTC)
+    assert CancelOn(event="a/b", match="data.id", timeout=aware).until_ms == 1798758000000
+    for nonsense, message in [
+        ("1h30", "not a duration"),
+        ("2026-13-40T00:00:00Z", "not an RFC 3339 time"),
+        ("2026-12-31T23:00:00", "needs its offset"),
+        (datetime(2026, 12, 31, 23), "needs its offset"),
+        ("-1h", "not a duration"),
+        ("0s", "must be positive"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            CancelOn(event="a/b", match="data.id", timeout=nonsense)

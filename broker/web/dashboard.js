@@ -195,6 +195,7 @@ function ruleText(rule) {
   if (rule.match) parts.push(`match ${rule.match}`);
   if (rule.if) parts.push(`if ${rule.if}`);
   if (rule.timeout_s) parts.push(`timeout ${rule.timeout_s} s`);
+  if (rule.until_ms) parts.push(`until ${new Date(rule.until_ms).toISOString()}`);
   return parts.join(" · ");
 }
 

@@ -14,7 +14,8 @@
 -- ARGV[9]  the event's JSON, or '' when no selector has an expression
 -- ARGV[10] n
 -- ARGV[11 + 2(i-1)], ARGV[12 + 2(i-1)]  selector i: 'm' (the key alone decides) or 'c'
---          (an expression must also hold), and its timeout in ms ('' for none)
+--          (an expression must also hold), and its timeout: ms after the run's start,
+--          'u' and the Unix ms it stops listening at, or '' for none
 -- Returns {results, candidates}: results, one {run id, outcome, previous, status,
 -- {cascaded}} per run looked at; candidates, {run id, i, the run's trigger JSON} for
 -- running runs under a selector with an expression, which the broker evaluates.
@@ -29,13 +30,27 @@ local request = {
 }
 local n = tonumber(ARGV[10])
 
+-- Selector i's timeout after the run's start (ms), and the instant it stops listening.
+local function expiry(i)
+  local spec = ARGV[10 + 2 * i]
+  if string.sub(spec, 1, 1) == 'u' then
+    return nil, tonumber(string.sub(spec, 2))
+  end
+  return tonumber(spec), nil
+end
+
 if lookback > 0 then
   for i = 1, n do
-    local tombstone = KEYS[2 + 2 * i]
-    redis.call('ZADD', tombstone, c.now + lookback, event_id)
-    redis.call('ZREMRANGEBYSCORE', tombstone, '-inf', c.now)
-    redis.call('ZREMRANGEBYRANK', tombstone, 0, -(TOMBSTONES_KEPT + 1))
-    redis.call('PEXPIRE', tombstone, lookback)
+    local _, until_ms = expiry(i)
+    -- A rule that stopped listening before this event leaves no tombstone: no run that
+    -- registers later may be cancelled by it.
+    if not (until_ms and request.cancel_at > until_ms) then
+      local tombstone = KEYS[2 + 2 * i]
+      redis.call('ZADD', tombstone, c.now + lookback, event_id)
+      redis.call('ZREMRANGEBYSCORE', tombstone, '-inf', c.now)
+      redis.call('ZREMRANGEBYRANK', tombstone, 0, -(TOMBSTONES_KEPT + 1))
+      redis.call('PEXPIRE', tombstone, lookback)
+    end
   end
   if ARGV[9] ~= '' then
     redis.call('SET', KEYS[2], ARGV[9], 'PX', lookback)
@@ -52,7 +67,8 @@ end
 
 for i = 1, n do
   local index = KEYS[1 + 2 * i]
-  local mode, timeout = ARGV[9 + 2 * i], tonumber(ARGV[10 + 2 * i])
+  local mode = ARGV[9 + 2 * i]
+  local timeout, until_ms = expiry(i)
   for _, run_id in ipairs(redis.call('SMEMBERS', index)) do
     -- A run one selector already cancelled (or found finished) is decided.
     local decided = outcome[run_id] == 'signalled' or previous[run_id] == ''
@@ -67,7 +83,8 @@ for i = 1, n do
         decide(run_id, 'own_trigger', status)
       elseif id_after(run[4], event_id) then
         decide(run_id, 'started_after_cancel', status)
-      elseif timeout and request.cancel_at > (tonumber(run[5]) or 0) + timeout then
+      elseif (timeout and request.cancel_at > (tonumber(run[5]) or 0) + timeout)
+        or (until_ms and request.cancel_at > until_ms) then
         if outcome[run_id] == nil then
           decide(run_id, 'rule_expired', status)
         end

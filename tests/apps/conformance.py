@@ -22,7 +22,7 @@ async def body(ctx: RunContext) -> None:
 
 
 for case in CASES:
-    rule = CancelOn(event=case.cancel_name, match=case.match, if_=case.if_)
+    rule = CancelOn(event=case.cancel_name, match=case.match, if_=case.if_, timeout=case.timeout)
     worker.function(id=case.id, trigger=case.trigger_name, cancel_on=[rule])(body)
 
 if __name__ == "__main__":
