@@ -88,6 +88,7 @@ class ConfigRow(msgspec.Struct, frozen=True, kw_only=True):
     #: The configuration of the app's latest sync.
     synced: bool
     interrupt_after_s: float | None = None
+    trigger_if: str | None = None
 
 
 class FunctionRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +129,7 @@ def functions_page(state: SyncState) -> FunctionsPage:
                     cancel_mode=config.cancel_mode if config else None,
                     owner=config.owner if config else None,
                     interrupt_after_s=config.interrupt_after_s if config else None,
+                    trigger_if=config.trigger_if if config else None,
                     workers=view.served.get(config_hash, []),
                     active_runs=view.active_runs.get(config_hash, 0),
                     synced=config_hash == view.synced,

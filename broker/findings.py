@@ -151,7 +151,7 @@ def rule_text(rule: RuleConfig) -> str:
 
 
 #: The fields of a configuration, besides its rules, that a drift diff compares.
-COMPARED_FIELDS: Final = ("trigger", "cancel_mode", "interrupt_after_s", "owner")
+COMPARED_FIELDS: Final = ("trigger", "trigger_if", "cancel_mode", "interrupt_after_s", "owner")
 
 
 def config_changes(old: FunctionConfig | None, new: FunctionConfig | None) -> dict[str, Any]:

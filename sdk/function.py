@@ -12,6 +12,7 @@ from typing import Any, Final, overload
 from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
+from sdk.expressions import Expression, ExpressionError, compile_trigger_filter
 from sdk.keys import check_name
 from sdk.rules import CancelOn, Path, check_rules
 from sdk.wire import FunctionConfig, RuleConfig, check_event_name, config_hash, encode_json
@@ -25,6 +26,7 @@ def canonical_config(
     *,
     owner: str | None = None,
     interrupt_after_s: float | None = None,
+    trigger_if: str | None = None,
 ) -> FunctionConfig:
     """The configuration as data; rule order does not change what a function does."""
     configs = (
@@ -45,6 +47,7 @@ def canonical_config(
         cancel_mode=cancel_mode,
         owner=owner,
         interrupt_after_s=interrupt_after_s,
+        trigger_if=trigger_if,
     )
 
 
@@ -103,6 +106,8 @@ class Function:
     owner: str | None
     #: Seconds after its cancel that a between_steps run is interrupted where it is.
     interrupt_after: float | None
+    #: The condition a trigger must meet to start a run (``trigger_if``), compiled.
+    trigger_filter: Expression | None
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
@@ -119,6 +124,7 @@ class Function:
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
         interrupt_after: float | timedelta | str | None = None,
+        trigger_if: str | None = None,
     ) -> Function:
         try:
             check_name("function id", id)
@@ -136,11 +142,21 @@ class Function:
                 f" {', '.join(map(repr, CANCEL_MODES))}, not {cancel_mode!r}"
             )
         interrupt_after_s = check_interrupt_after(id, cancel_mode, interrupt_after)
+        try:
+            trigger_filter = None if trigger_if is None else compile_trigger_filter(trigger_if)
+        except ExpressionError as exc:
+            raise ExpressionError(f"function {id!r}: trigger_if: {exc}") from None
         rules = check_rules(tuple(cancel_on))
         if owner is not None:
             owner = Path.parse(owner).text
         config = canonical_config(
-            id, trigger, rules, cancel_mode, owner=owner, interrupt_after_s=interrupt_after_s
+            id,
+            trigger,
+            rules,
+            cancel_mode,
+            owner=owner,
+            interrupt_after_s=interrupt_after_s,
+            trigger_if=trigger_if,
         )
         return cls(
             id=id,
@@ -150,6 +166,7 @@ class Function:
             cancel_mode=cancel_mode,
             owner=owner,
             interrupt_after=interrupt_after_s,
+            trigger_filter=trigger_filter,
             config=config,
             config_hash=config_hash(config),
         )

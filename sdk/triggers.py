@@ -17,6 +17,7 @@ from anyio.abc import TaskGroup
 
 from sdk.connection import REDIS_ERRORS, Backoff, is_transient
 from sdk.errors import DuplicateRunError, InvalidEventError
+from sdk.expressions import describe_error, event_variable
 from sdk.function import Function
 from sdk.keys import PARTITION_FIELD, Keys
 from sdk.runner import Run, Runner
@@ -117,7 +118,7 @@ class FunctionTriggers:
             except InvalidEventError:
                 not_ours.append(entry_id)  # the broker dead-letters malformed entries
                 continue
-            if event.name != self.function.trigger:
+            if event.name != self.function.trigger or not self._passes_filter(event):
                 not_ours.append(entry_id)
                 continue
             self.starting.add(entry_id)
@@ -125,6 +126,25 @@ class FunctionTriggers:
         if batch:
             self._tg.start_soon(self._start, batch)
         await self.consumer.ack(*not_ours)
+
+    def _passes_filter(self, event: Event) -> bool:
+        """Whether the trigger meets the function's ``trigger_if`` (said when it does not:
+        a trigger that starts nothing is never silent)."""
+        condition = self.function.trigger_filter
+        if condition is None:
+            return True
+        try:
+            if condition.evaluate({"event": event_variable(event)}):
+                return True
+            self._log.info("trigger.filtered_out", function_id=self.function.id, event_id=event.id)
+        except Exception as exc:  # an expression error starts no run, as a false condition
+            self._log.warning(
+                "trigger.filter_error",
+                function_id=self.function.id,
+                event_id=event.id,
+                error=describe_error(exc),
+            )
+        return False
 
     async def _start(self, batch: list[tuple[str, Event]]) -> None:
         """Register a batch of triggers' runs in one round trip, acknowledge the triggers

@@ -208,6 +208,9 @@ class FunctionConfig(msgspec.Struct, frozen=True, kw_only=True):
     #: Seconds after its cancel that a ``between_steps`` run is interrupted where it is.
     #: Left out of the canonical text when None, so older configurations keep their hash.
     interrupt_after_s: float | None = None
+    #: A CEL condition over ``event`` a trigger must meet to start a run (as Inngest's
+    #: trigger ``if``). Left out of the canonical text when None.
+    trigger_if: str | None = None
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -424,8 +427,9 @@ def encode_config(config: FunctionConfig) -> bytes:
     added since the first release are left out when unset, so that a configuration that
     does not use them keeps the hash it always had."""
     fields = msgspec.to_builtins(config)
-    if fields["interrupt_after_s"] is None:
-        del fields["interrupt_after_s"]
+    for name in ("interrupt_after_s", "trigger_if"):
+        if fields[name] is None:
+            del fields[name]
     for rule in fields["cancel_on"]:
         if rule["until_ms"] is None:
             del rule["until_ms"]

@@ -198,6 +198,7 @@ class Worker:
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
         interrupt_after: float | timedelta | str | None = None,
+        trigger_if: str | None = None,
     ) -> Callable[[Handler], Function]:
         """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
 
@@ -207,7 +208,8 @@ class Worker:
         that has not stopped that long after its cancel is interrupted at its current
         await, as in ``immediate`` mode (a process step is killed). ``owner``: a path in
         the trigger (``data.accountId``) naming who owns each run; a cancel by run id
-        must then give that value as its ``actor``.
+        must then give that value as its ``actor``. ``trigger_if``: a CEL condition over
+        ``event`` a trigger must meet to start a run, as Inngest's trigger ``if``.
         """
 
         def register(handler: Handler) -> Function:
@@ -219,6 +221,7 @@ class Worker:
                 cancel_mode=cancel_mode,
                 owner=owner,
                 interrupt_after=interrupt_after,
+                trigger_if=trigger_if,
             )
             if fn.id in self._functions:
                 raise ConfigurationError(f"function {fn.id!r} is declared twice")

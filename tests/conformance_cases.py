@@ -51,6 +51,15 @@ NULL_ENGINE = (
 
 CASES: tuple[Case, ...] = (
     Case(
+        id="go-event-cancellation",
+        source="inngest/inngest tests/golang/cancel_test.go TestEventCancellation"
+        " 'should cancel run'",
+        if_="async.data.cancel == event.data.cancel",
+        trigger={"cancel": 1},
+        cancel={"cancel": 1},
+        expected="cancelled",
+    ),
+    Case(
         id="sdk-cancel-if",
         source="inngest/inngest tests/js/src/inngest/sdk_cancel_test.ts (cancel-test)",
         if_="async.data.request_id == event.data.request_id",

@@ -54,6 +54,37 @@ async def test_a_peer_case(case: Case, redis_url: str, namespace: str, redis: Re
             await client.cancel(run_id)  # the worker stops with nothing left behind
 
 
+async def test_singleton_cancel_mode_latest_wins(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    """Inngest's singleton ``mode: "cancel"`` (the latest run of a key wins), as a rule on
+    the function's own trigger: each trigger cancels the older runs of its key, never its
+    own, and never a newer one. inngest/inngest tests/golang/singleton_test.go:
+    TestSingletonCancelMode (one run of the key finishes, the earlier are cancelled) and
+    TestSingletonDifferentKeysBothRun (another key is untouched: ``u2`` here)."""
+    trigger = "conformance/singleton.requested"
+    async with Client(redis_url, namespace=namespace) as client:
+        first = await run_of(client, await client.send(trigger, {"userId": "u1"}))
+        other = await run_of(client, await client.send(trigger, {"userId": "u2"}))
+        second_event = await client.send(trigger, {"userId": "u1"})
+        second = await run_of(client, second_event)
+        await wait_until(lambda: status_is(client, first, "cancelled"), timeout=10)
+        third_event = await client.send(trigger, {"userId": "u1"})
+        third = await run_of(client, third_event)
+        await wait_until(lambda: status_is(client, second, "cancelled"), timeout=10)
+        await wait_until(lambda: broker_drained(redis, namespace), timeout=10)
+        runs = {run_id: await client.get_run(run_id) for run_id in (first, second, third, other)}
+        assert {run_id: info.status for run_id, info in runs.items() if info} == {
+            first: "cancelled",
+            second: "cancelled",
+            third: "running",
+            other: "running",
+        }
+        assert runs[second].cancelled_by == third_event  # type: ignore[union-attr]
+        for run_id in (third, other):
+            await client.cancel(run_id)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.differs], ids=lambda c: c.id)
 def test_a_case_that_differs_on_purpose_is_documented(case: Case) -> None:
     assert case.peer is not None

@@ -35,11 +35,13 @@ def namespace(topology: str) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def processes(request: pytest.FixtureRequest, topology: str, namespace: str) -> Iterator[None]:
+def processes(
+    request: pytest.FixtureRequest, topology: str, namespace: str
+) -> Iterator[dict[str, ProcessHandle]]:
     url = topology_url(request, topology)
     broker, _http = start_broker(url, namespace)
     worker = start_worker(url, namespace, app="studio")
-    yield
+    yield {"broker": broker, "worker": worker}
     assert worker.terminate() == 0, worker.output
     assert broker.terminate() == 0, broker.output
 
@@ -169,6 +171,36 @@ async def test_the_outcome_event_triggers_a_cleanup_function(
     assert data["event"]["data"]["reportId"] == "c1"
     assert data["latency_ms"] == pytest.approx(info.cancel_latency_ms)
     assert 0 <= data["latency_ms"] < 1000
+
+
+async def test_a_ported_inngest_cleanup_function_starts_only_for_its_function(
+    client: Client, redis: Redis, namespace: str, processes: dict[str, ProcessHandle]
+) -> None:
+    """Inngest's handler on ``inngest/function.cancelled`` with an ``if`` on the function,
+    ported as ``trigger_if`` on ``cancel/run.cancelled`` (``discard-draft`` in studio.py)."""
+    report = await start(client, "c2")
+    project = await run_of(
+        client, await client.send("project/start.requested", {"projectId": "p9"})
+    )
+    await wait_for_observation(redis, namespace, "c2", "started")
+    await wait_for_observation(redis, namespace, "p9", "started")
+    await client.send("report/cancel.requested", {"reportId": "c2"})
+    await client.send("project/cancel.requested", {"projectId": "p9"})
+    seen = await wait_for_observation(redis, namespace, f"ported:{report}", "discarded")
+    assert seen["data"]["event"]["data"]["reportId"] == "c2"
+    # The project's outcome reached the unfiltered handler; the ported one said it let it
+    # go, and started nothing for it.
+    outcome = await wait_for_observation(redis, namespace, f"outcome:{project}", "outcome")
+    worker = processes["worker"]
+
+    async def filtered_out() -> bool:
+        return any(
+            (line["function_id"], line["event_id"]) == ("discard-draft", outcome["event_id"])
+            for line in worker.logs("trigger.filtered_out")
+        )
+
+    await wait_until(filtered_out, timeout=10)
+    assert await observed(redis, namespace, f"ported:{project}") == []
 
 
 async def test_duplicates_and_a_second_broker_cancel_each_run_once(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -14,10 +15,11 @@ from sdk.expressions import (
     compile_rule_expression,
     compile_trigger_filter,
 )
+from sdk.function import canonical_config
 from sdk.keys import Keys
 from sdk.rules import Path, Selector, index_entries, lookups, value_token
 from sdk.urls import redact_url
-from sdk.wire import decode_event, encode_event
+from sdk.wire import config_hash, decode_event, encode_event
 
 
 def test_match_rule_indexes_the_trigger_value() -> None:
@@ -305,3 +307,20 @@ def test_timeouts_are_durations_as_inngest_writes_them_or_instants() -> None:
     ]:
         with pytest.raises(ConfigurationError, match=message):
             CancelOn(event="a/b", match="data.id", timeout=nonsense)
+
+
+def test_trigger_if_is_checked_at_definition_and_is_part_of_the_config() -> None:
+    worker = Worker("reports", "redis://localhost:1/0")
+
+    async def body(ctx: Any) -> None: ...
+
+    fn = worker.function(id="f", trigger="cancel/run.cancelled", trigger_if="event.data.a == 1")(
+        body
+    )
+    assert fn.config.trigger_if == "event.data.a == 1"
+    assert fn.trigger_filter is not None
+    assert config_hash(canonical_config("f", "cancel/run.cancelled", ())) != fn.config_hash
+    with pytest.raises(ExpressionError, match="unknown variable 'async'"):
+        worker.function(id="h", trigger="a/b", trigger_if="async.data.a == 1")(body)
+    with pytest.raises(ExpressionError, match="function 'i': trigger_if"):
+        worker.function(id="i", trigger="a/b", trigger_if="event.data.a ==")(body)

@@ -219,7 +219,7 @@ function configBlock(config) {
     "div",
     { class: "config" },
     head,
-    el("div", { class: "muted" }, `trigger ${config.trigger} · ${config.cancel_mode}`, config.interrupt_after_s != null ? ` · interrupt after ${config.interrupt_after_s} s` : "", config.owner ? ` · owner ${config.owner}` : ""),
+    el("div", { class: "muted" }, `trigger ${config.trigger}`, config.trigger_if ? ` if ${config.trigger_if}` : "", ` · ${config.cancel_mode}`, config.interrupt_after_s != null ? ` · interrupt after ${config.interrupt_after_s} s` : "", config.owner ? ` · owner ${config.owner}` : ""),
     rules,
     el("div", { class: "muted" }, `${config.active_runs} running · workers: ${config.workers.join(", ") || "none"}`),
   );

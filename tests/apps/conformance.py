@@ -25,5 +25,14 @@ for case in CASES:
     rule = CancelOn(event=case.cancel_name, match=case.match, if_=case.if_, timeout=case.timeout)
     worker.function(id=case.id, trigger=case.trigger_name, cancel_on=[rule])(body)
 
+#: Inngest's singleton ``{key: "event.data.userId", mode: "cancel"}``: a rule on the
+#: function's own trigger, matched on the key (docs/migrate/inngest.md).
+SINGLETON = "conformance/singleton.requested"
+worker.function(
+    id="singleton",
+    trigger=SINGLETON,
+    cancel_on=[CancelOn(event=SINGLETON, match="data.userId")],
+)(body)
+
 if __name__ == "__main__":
     serve(worker, command_client(REDIS_URL))

@@ -146,7 +146,19 @@ async def crunch(ctx: RunContext) -> None:
 async def on_cancelled(ctx: RunContext) -> None:
     """Cleanup triggered by the outcome event: here it records what it was told."""
     data = ctx.event.data
-    await record(f"outcome:{data['run_id']}", "outcome", ctx, data=data)
+    await record(f"outcome:{data['run_id']}", "outcome", ctx, data=data, event_id=ctx.event.id)
+
+
+@worker.function(
+    id="discard-draft",
+    trigger=RUN_CANCELLED_EVENT,
+    trigger_if="event.data.app_id == 'studio' && event.data.function_id == 'generate-report'",
+)
+async def discard_draft(ctx: RunContext) -> None:
+    """Inngest's cleanup function on ``inngest/function.cancelled``, ported with its ``if``:
+    only the outcomes of generate-report runs start it."""
+    data = ctx.event.data
+    await record(f"ported:{data['run_id']}", "discarded", ctx, data=data)
 
 
 if __name__ == "__main__":
