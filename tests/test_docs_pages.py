@@ -128,3 +128,17 @@ def test_migration_code_uses_only_what_the_sdk_has(page: Path) -> None:
                     allowed = keywords_of(signature)
                     for keyword in node.keywords:
                         assert keyword.arg in allowed, (page.name, callee, keyword.arg)
+
+
+def _test_names() -> set[str]:
+    names = set()
+    for module in (ROOT / "tests").glob("test_*.py"):
+        names |= set(re.findall(r"^(?:async )?def (test_\w+)", module.read_text(), re.M))
+    return names
+
+
+@pytest.mark.parametrize("page", sorted((DOCS / "migrate").glob("*.md")), ids=lambda p: p.name)
+def test_the_tests_a_migration_guide_cites_exist(page: Path) -> None:
+    """A guide's row that says which test runs it must name a test that exists."""
+    cited = set(re.findall(r"`(?:tests/[\w/]+\.py::)?(test_\w+)", page.read_text()))
+    assert cited <= _test_names(), cited - _test_names()
