@@ -185,8 +185,9 @@ CASES: tuple[Case, ...] = (
     ),
     Case(
         id="absent-on-both-sides-match",
-        source="inngest/inngest pkg/execution: a `match` is the expression"
-        " `event.data.reportId == async.data.reportId` (absent on both sides: null == null)",
+        source=f"{JS_CONFIG}: a `match` is the expression"
+        " `event.data.reportId == async.data.reportId`; absent on both sides, null == null"
+        f" ({NULL_ENGINE})",
         match="data.reportId",
         trigger={"other": 1},
         cancel={"other": 2},
