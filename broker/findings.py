@@ -11,6 +11,7 @@ them, so they never disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, Literal, get_args
 
 import msgspec
@@ -145,9 +146,20 @@ DEFAULT_WINDOWS: Final = Windows()
 
 
 def rule_text(rule: RuleConfig) -> str:
+    """The whole rule, on one line: two rules that differ never read the same."""
     if rule.all_runs:
         return f"{rule.event} (all runs)"
-    return f"{rule.event} match {rule.match}"
+    parts = [rule.event]
+    if rule.match is not None:
+        parts.append(f"match {rule.match}")
+    if rule.if_ is not None:
+        parts.append(f"if {rule.if_}")
+    if rule.timeout_s is not None:
+        parts.append(f"timeout {rule.timeout_s:g}s")
+    if rule.until_ms is not None:
+        at = datetime.fromtimestamp(rule.until_ms / 1000, tz=UTC).isoformat()
+        parts.append(f"until {at.replace('+00:00', 'Z')}")
+    return " ".join(parts)
 
 
 #: The fields of a configuration, besides its rules, that a drift diff compares.

@@ -51,6 +51,22 @@ NULL_ENGINE = (
 
 CASES: tuple[Case, ...] = (
     Case(
+        id="py-cancel",
+        source="inngest/inngest-py tests/test_function/cases/cancel.py",
+        if_="event.data.id == async.data.id",
+        trigger={"id": 123},
+        cancel={"id": 123},
+        expected="cancelled",
+    ),
+    Case(
+        id="py-no-cancel-if-exp-not-match",
+        source="inngest/inngest-py tests/test_function/cases/no_cancel_if_exp_not_match.py",
+        if_="event.data.id == async.data.id",
+        trigger={"id": 123},
+        cancel={"id": 456},
+        expected="running",
+    ),
+    Case(
         id="go-event-cancellation",
         source="inngest/inngest tests/golang/cancel_test.go TestEventCancellation"
         " 'should cancel run'",

@@ -14,12 +14,12 @@ import structlog
 from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics
-from broker.findings import SyncState, Windows
+from broker.findings import SyncState, Windows, config_changes
 from broker.http import create_app
 from broker.sync import EventWatch, SyncMonitor
 from broker.sync_state import collect_state
 from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
-from sdk.function import Function
+from sdk.function import Function, canonical_config
 from sdk.keys import Keys
 from sdk.rules import index_entries
 from sdk.store import RegisterRequest, RunStore
@@ -469,3 +469,20 @@ async def test_sync_history_keeps_the_configured_number_of_syncs(
         tg.cancel_scope.cancel()
     history = (await state_of(redis, namespace)).history["reports"]
     assert [entry.app_version for entry in history] == ["v4", "v3"]
+
+
+def test_a_drift_diff_shows_the_whole_rule() -> None:
+    """Rules that differ only in their expression or timeout read differently."""
+    old = canonical_config("f", "a/b", (CancelOn(event="c/d", match="data.id", timeout="1h"),))
+    new = canonical_config(
+        "f", "a/b", (CancelOn(event="c/d", match="data.id", if_="async.data.hard == true"),)
+    )
+    changes = config_changes(old, new)
+    assert changes["rules_removed"] == ["c/d match data.id timeout 3600s"]
+    assert changes["rules_added"] == ["c/d match data.id if async.data.hard == true"]
+    at = canonical_config(
+        "f", "a/b", (CancelOn(event="c/d", match="data.id", timeout="2026-12-31T23:00:00Z"),)
+    )
+    assert config_changes(None, at)["rules_added"] == [
+        "c/d match data.id until 2026-12-31T23:00:00Z"
+    ]
