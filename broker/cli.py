@@ -3,36 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import json
-import signal
+import re
 import sys
 import traceback
-from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar, cast
+from typing import Final, TypeVar
 
 import anyio
 import msgspec
 import structlog
 
 import sdk
-from broker.cli_errors import UsageError, diagnose, leaf
-from broker.dashboard_access import CancelAccess, DashboardMode, is_loopback
-from broker.dashboard_routes import dashboard_routes
-from broker.embedded import EmbeddedRedis
-from broker.findings import SyncState, Windows
-from broker.http import create_app, serve_http
-from broker.logs import LogFormat, configure_logging
-from broker.metrics import BrokerMetrics
-from broker.output import Output, progress_bar, text
+from broker.cli_client import redis_url
+from broker.cli_commands import (
+    DEFAULT_DEAD_LETTERS,
+    cancel_command,
+    cancel_many_command,
+    dead_letters_command,
+    get_run_command,
+    runs_command,
+    send_command,
+    wait_command,
+)
+from broker.cli_errors import diagnose, leaf
+from broker.findings import SyncState
+from broker.logs import configure_logging
+from broker.output import Output
 from broker.report import format_status, print_status_rich
-from broker.service import Broker
+from broker.run_listing import MAX_RUNS, STATUSES
+from broker.serve import run_command, windows
 from broker.settings import Settings
 from broker.sync_state import collect_state
-from sdk import OPERATOR, Client, RunInfo
-from sdk.client import Actor
 from sdk.connection import (
     REDIS_URL_ENV,
     command_client,
@@ -41,9 +43,6 @@ from sdk.connection import (
 )
 from sdk.durations import parse_duration
 from sdk.keys import Keys
-from sdk.local_redis import advertise
-from sdk.redis_health import OnEvicting
-from sdk.urls import redact_url
 
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0
@@ -77,6 +76,14 @@ EXAMPLES: Final[dict[str, str]] = {
     "get-run": """
   cancel-broker get-run 0f8e2c1d9b7a4e3f
   cancel-broker get-run 0f8e2c1d9b7a4e3f --json | jq .status""",
+    "runs": """
+  cancel-broker runs --function generate-report --status running
+  cancel-broker runs --event 1732280004567-0          # the runs an event triggered
+  cancel-broker runs --app reports --json | jq '.[].run_id'""",
+    "dead-letters": """
+  cancel-broker dead-letters                          # newest first, with the reason
+  cancel-broker dead-letters --json | jq '.[] | {id, reason, detail}'
+  cancel-broker dead-letters --republish 1732280000123-0""",
     "redis-url": """
   cancel-broker redis-url                             # the embedded Redis of `make run`
   CANCEL_BROKER_REDIS_URL=redis://redis:6379/0 cancel-broker redis-url   # from the variable""",
@@ -145,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         " 2h, 7d.",
     )
     Settings.add_arguments(run, ["broker", "detection"])
-    run.set_defaults(handler=_run, settings_groups=["connection", "broker", "detection"])
+    run.set_defaults(handler=run_command, settings_groups=["connection", "broker", "detection"])
 
     sync = commands.add_parser("sync", help="registration state and stale configurations")
     sync_commands = sync.add_subparsers(dest="sync_command", required=True, metavar="COMMAND")
@@ -166,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument(
         "data", nargs="?", default="{}", help='a JSON object, e.g. {"reportId": "r1"}'
     )
-    send.set_defaults(handler=_send)
+    send.set_defaults(handler=send_command)
 
     cancel = _command(
         commands,
@@ -183,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="cancel as this owner value (JSON, or a plain string); default: as an operator,"
         " whatever owner the function declares",
     )
-    cancel.set_defaults(handler=_cancel)
+    cancel.set_defaults(handler=cancel_command)
 
     many = _command(
         commands,
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="CEL over the trigger, e.g. 'event.data.tier == \"free\"'",
     )
     many.add_argument("--reason", default=None, help="recorded on each run")
-    many.set_defaults(handler=_cancel_many)
+    many.set_defaults(handler=cancel_many_command)
 
     wait = _command(
         commands,
@@ -219,22 +226,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("run_id")
     wait.add_argument("--timeout", type=_duration, default=None, help="e.g. 30s (default: none)")
-    wait.set_defaults(handler=_wait)
+    wait.set_defaults(handler=wait_command)
 
     get_run = _command(
         commands, "get-run", example="get-run", parents=[common, as_json], help="show one run"
     )
     get_run.add_argument("run_id")
-    get_run.set_defaults(handler=_get_run)
+    get_run.set_defaults(handler=get_run_command)
 
-    redis_url = _command(
+    runs = _command(
+        commands,
+        "runs",
+        example="runs",
+        parents=[common, as_json],
+        help="list runs: unfinished first, then recently finished; or an event's runs",
+    )
+    runs.add_argument("--app", default=None, help="only this app's runs")
+    runs.add_argument("--function", default=None, help="only this function's runs")
+    runs.add_argument("--status", choices=STATUSES, default=None, help="only runs in this status")
+    runs.add_argument(
+        "--event", default=None, help="the runs this event (its id, as `send` prints it) triggered"
+    )
+    runs.add_argument("--limit", type=int, default=50, help=f"at most this many (1-{MAX_RUNS})")
+    runs.set_defaults(handler=runs_command)
+
+    letters = _command(
+        commands,
+        "dead-letters",
+        example="dead-letters",
+        parents=[common, as_json],
+        help="list the entries the broker and workers could not handle, with why",
+    )
+    letters.add_argument(
+        "--limit", type=int, default=DEFAULT_DEAD_LETTERS, help="at most this many"
+    )
+    letters.add_argument(
+        "--republish",
+        metavar="ID",
+        type=_entry_id,
+        default=None,
+        help="publish this dead letter's event again (it must be valid) and remove it",
+    )
+    letters.set_defaults(handler=dead_letters_command)
+
+    url_command = _command(
         commands,
         "redis-url",
         example="redis-url",
         parents=[common],
         help="print the Redis URL the other commands use, and where it comes from (stderr)",
     )
-    redis_url.set_defaults(handler=_print_redis_url)
+    url_command.set_defaults(handler=_print_redis_url)
     return parser
 
 
@@ -246,17 +288,17 @@ def _datetime(text: str) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+def _entry_id(text: str) -> str:
+    if not re.fullmatch(r"\d+-\d+", text):
+        raise argparse.ArgumentTypeError(f"not a stream entry id: {text!r} (e.g. 1732280000123-0)")
+    return text
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _windows(settings: Settings) -> Windows:
-    return Windows(
-        dead_rule_after_s=settings.dead_rule_window, orphan_window_s=settings.orphan_window
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -287,266 +329,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- run -----------------------------------------------------------------------------
 
 
-def _run(args: argparse.Namespace, settings: Settings) -> int:
-    configure_logging(settings.log_level, cast(LogFormat, settings.log_format))
-    with ExitStack() as stack:
-        url = settings.redis_url
-        if not url:
-            server = stack.enter_context(EmbeddedRedis())
-            url = server.url
-            stack.enter_context(advertise(url))
-            print(
-                f"cancel-broker: started an embedded Redis at {url}\n"
-                "  workers, clients and cancel-broker commands on this machine that are given"
-                " no Redis URL use it while this broker runs\n"
-                f"  (elsewhere: export {REDIS_URL_ENV}={url})",
-                flush=True,
-            )
-        anyio.run(_serve, url, settings)
-    return 0
-
-
-async def _serve(url: str, settings: Settings) -> None:
-    metrics = BrokerMetrics()
-    broker = Broker(
-        url,
-        namespace=settings.namespace,
-        consumer=settings.consumer,
-        metrics=metrics,
-        windows=_windows(settings),
-        cancel_event_names=frozenset(settings.cancel_events),
-        claim_idle_ms=int(settings.claim_idle * 1000),
-        dead_letter_maxlen=settings.dead_letter_maxlen,
-        history_length=settings.history_length,
-        tombstone_lookback_s=settings.tombstone_lookback,
-        partitions=settings.partitions,
-        pending_cancel_lookback_s=settings.pending_cancel_lookback,
-        wait_replicas=settings.wait_replicas,
-        wait_timeout_s=settings.wait_timeout,
-        trigger_lookback_s=settings.trigger_lookback,
-        on_evicting_redis=cast(OnEvicting, settings.on_evicting_redis),
-    )
-    access = CancelAccess(
-        mode=cast(DashboardMode, settings.dashboard),
-        token=settings.dashboard_token,
-        loopback=is_loopback(settings.http_host),
-    )
-    if access.mode == "on" and not access.cancel_enabled:
-        log.warning("dashboard.cancel_off", reason=access.cancel_disabled_reason)
-    routes = dashboard_routes(access, broker.dashboard, namespace=settings.namespace)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, broker, tg.cancel_scope)
-        port = await tg.start(
-            serve_http,
-            create_app(metrics.registry, broker, routes),
-            settings.http_host,
-            settings.http_port,
-        )
-        await tg.start(broker.run)
-        log.info(
-            "broker.ready",
-            redis_url=redact_url(url),
-            namespace=settings.namespace,
-            http=f"http://{settings.http_host}:{port}",
-            dashboard=settings.dashboard,
-            version=sdk.__version__,
-        )
-
-
-async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:
-    """SIGTERM/SIGINT: stop reading, finish and acknowledge the batch in hand, exit.
-
-    Within ``STOP_TIMEOUT_S`` in any case; a second signal stops at once.
-    """
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("broker.stopping", signal=signum.name)
-            broker.stop()
-            with anyio.move_on_after(STOP_TIMEOUT_S):
-                async with anyio.create_task_group() as tg:
-
-                    async def second_signal() -> None:
-                        async for _ in signals:
-                            tg.cancel_scope.cancel()
-
-                    tg.start_soon(second_signal)
-                    await broker.stopped.wait()
-                    tg.cancel_scope.cancel()
-            scope.cancel()
-            return
-
-
-# -- client commands -------------------------------------------------------------------
-
-
-def _redis_url(settings: Settings) -> str:
-    """The URL a client command uses; says so on stderr when it is the embedded Redis that
-    a `cancel-broker run` on this machine advertises (rather than one the user gave)."""
-    url, source = resolve_url_source(settings.redis_url)
-    if source == "embedded":
-        print(
-            f"cancel-broker: using the embedded Redis of a running `cancel-broker run`: {url}",
-            file=sys.stderr,
-        )
-    return url
-
-
-def _with_client(settings: Settings, action: Callable[[Client], Awaitable[T]]) -> T:
-    url = _redis_url(settings)
-
-    async def go() -> T:
-        async with Client(
-            url,
-            namespace=settings.namespace,
-            partitions=settings.partitions,
-            pending_cancel_lookback=settings.pending_cancel_lookback,
-            wait_replicas=settings.wait_replicas,
-            wait_timeout=settings.wait_timeout,
-        ) as client:
-            return await action(client)
-
-    return anyio.run(go)
-
-
-def _run_rows(run: RunInfo) -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = [
-        ("run_id", run.run_id),
-        ("function", f"{run.app_id}/{run.function_id}"),
-        ("status", run.status),
-        ("trigger", f"{run.event.name} {json.dumps(run.event.data, separators=(',', ':'))}"),
-        ("worker", run.worker_id),
-        ("started_at", run.started_at),
-        ("finished_at", run.finished_at),
-    ]
-    optional = [
-        ("cancel_requested_at", run.cancel_requested_at),
-        ("cancel_reason", run.cancel_reason),
-        ("cancelled_by", run.cancelled_by),
-        ("cancel_latency_ms", run.cancel_latency_ms),
-        ("error", run.error),
-        ("rule_error", run.rule_error),
-        ("on_cancel_error", run.on_cancel_error),
-        ("parent_run_id", run.parent_run_id),
-    ]
-    rows += [(name, value) for name, value in optional if value is not None]
-    if run.abandoned_thread:
-        rows.append(("abandoned_thread", True))
-    if run.escalated:
-        rows.append(("escalated", True))
-    if run.terminated:
-        rows.append(("terminated", True))
-    return rows
-
-
-def _show_run(args: argparse.Namespace, run: RunInfo) -> None:
-    out = Output(as_json=args.json)
-    if out.as_json:
-        out.json(run)
-    else:
-        out.record(f"run {run.run_id}", _run_rows(run))
-
-
-def _send(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        data = json.loads(args.data)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"DATA is not JSON: {exc}", """quote it for the shell: '{"reportId": "r1"}'"""
-        ) from None
-    print(_with_client(settings, lambda client: client.send(args.name, data)))
-    return 0
-
-
-def _cancel(args: argparse.Namespace, settings: Settings) -> int:
-    actor: Actor = OPERATOR
-    if args.actor is not None:
-        try:
-            actor = json.loads(args.actor)
-        except json.JSONDecodeError:
-            actor = args.actor
-    result = _with_client(
-        settings, lambda client: client.cancel(args.run_id, reason=args.reason, actor=actor)
-    )
-    out = Output(as_json=args.json)
-    if out.as_json:
-        out.json(result)
-    else:
-        out.record(
-            f"cancel {result.run_id}",
-            [
-                ("run_id", result.run_id),
-                ("outcome", result.outcome),
-                ("previous_status", result.previous_status),
-                ("status", result.status),
-                ("cascaded", ", ".join(result.cascaded) or "-"),
-                *([("kept_until", result.kept_until)] if result.kept_until else []),
-            ],
-        )
-        if result.outcome == "pending":
-            print(
-                f"no run {result.run_id} yet: the cancel is kept until"
-                f" {text(result.kept_until)}, and a run that registers with this id by then is"
-                " cancelled before its body runs",
-                file=sys.stderr,
-            )
-    return 1 if result.outcome in ("not_found", "forbidden") else 0
-
-
-def _cancel_many(args: argparse.Namespace, settings: Settings) -> int:
-    with progress_bar(f"cancelling {args.function_id}") as ticker:
-        bulk = _with_client(
-            settings,
-            lambda client: client.cancel_many(
-                args.function_id,
-                app_id=args.app,
-                started_after=args.started_after,
-                started_before=args.started_before,
-                if_=args.if_,
-                reason=args.reason,
-                progress=ticker,
-            ),
-        )
-    outcomes = Counter(result.outcome for result in bulk.results)
-    out = Output(as_json=args.json)
-    if out.as_json:
-        out.json(
-            {
-                "runs": len(bulk.results),
-                "outcomes": dict(outcomes),
-                "started_after": bulk.started_after,
-                "started_before": bulk.started_before,
-                "kept_until": bulk.kept_until,
-            }
-        )
-        return 0
-    out.table(
-        f"{len(bulk.results)} run(s) of {args.function_id} considered",
-        ["outcome", "runs"],
-        sorted(outcomes.items()),
-    )
-    if bulk.kept_until is not None:
-        print(
-            f"runs of {args.function_id} triggered up to {text(bulk.started_before)} that have"
-            f" not registered yet (queued) are cancelled when they do, until"
-            f" {text(bulk.kept_until)}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def _wait(args: argparse.Namespace, settings: Settings) -> int:
-    run = _with_client(settings, lambda client: client.wait(args.run_id, args.timeout))
-    _show_run(args, run)
-    return 0
+# -- inspection -------------------------------------------------------------------
 
 
 def _sync_status(args: argparse.Namespace, settings: Settings) -> int:
-    url = _redis_url(settings)
+    url = redis_url(settings)
 
     async def collect() -> SyncState:
         redis = command_client(url)
         try:
-            return await collect_state(redis, Keys(settings.namespace), windows=_windows(settings))
+            return await collect_state(redis, Keys(settings.namespace), windows=windows(settings))
         finally:
             await redis.aclose()
 
@@ -573,13 +365,4 @@ def _print_redis_url(args: argparse.Namespace, settings: Settings) -> int:
     }[source]
     print(f"cancel-broker: from {origin}", file=sys.stderr)
     print(url)
-    return 0
-
-
-def _get_run(args: argparse.Namespace, settings: Settings) -> int:
-    run = _with_client(settings, lambda client: client.get_run(args.run_id))
-    if run is None:
-        print(f"cancel-broker: no run {args.run_id}", file=sys.stderr)
-        return 1
-    _show_run(args, run)
     return 0

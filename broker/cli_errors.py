@@ -23,6 +23,7 @@ from sdk.errors import (
     NotReplicatedError,
     PartitionCountError,
     RunNotFinishedError,
+    UnknownFunctionError,
 )
 from sdk.redis_health import EvictingRedisError
 from sdk.urls import redact_url
@@ -98,6 +99,12 @@ def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
     if isinstance(exc, RunNotFinishedError):
         return Diagnosis(
             message, "wait longer with --timeout, or see where it is with `cancel-broker get-run`"
+        )
+    if isinstance(exc, UnknownFunctionError):
+        return Diagnosis(
+            message,
+            "a function is known once a worker that declares it has started; `cancel-broker"
+            " sync status` lists them",
         )
     if isinstance(exc, InvalidIdError):
         return Diagnosis(message, "copy the id as printed by `send`, `get-run` or the logs")

@@ -23,8 +23,9 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 import sdk
-from broker.dashboard import STATUSES, DashboardData, InvalidQueryError, RunsQuery
+from broker.dashboard import DashboardData
 from broker.dashboard_access import REQUEST_HEADER, TOKEN_HEADER, CancelAccess, CancelRefused
+from broker.run_listing import STATUSES, InvalidQueryError, RunsQuery
 from sdk.connection import REDIS_ERRORS
 from sdk.errors import InvalidIdError, NotReplicatedError
 

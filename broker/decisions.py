@@ -142,22 +142,48 @@ def _decided(body: str) -> Decision:
     return Decision(**msgspec.structs.asdict(recorded))
 
 
-def _dead_letter(entry_id: str, fields: dict[str, str]) -> Decision:
-    """A dead letter as a decision; the original event's name and data when readable."""
+def _original(fields: dict[str, str]) -> tuple[str | None, dict[str, Any] | None]:
+    """A dead letter's original event name and data, when readable (never more than
+    ``DATA_BYTES_KEPT`` of data: a hostile event must not make every read large)."""
     original = _json(fields.get("fields"), {})
     body = _json(original.get(EVENT_FIELD), None) if isinstance(original, dict) else None
     name = body.get("name") if isinstance(body, dict) else None
     data = body.get("data") if isinstance(body, dict) else None
+    return (name if isinstance(name, str) else None), (
+        _data(data) if isinstance(data, dict) else None
+    )
+
+
+def _dead_letter(entry_id: str, fields: dict[str, str]) -> Decision:
+    """A dead letter as a decision; the original event's name and data when readable."""
+    name, data = _original(fields)
     return Decision(
         at=int(entry_id.partition("-")[0]),
         event_id=fields.get("entry_id", ""),
-        event_name=name if isinstance(name, str) else None,
+        event_name=name,
         decision="dead_lettered",
-        data=data if isinstance(data, dict) else None,
+        data=data,
         reason=fields.get("reason"),
         detail=fields.get("detail"),
         consumer=fields.get("consumer"),
     )
+
+
+def dead_letter_view(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    """A dead letter as ``cancel-broker dead-letters`` shows it (``id`` is the dead
+    letter's own, to publish it again; ``original_id`` the refused entry's)."""
+    name, data = _original(fields)
+    return {
+        "id": entry_id,
+        "at": int(entry_id.partition("-")[0]),
+        "reason": fields.get("reason"),
+        "detail": fields.get("detail"),
+        "original_id": fields.get("entry_id"),
+        "event_name": name,
+        "data": data,
+        "consumer": fields.get("consumer"),
+        "truncated": fields.get("truncated") == "1",
+    }
 
 
 async def recent(redis: RedisClient, keys: Keys, limit: int) -> list[Decision]:

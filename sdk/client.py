@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -10,13 +11,14 @@ from types import TracebackType
 from typing import Any, Final, Self, cast
 
 import anyio
+import msgspec
 import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace, resolve_wait
 from sdk.connection import command_client, redis_now_ms, resolve_url
 from sdk.durability import Replicas
-from sdk.errors import InvalidBulkCancelError, RunNotFinishedError
+from sdk.errors import InvalidBulkCancelError, RunNotFinishedError, UnknownFunctionError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
@@ -30,7 +32,9 @@ from sdk.wire import (
     CancelResult,
     Event,
     RunInfo,
+    WorkerInfo,
     decode_stored_event,
+    decode_worker,
     encode_event,
 )
 
@@ -86,6 +90,16 @@ def _first_decided(results: list[CancelResult]) -> CancelResult:
         if result.outcome not in ("pending", "not_found"):
             return result
     return next((r for r in results if r.outcome == "pending"), results[0])
+
+
+def _worker_info(raw: str | None) -> WorkerInfo | None:
+    """A worker's registration, None when it is gone or unreadable (another version)."""
+    if raw is None:
+        return None
+    try:
+        return decode_worker(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
@@ -277,6 +291,12 @@ class Client:
             raise InvalidBulkCancelError(
                 f"started_after ({_iso(after)}) is later than started_before ({_iso(before)})"
             )
+        apps = (
+            [check_name("app id", app_id)]
+            if app_id
+            else sorted(cast(set[str], await self._redis.smembers(self.keys.apps)))
+        )
+        await self._check_declared(function_id, apps, app_id)
         reason = reason or f"bulk cancel of {function_id}"
         bulk_request = CancelRequest(cancelled_by="api", reason=reason)
         kept_until = None
@@ -296,11 +316,6 @@ class Client:
             for store in self._stores:
                 await store.keep_bulk_cancel(bulk, keep_ms=self._keep_ms)
             kept_until = _datetime(now + self._keep_ms)
-        apps = (
-            [check_name("app id", app_id)]
-            if app_id
-            else sorted(cast(set[str], await self._redis.smembers(self.keys.apps)))
-        )
         # Both bounds included, as Inngest's bulk cancel; runs are scored by trigger time.
         low = "-inf" if after is None else str(after)
         # Listed first, so that progress knows the total.
@@ -348,6 +363,42 @@ class Client:
             kept_until=kept_until,
         )
         return await self.replicas.check(result)
+
+    async def _check_declared(self, function_id: str, apps: list[str], app_id: str | None) -> None:
+        """Refuse a bulk cancel of a function that no app declares (in its latest sync, or
+        a live worker's registration) and that has no runs: a typo would otherwise cancel
+        nothing, silently."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.workers, 0, -1)
+            for app in apps:
+                pipe.hkeys(self.keys.app_functions(app))
+                for store in self._stores:
+                    pipe.exists(store.keys.function_runs(app, function_id))
+            workers, *replies = await pipe.execute()
+        per_app = 1 + len(self._stores)
+        declared: set[str] = set()
+        for i in range(0, len(replies), per_app):
+            functions, *runs = replies[i : i + per_app]
+            if function_id in functions or any(runs):
+                return
+            declared |= set(cast(list[str], functions))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for worker_id in cast(list[str], workers):
+                pipe.hget(self.keys.worker(worker_id), "info")
+            for raw in cast(list[str | None], await pipe.execute()):
+                info = _worker_info(raw)
+                if info is None or (app_id is not None and info.app_id != app_id):
+                    continue
+                if function_id in info.functions:
+                    return
+                declared |= set(info.functions)
+        where = f"app {app_id!r}" if app_id else "any app"
+        close = difflib.get_close_matches(function_id, sorted(declared), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise UnknownFunctionError(
+            f"no function {function_id!r} in {where}: no app or live worker declares it and"
+            f" it has no runs (declared: {', '.join(sorted(declared)) or 'none yet'}){hint}"
+        )
 
     async def _filter(
         self, store: RunStore, run_ids: list[str], condition: Expression

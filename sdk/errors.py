@@ -62,7 +62,8 @@ class NotReplicatedError(CancelBrokerError):
 
 
 class UnknownFunctionError(CancelBrokerError, LookupError):
-    """``worker.run`` named a function the worker does not declare."""
+    """``worker.run`` named a function the worker does not declare, or
+    ``Client.cancel_many`` one that no app declares and that has no runs."""
 
 
 class WorkerNotStartedError(CancelBrokerError, RuntimeError):

@@ -19,6 +19,7 @@ The handler acknowledges what it has handled; what it has not stays pending.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, cast
@@ -26,6 +27,7 @@ from typing import Any, Final, cast
 import anyio
 import structlog
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from sdk.connection import (
     REDIS_ERRORS,
@@ -36,7 +38,7 @@ from sdk.connection import (
     is_transient,
     redis_now_ms,
 )
-from sdk.wire import encode_json, printable
+from sdk.wire import MAX_EVENT_BYTES, encode_json, printable
 
 Entry = tuple[str, dict[str, str] | None]
 Handler = Callable[[Sequence[Entry]], Awaitable[None]]
@@ -48,6 +50,9 @@ MAX_DELIVERIES: Final = 5
 
 #: Approximate cap on the dead-letter stream.
 DEAD_LETTER_MAXLEN: Final = 100_000
+#: A refused entry's fields are kept whole up to this many bytes (JSON), else an excerpt.
+DEAD_LETTER_KEPT_BYTES: Final = 2 * MAX_EVENT_BYTES
+DEAD_LETTER_EXCERPT_BYTES: Final = 4_096
 #: The longest pause between two reads after failures: once Redis is back (a restart, a
 #: failover), the entries published meanwhile are read within about a second.
 RECONNECT_CAP_S: Final = 1.0
@@ -64,20 +69,26 @@ async def dead_letter(
     consumer: str,
     maxlen: int = DEAD_LETTER_MAXLEN,
 ) -> None:
-    """Park an entry that cannot be handled, with the reason and the original fields."""
-    original = {printable(k): printable(v) for k, v in (fields or {}).items()}
-    await redis.xadd(
-        stream,
-        {
-            "reason": reason,
-            "detail": printable(detail[:2000]),
-            "entry_id": entry_id,
-            "fields": encode_json(original),
-            "consumer": consumer,
-        },
-        maxlen=maxlen,
-        approximate=True,
-    )
+    """Park an entry that cannot be handled, with the reason and the original fields.
+
+    The original is kept whole up to ``DEAD_LETTER_KEPT_BYTES`` (twice the largest valid
+    event: whatever can be published again is kept); a larger one, never a valid event,
+    is kept as an excerpt with its size and SHA-256, so that one hostile entry cannot make
+    the dead letters, and every read of them, megabytes long."""
+    original = encode_json({printable(k): printable(v) for k, v in (fields or {}).items()})
+    letter: dict[FieldT, EncodableT] = {
+        "reason": reason,
+        "detail": printable(detail[:2000]),
+        "entry_id": entry_id,
+        "fields": original,
+        "consumer": consumer,
+    }
+    if len(original) > DEAD_LETTER_KEPT_BYTES:
+        letter["fields"] = original[:DEAD_LETTER_EXCERPT_BYTES]
+        letter["truncated"] = "1"
+        letter["fields_bytes"] = str(len(original))
+        letter["fields_sha256"] = hashlib.sha256(original).hexdigest()
+    await redis.xadd(stream, letter, maxlen=maxlen, approximate=True)
 
 
 async def create_group(

@@ -33,7 +33,7 @@ from tests.benchmarks.registered import register_runs, run_id
 from tests.processes import ROOT
 
 #: Commands that print a table or a record, and so must take --json.
-TABLE_COMMANDS = {"sync status", "cancel", "cancel-many", "wait", "get-run"}
+TABLE_COMMANDS = {"sync status", "cancel", "cancel-many", "wait", "get-run", "runs", "dead-letters"}
 
 
 @pytest.fixture(autouse=True)
@@ -368,7 +368,7 @@ def test_an_unexpected_error_says_to_use_debug(
     def broken(args: argparse.Namespace, settings: object) -> int:
         raise KeyError("boom")
 
-    monkeypatch.setattr(broker.cli, "_send", broken)
+    monkeypatch.setattr(broker.cli, "send_command", broken)
     assert main(["send", "a/b"]) == EXIT_INTERNAL
     line = one_error_line(capsys.readouterr().err)
     assert "unexpected KeyError" in line

@@ -27,9 +27,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 from starlette.routing import Route
 
-from broker.cli import STOP_TIMEOUT_S, build_parser
+from broker.cli import build_parser
 from broker.findings import SyncState
 from broker.http import create_app
+from broker.serve import STOP_TIMEOUT_S
 from broker.settings import Settings
 from tests.processes import ROOT, start_broker
 

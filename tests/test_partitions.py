@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker import Broker, EmbeddedRedis
-from broker.dashboard import RunsQuery
+from broker.run_listing import RunsQuery
 from sdk import CancelOn, Client, Event, RunContext, Worker
 from sdk.connection import command_client
 from sdk.errors import ConfigurationError, PartitionCountError
