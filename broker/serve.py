@@ -95,14 +95,20 @@ async def serve(url: str, settings: Settings) -> None:
             settings.http_port,
         )
         await tg.start(broker.run)
+        http = f"http://{settings.http_host}:{port}"
         log.info(
             "broker.ready",
             redis_url=redact_url(url),
             namespace=settings.namespace,
-            http=f"http://{settings.http_host}:{port}",
+            http=http,
             dashboard=settings.dashboard,
             version=sdk.__version__,
         )
+        if settings.dashboard != "off":
+            # On a line of its own, on stdout: what a person who ran `make run` looks for.
+            local = settings.http_host in ("0.0.0.0", "::", "")
+            where = f"http://127.0.0.1:{port}" if local else http
+            print(f"cancel-broker: dashboard at {where}/", flush=True)
 
 
 async def _stop_on_signals(broker: Broker, scope: anyio.CancelScope) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import anyio
 import pytest
@@ -16,6 +17,7 @@ from sdk.keys import EVENT_FIELD, Keys
 from sdk.streams import DEAD_LETTER_KEPT_BYTES, dead_letter
 from sdk.wire import decode_event, encode_event
 from tests.benchmarks.registered import register_runs, run_id, trigger
+from tests.processes import start_broker
 from tests.test_cli import cli, one_error_line
 
 pytestmark = pytest.mark.e2e
@@ -128,3 +130,16 @@ def test_wait_on_a_run_that_does_not_exist_fails_at_once(redis_url: str, namespa
     done = cli("wait", "r-never", *base(redis_url, namespace))
     assert done.returncode == 2
     assert "no run r-never" in one_error_line(done.stderr)
+
+
+def test_the_broker_prints_its_dashboard_url_on_a_line_of_its_own(
+    redis_url: str, namespace: str
+) -> None:
+    broker, http = start_broker(redis_url, namespace)
+    try:
+        deadline = time.monotonic() + 10
+        while f"cancel-broker: dashboard at {http}/" not in broker.lines:
+            assert time.monotonic() < deadline, broker.lines[-5:]
+            time.sleep(0.02)
+    finally:
+        broker.terminate()
