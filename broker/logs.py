@@ -32,7 +32,10 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     ]
     logger_factory: Callable[..., Any]
     if fmt == "console":
-        processors.append(structlog.dev.ConsoleRenderer())
+        # Plain tracebacks: the rich one shows each frame's locals, a trigger's data too.
+        processors.append(
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+        )
         logger_factory = structlog.PrintLoggerFactory(sys.stderr)
     else:
         processors += [

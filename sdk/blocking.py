@@ -35,7 +35,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from sdk.context import CancelState, RunContext
-from sdk.errors import RunCancelled, ThreadCancelled, WorkerNotStartedError
+from sdk.errors import RunCancelled, ThreadCancelled, WorkerNotStartedError, traceback_text
 from sdk.keys import check_id
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.wire import Event
@@ -356,8 +356,12 @@ class BlockingWorker:
                 if on_interrupt is not None:
                     try:
                         on_interrupt(state.reason or "cancelled")
-                    except Exception:  # the body still gets its grace
-                        log.exception("run.on_interrupt_failed", run_id=run.run_id)
+                    except Exception as exc:  # the body still gets its grace
+                        log.error(
+                            "run.on_interrupt_failed",
+                            run_id=run.run_id,
+                            exception=traceback_text(exc),
+                        )
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(self.worker.thread_grace if grace is None else grace):
                         await run._finished.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal as signal_module
+import traceback
 
 
 class CancelBrokerError(Exception):
@@ -163,3 +164,9 @@ class ProcessStepCrashed(ProcessStepError):
         else:
             how = f"exited with code {exitcode} without returning"
         super().__init__(f"the process of step {step!r} {how}")
+
+
+def traceback_text(exc: BaseException) -> str:
+    """``exc``'s traceback as Python prints it: file, line and code of each frame, never
+    the values of their variables (which may hold a trigger's data)."""
+    return "".join(traceback.format_exception(exc)).rstrip()

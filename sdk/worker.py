@@ -50,6 +50,7 @@ from sdk.errors import (
     RunCancelled,
     UnknownFunctionError,
     WorkerNotStartedError,
+    traceback_text,
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
@@ -428,8 +429,10 @@ class Worker:
             async with runner.running(run) as ctx, self._limiter:
                 run.state.body_started = True
                 await run.function.handler(ctx)
-        except Exception:
-            self._log.exception("run.body_failed", run_id=run.run_id)
+        except Exception as exc:
+            # The traceback as text, without the frames' locals: whatever the app's logging
+            # renders, a trigger's data (a card number) never reaches the log through them.
+            self._log.error("run.body_failed", run_id=run.run_id, exception=traceback_text(exc))
         finally:
             runner.notify()  # a slot is free again
 

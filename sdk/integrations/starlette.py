@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from sdk.client import Actor, Client
-from sdk.errors import InvalidIdError, NotReplicatedError
+from sdk.errors import InvalidIdError, NotReplicatedError, traceback_text
 from sdk.wire import CancelOutcome
 
 log = structlog.get_logger("sdk.integrations.starlette")
@@ -145,8 +145,8 @@ class CancellingStreamingResponse(StreamingResponse):
         with anyio.move_on_after(DISCONNECT_TIMEOUT_S, shield=True):
             try:
                 await self.on_disconnect()
-            except Exception:
-                log.exception("stream.on_disconnect_failed")
+            except Exception as exc:
+                log.error("stream.on_disconnect_failed", exception=traceback_text(exc))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         complete = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import anyio
 from redis.asyncio import Redis
 
@@ -14,7 +16,10 @@ def serve(worker: Worker, recorder: Redis) -> None:
     connection its bodies record observations with."""
 
     async def main() -> None:
-        configure_logging("info", "json")
+        # LOG_FORMAT=structlog-default leaves structlog as an app that configures nothing
+        # has it (a console with rich tracebacks).
+        if os.environ.get("LOG_FORMAT") != "structlog-default":
+            configure_logging("info", "json")
         try:
             await worker.serve()
         finally:

@@ -8,7 +8,8 @@ really happened.
 The trigger's data selects the body: ``seconds`` (how long the work takes, default 60),
 ``mode``: ``sleep`` (one long awaited call), ``steps`` (a loop of 10 ms steps),
 ``catch-exception`` (the long call wrapped in ``except Exception``), ``block-loop`` (a
-blocking ``time.sleep`` of ``seconds`` in an async step, then a long awaited call).
+blocking ``time.sleep`` of ``seconds`` in an async step, then a long awaited call),
+``fail`` (raises, with the trigger's ``card`` in a local).
 
 ``REPORTS_VERSION=v1`` runs the old deploy, whose function declares no ``cancel_on``
 (the stale configuration of the first seed); ``CANCEL_APP_VERSION`` names the version.
@@ -102,6 +103,9 @@ async def generate_report(ctx: RunContext) -> str:
         elif mode == "block-loop":
             await ctx.step.run("blocking", block_loop, seconds)
             await ctx.step.run("llm", call_llm, 60)
+        elif mode == "fail":
+            card = ctx.event.data["card"]  # a local a rich traceback would print
+            raise ValueError(f"payment declined for a card ending {card[-4:]}")
         elif mode == "catch-exception":
             try:
                 await ctx.step.run("llm", call_llm, seconds)

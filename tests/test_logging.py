@@ -1,0 +1,60 @@
+"""What the logs say about a failed run: its traceback, never its trigger's data, whatever
+the app's logging renders (structlog's default console prints every frame's locals)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import structlog
+
+from broker.logs import configure_logging
+from sdk import Client
+from tests.conftest import run_of, status_is, wait_until
+from tests.processes import ProcessHandle
+
+
+@pytest.mark.anyio
+async def test_a_failed_runs_log_holds_its_traceback_but_not_the_triggers_data(
+    redis_url: str, namespace: str
+) -> None:
+    # An app that configures no logging: structlog's default console, whose rich
+    # tracebacks print every frame's locals.
+    worker = ProcessHandle(
+        [sys.executable, "-m", "tests.apps.reports", redis_url, namespace],
+        env={"LOG_FORMAT": "structlog-default"},
+    )
+    try:
+        await wait_until(lambda: _logged(worker, "worker.started"), timeout=15)
+        async with Client(redis_url, namespace=namespace) as client:
+            card = "4111111111111111"
+            data = {"reportId": "f1", "mode": "fail", "card": card}
+            run = await run_of(client, await client.send("report/generate.requested", data))
+            await wait_until(lambda: status_is(client, run, "failed"), timeout=10)
+        await wait_until(lambda: _logged(worker, "ValueError: payment declined"), timeout=5)
+        assert any('raise ValueError(f"payment declined' in line for line in worker.lines)
+        assert not [line for line in worker.lines if card in line]
+    finally:
+        worker.terminate()
+
+
+async def _logged(worker: ProcessHandle, text: str) -> bool:
+    return any(text in line for line in worker.lines)
+
+
+def test_the_console_format_prints_tracebacks_without_locals(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    saved = structlog.get_config()
+    try:
+        configure_logging("info", "console")
+        secret = "4111111111111111"
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            structlog.get_logger("t").exception("failed", note=len(secret))
+        err = capsys.readouterr().err
+        assert "ValueError: boom" in err
+        assert secret not in err
+    finally:
+        structlog.configure(**saved)
