@@ -73,6 +73,13 @@ def check_interrupt_after(
     return seconds
 
 
+async def _held_by_its_caller(ctx: RunContext) -> None:
+    raise RuntimeError(
+        f"function {ctx.function_id!r} has no body: its runs are held by their caller"
+        " (BlockingWorker.run, worker.run), never started by a trigger"
+    )
+
+
 OnCancelHook = Callable[[RunContext, str], Awaitable[None]]
 #: Seconds an ``on_cancel`` hook gets unless ``@fn.on_cancel(timeout=...)`` says otherwise.
 DEFAULT_ON_CANCEL_TIMEOUT: Final = 30.0
@@ -111,6 +118,9 @@ class Function:
     #: The canonical configuration, and its SHA-256: what syncs and every run carry.
     config: FunctionConfig
     config_hash: str
+    #: Declared without a body (``worker.declare``): its runs are held by their caller
+    #: (``BlockingWorker.run``, ``worker.run``); no trigger event starts one.
+    held: bool = False
     _hooks: _Hooks = field(default_factory=_Hooks, init=False, repr=False, compare=False)
 
     @classmethod
@@ -120,7 +130,7 @@ class Function:
         id: str,
         trigger: str,
         cancel_on: Iterable[CancelOn],
-        handler: Handler,
+        handler: Handler | None,
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
         interrupt_after: float | timedelta | str | None = None,
@@ -134,7 +144,7 @@ class Function:
             check_event_name(trigger)
         except InvalidEventError as exc:
             raise ConfigurationError(f"function {id!r}: trigger {exc.detail}") from None
-        if not inspect.iscoroutinefunction(handler):
+        if handler is not None and not inspect.iscoroutinefunction(handler):
             raise ConfigurationError(f"function {id!r}: the body must be an `async def`")
         if cancel_mode not in CANCEL_MODES:
             raise ConfigurationError(
@@ -162,7 +172,8 @@ class Function:
             id=id,
             trigger=trigger,
             cancel_on=rules,
-            handler=handler,
+            handler=_held_by_its_caller if handler is None else handler,
+            held=handler is None,
             cancel_mode=cancel_mode,
             owner=owner,
             interrupt_after=interrupt_after_s,

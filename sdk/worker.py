@@ -214,23 +214,54 @@ class Worker:
         """
 
         def register(handler: Handler) -> Function:
-            fn = Function.declare(
+            return self._add(
+                Function.declare(
+                    id=id,
+                    trigger=trigger,
+                    cancel_on=cancel_on,
+                    handler=handler,
+                    cancel_mode=cancel_mode,
+                    owner=owner,
+                    interrupt_after=interrupt_after,
+                    trigger_if=trigger_if,
+                )
+            )
+
+        return register
+
+    def declare(
+        self,
+        *,
+        id: str,
+        trigger: str,
+        cancel_on: Iterable[CancelOn] = (),
+        cancel_mode: CancelMode = "immediate",
+        owner: str | None = None,
+        interrupt_after: float | timedelta | str | None = None,
+    ) -> Function:
+        """Declare a function without a body: its runs are held by their caller
+        (``BlockingWorker.run``, ``async with worker.run(...)``), a Django view or a script,
+        under its ``cancel_on`` rules. No trigger event starts one (the worker consumes no
+        triggers for it); ``trigger`` still names what its runs answer to (tombstones,
+        bulk cancels). The other arguments are as in :meth:`function`."""
+        return self._add(
+            Function.declare(
                 id=id,
                 trigger=trigger,
                 cancel_on=cancel_on,
-                handler=handler,
+                handler=None,
                 cancel_mode=cancel_mode,
                 owner=owner,
                 interrupt_after=interrupt_after,
-                trigger_if=trigger_if,
             )
-            if fn.id in self._functions:
-                raise ConfigurationError(f"function {fn.id!r} is declared twice")
-            self._functions[fn.id] = fn
-            self._by_trigger.setdefault(fn.trigger, []).append(fn)
-            return fn
+        )
 
-        return register
+    def _add(self, fn: Function) -> Function:
+        if fn.id in self._functions:
+            raise ConfigurationError(f"function {fn.id!r} is declared twice")
+        self._functions[fn.id] = fn
+        self._by_trigger.setdefault(fn.trigger, []).append(fn)
+        return fn
 
     @property
     def functions(self) -> Mapping[str, Function]:
@@ -598,7 +629,9 @@ class Worker:
         groups = [BROKER_GROUP]
         if self._trigger_groups:
             groups += [
-                self.keys.function_group(self.app_id, fn.id) for fn in self._functions.values()
+                self.keys.function_group(self.app_id, fn.id)
+                for fn in self._functions.values()
+                if not fn.held
             ]
         for store in self._require_runner().stores:
             # The broker's group too: from the moment a run can exist, cancel events are
@@ -626,8 +659,13 @@ class Worker:
                 lookback_ms=self._lookback_ms,
             )
             for fn in self._functions.values()
+            if not fn.held
             for partition in range(runner.partitions.count)
         ]
+        if not self._triggers:
+            # Only functions whose runs their callers hold: serve their signals until told
+            # to stop, as any worker does.
+            await anyio.sleep_forever()
         async with anyio.create_task_group() as tg:
             for triggers in self._triggers:
                 tg.start_soon(triggers.run)

@@ -21,7 +21,6 @@ from sdk import (
     DuplicateRunError,
     Event,
     RunCancelled,
-    RunContext,
     RunNotFinishedError,
     SyncClient,
     Worker,
@@ -34,11 +33,7 @@ TRIGGER = "report/generate.requested"
 
 def make_worker(redis_url: str, namespace: str, **options: float) -> Worker:
     worker = Worker("reports", redis_url, namespace=namespace, **options)
-
-    @worker.function(id="generate-report", trigger=TRIGGER, cancel_on=[RULE])
-    async def generate_report(ctx: RunContext) -> None:  # the body runs elsewhere
-        raise NotImplementedError
-
+    worker.declare(id="generate-report", trigger=TRIGGER, cancel_on=[RULE])  # no body
     return worker
 
 
@@ -332,3 +327,26 @@ def test_stopping_the_host_cancels_the_runs_it_still_holds(
     assert reasons == ["worker shutdown"]
     info = sync_client.wait("r9-run", timeout=5)
     assert (info.status, info.cancel_reason) == ("cancelled", "worker shutdown")
+
+
+@pytest.mark.anyio
+async def test_a_declared_function_has_no_trigger_group_and_its_trigger_starts_nothing(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    """``worker.declare``: a function whose runs only their callers hold, served by a
+    plain worker too (which consumes triggers for its other functions)."""
+    worker = make_worker(redis_url, namespace)
+    fn = worker.functions["generate-report"]
+    assert fn.held
+    async with anyio.create_task_group() as tg:
+        await tg.start(worker.serve)
+        async with Client(redis_url, namespace=namespace) as client:
+            event_id = await client.send(TRIGGER, {"reportId": "d1"})
+            groups = await redis.xinfo_groups(Keys(namespace).events)
+            assert "fn:reports/generate-report" not in {group["name"] for group in groups}
+            await anyio.sleep(0.3)
+            assert await client.runs_for_event(event_id) == []
+            # Its runs are the ones callers hold.
+            async with worker.run("generate-report", Event(name=TRIGGER)) as ctx:
+                assert (await client.get_run(ctx.run_id)).status == "running"  # type: ignore[union-attr]
+        tg.cancel_scope.cancel()

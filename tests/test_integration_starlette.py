@@ -13,7 +13,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 
 from broker import Broker
-from sdk import OPERATOR, CancelOn, Client, Event, RunContext, Worker
+from sdk import OPERATOR, CancelOn, Client, Event, RunCancelled, RunContext, Worker
 from sdk.integrations.starlette import CancellingStreamingResponse, cancel_route
 from tests.conftest import run_of, serving, wait_for_status
 
@@ -242,3 +242,29 @@ async def test_the_cancel_route_says_when_no_replica_acknowledged_the_cancel(
     assert body["error"] == "not_replicated"
     assert "0 of 1 replica(s)" in body["detail"]
     assert body["result"]["outcome"] == "pending"
+
+
+async def test_a_cancel_route_without_an_actor_cancels_only_functions_without_owners(
+    redis_url: str, namespace: str, client: Client
+) -> None:
+    worker = Worker("web", redis_url, namespace=namespace)
+
+    @worker.function(id="free", trigger="web/free.requested")
+    async def free(ctx: RunContext) -> None: ...  # pragma: no cover - held by worker.run
+
+    @worker.function(id="owned", trigger="web/owned.requested", owner="data.accountId")
+    async def owned(ctx: RunContext) -> None: ...  # pragma: no cover - held by worker.run
+
+    app = FastAPI()
+    app.router.routes.append(cancel_route(client))
+    transport = httpx.ASGITransport(app=app)
+    async with worker, httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        with pytest.raises(RunCancelled):
+            async with worker.run("free", Event(name="web/free.requested")) as ctx:
+                answer = await http.post(f"/runs/{ctx.run_id}/cancel")
+                assert (answer.status_code, answer.json()["outcome"]) == (202, "signalled")
+                await anyio.sleep(10)  # interrupted by the cancel
+        event = Event(name="web/owned.requested", data={"accountId": "a1"})
+        async with worker.run("owned", event) as ctx:
+            answer = await http.post(f"/runs/{ctx.run_id}/cancel")
+            assert (answer.status_code, answer.json()["outcome"]) == (403, "forbidden")

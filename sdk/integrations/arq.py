@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 
 from sdk.blocking import BlockingRun, BlockingWorker
-from sdk.context import CancelMode, RunContext
+from sdk.context import CancelMode
 from sdk.integrations.arguments import EventData, keyword_data
 from sdk.rules import CancelOn
 from sdk.wire import Event
@@ -52,10 +52,6 @@ _current: contextvars.ContextVar[BlockingRun] = contextvars.ContextVar("cancel_b
 def current_run() -> BlockingRun:
     """The run of the job executing in this task. Raises ``LookupError`` outside one."""
     return _current.get()
-
-
-async def _run_by_arq(ctx: RunContext) -> None:
-    raise RuntimeError("this function's runs are arq jobs; a trigger event starts none")
 
 
 class ArqCancellation:
@@ -91,13 +87,13 @@ class ArqCancellation:
 
         def declare(fn: Job[R]) -> Job[R]:
             function_id = name or fn.__name__
-            function = self.worker.function(
+            function = self.worker.declare(
                 id=function_id,
                 trigger=trigger or f"arq/{function_id}",
                 cancel_on=cancel_on,
                 cancel_mode=cancel_mode,
                 owner=owner,
-            )(_run_by_arq)
+            )
 
             @functools.wraps(fn)
             async def run_job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> R:

@@ -70,7 +70,7 @@ from celery import Celery, Task, signals, states
 from celery.exceptions import Ignore, Retry
 
 from sdk.blocking import BlockingRun, BlockingWorker
-from sdk.context import CancelMode, RunContext
+from sdk.context import CancelMode
 from sdk.errors import DuplicateRunError, RunCancelled
 from sdk.integrations.arguments import EventData, keyword_data
 from sdk.integrations.celery_pool import PoolSupervisor, supervisor_step
@@ -118,10 +118,6 @@ def current_run() -> BlockingRun:
     """The run of the task executing in this thread (``check()``, ``sleep()``,
     ``cancelled``). Raises ``LookupError`` outside a cancellable task."""
     return _current.get()
-
-
-async def _run_by_celery(ctx: RunContext) -> None:
-    raise RuntimeError("this function's runs are Celery tasks; a trigger event starts none")
 
 
 class CancellableTask(Task):  # type: ignore[misc]  # celery is untyped
@@ -275,13 +271,13 @@ class CeleryCancellation:
         def declare(fn: F) -> Any:
             options = dict(celery_options)
             name = options.pop("name", None) or self.app.gen_task_name(fn.__name__, fn.__module__)
-            function = self.worker.function(
+            function = self.worker.declare(
                 id=name,
                 trigger=trigger or f"celery/{name}",
                 cancel_on=cancel_on,
                 cancel_mode=cancel_mode,
                 owner=owner,
-            )(_run_by_celery)
+            )
             base = type(
                 f"Cancellable_{fn.__name__}",
                 (options.pop("base", CancellableTask),),

@@ -65,7 +65,7 @@ class _CancelBody(msgspec.Struct, forbid_unknown_fields=True):
 def cancel_route(
     client: Client,
     *,
-    actor: ActorOf,
+    actor: ActorOf | None = None,
     path: str = "/runs/{run_id}/cancel",
     reason: str = DEFAULT_REASON,
     name: str = "cancel_run",
@@ -74,6 +74,9 @@ def cancel_route(
 
     ``actor`` returns who asks (sync or async); for a function that declares an ``owner``,
     only that owner (or :data:`sdk.OPERATOR`) may cancel, others get ``403 forbidden``.
+    Without ``actor``, the caller is nobody in particular: the runs of functions without an
+    ``owner`` can be cancelled (keep the route behind the app's own authentication), those
+    of a function with one cannot.
     An optional JSON body ``{"reason": "..."}`` replaces ``reason``. The answer is the
     :class:`~sdk.CancelResult` as JSON (``run_id``, ``outcome``, ``previous_status``,
     ``status``, ``cascaded``) with the status in :data:`HTTP_STATUS`; ``400`` for an
@@ -87,7 +90,7 @@ def cancel_route(
             given = msgspec.json.decode(body, type=_CancelBody) if body.strip() else _CancelBody()
         except msgspec.DecodeError as exc:
             return JSONResponse({"error": "invalid_body", "detail": str(exc)}, status_code=400)
-        who = actor(request)
+        who = None if actor is None else actor(request)
         if inspect.isawaitable(who):
             who = await who
         try:
