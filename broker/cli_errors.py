@@ -22,6 +22,7 @@ from sdk.errors import (
     InvalidIdError,
     NotReplicatedError,
     PartitionCountError,
+    RedisUnavailableError,
     RunNotFinishedError,
     UnknownFunctionError,
 )
@@ -66,6 +67,8 @@ def _one_line(exc: BaseException) -> str:
 def diagnose(exc: BaseException, redis_url: str | None) -> Diagnosis:
     """The line to print for ``exc``; ``redis_url`` is the URL the command used, if any."""
     exc = leaf(exc)
+    if isinstance(exc, RedisUnavailableError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the CLI's own hints name its flags (--redis-url)
     message = _one_line(exc)
     where = f" at {redact_url(redis_url)}" if redis_url else ""
     set_url = f"pass --redis-url or set {REDIS_URL_ENV}"

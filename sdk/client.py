@@ -16,7 +16,7 @@ import structlog
 from redis.asyncio.cluster import RedisCluster
 
 from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace, resolve_wait
-from sdk.connection import command_client, redis_now_ms, resolve_url
+from sdk.connection import REDIS_ERRORS, command_client, redis_now_ms, resolve_url, unavailable
 from sdk.durability import Replicas
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError, UnknownFunctionError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
@@ -160,7 +160,12 @@ class Client:
         if self._partitions is not None:
             return self._partitions
         # A client only reads the number: publishing needs no right to write it.
-        partitions = await Partitions.open(self._redis, self.keys, self.partitions, store=False)
+        try:
+            partitions = await Partitions.open(self._redis, self.keys, self.partitions, store=False)
+        except REDIS_ERRORS as exc:
+            if (explained := unavailable(exc, self.redis_url)) is not None:
+                raise explained from exc
+            raise
         self._stores = partitions.stores()
         if partitions.known:
             self._partitions = partitions

@@ -41,6 +41,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import (
+    AuthenticationError,
     BusyLoadingError,
     ClusterDownError,
     ClusterError,
@@ -54,7 +55,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sdk.errors import InvalidRedisUrlError
+from sdk.errors import InvalidRedisUrlError, RedisUnavailableError
 from sdk.local_redis import advertised
 from sdk.sentinel import parse_sentinel_url, sentinel_client, sync_sentinel_client
 from sdk.urls import redact_url
@@ -78,6 +79,28 @@ RECONNECT_BACKOFF: Final = ExponentialWithJitterBackoff(cap=5.0, base=0.05)
 CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 #: Anything talking to Redis can raise: loops that must survive an outage catch this.
 REDIS_ERRORS: Final = (*CONNECTION_ERRORS, RedisError)
+
+
+def unavailable(exc: BaseException, url: str) -> RedisUnavailableError | None:
+    """What to say, in one line, when Redis cannot be reached or refuses the credentials
+    as a process starts; None for any other error (it is raised as it is)."""
+    where = redact_url(url)
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, AuthenticationError):
+        return RedisUnavailableError(
+            f"Redis at {where} refused the credentials: {detail}",
+            "put the user and password in the URL: redis://USER:PASSWORD@HOST:PORT/0"
+            f" (or {REDIS_URL_ENV})",
+        )
+    if isinstance(exc, CONNECTION_ERRORS):
+        return RedisUnavailableError(
+            f"cannot reach Redis at {where}: {detail}",
+            f"is Redis running there? pass its URL or set {REDIS_URL_ENV}; `cancel-broker run`"
+            " with no URL starts an embedded one that processes on this machine find",
+        )
+    return None
+
+
 #: Error replies that say "not now" rather than "never": the server is loading, out of
 #: memory, a read-only replica after a failover, busy running a script, or has no master.
 _TRANSIENT_REPLIES: Final = (

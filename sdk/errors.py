@@ -102,6 +102,16 @@ class RunCancelled(CancelBrokerError):
         return type(self), (self.run_id, self.reason)
 
 
+class RedisUnavailableError(CancelBrokerError, ConnectionError):
+    """Redis cannot be reached, or refused this process's credentials, as a worker or a
+    client starts: the message names the URL (its password masked), ``hint`` what to do.
+    The error redis-py raised is its ``__cause__``."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
 class ThreadCancelled(BaseException):
     """Raised inside a blocked thread, after its grace, by ``BlockingWorker(...,
     raise_in_thread=True)``: the last resort for a body that never polls its cancel.

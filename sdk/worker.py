@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -42,11 +43,13 @@ from sdk.connection import (
     command_client,
     resolve_url,
     sync_command_client,
+    unavailable,
 )
 from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
 from sdk.epoch import Epoch
 from sdk.errors import (
     ConfigurationError,
+    RedisUnavailableError,
     RunCancelled,
     UnknownFunctionError,
     WorkerNotStartedError,
@@ -76,6 +79,8 @@ DEFAULT_CONCURRENCY: Final = 100
 #: cancels while its heartbeats (another connection) say it is fine.
 SIGNAL_BLOCK_MS: Final = 300
 SIGNAL_MARGIN_S: Final = 0.5
+#: Set to 1: ``worker.main()`` shows the traceback of an error instead of one line.
+DEBUG_ENV: Final = "CANCEL_BROKER_DEBUG"
 #: The longest pause between two attempts to read signals again after an error: once Redis
 #: answers, the reader is back within it.
 SIGNAL_RECONNECT_CAP_S: Final = 0.5
@@ -338,9 +343,11 @@ class Worker:
                 heartbeat_interval=self.heartbeat_interval,
             )
             self._tg.start_soon(loop_watch.run)
-        except BaseException:
+        except BaseException as exc:
             self._runner = self._tg = None
             await stack.aclose()
+            if (explained := unavailable(exc, self.redis_url)) is not None:
+                raise explained from exc
             raise
         self._stack = stack
         self._log.info("worker.started", functions=sorted(self._functions))
@@ -360,6 +367,24 @@ class Worker:
         finally:
             self._stack = self._tg = self._runner = None
             self._log.info("worker.stopped")
+
+    def main(self) -> None:
+        """Serve until SIGTERM/SIGINT, as a program's entry point: ``if __name__ ==
+        "__main__": worker.main()``. An error a person can fix (Redis cannot be reached,
+        a password refused, a configuration refused) is one line on stderr with a hint, and
+        exit status 2; ``CANCEL_BROKER_DEBUG=1`` shows its traceback instead."""
+        try:
+            anyio.run(self.serve)
+        except (RedisUnavailableError, ConfigurationError) as exc:
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            hint = getattr(exc, "hint", None)
+            line = " ".join(str(exc).split())
+            print(
+                f"{self.app_id}: error: {line}" + (f" (hint: {hint})" if hint else ""),
+                file=sys.stderr,
+            )
+            raise SystemExit(2) from None
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume triggers and run functions until SIGTERM/SIGINT or cancellation.

@@ -229,4 +229,4 @@ setInterval(refresh, 500);
 if __name__ == "__main__":
     if sys.argv[1:] != ["worker"]:
         sys.exit(f"usage: {sys.argv[0]} worker   (the app: uvicorn fastapi_reports:app)")
-    anyio.run(worker.serve)
+    worker.main()

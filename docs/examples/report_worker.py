@@ -40,4 +40,4 @@ async def generate_report(ctx: RunContext) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    anyio.run(worker.serve)
+    worker.main()
