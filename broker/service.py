@@ -39,6 +39,7 @@ from sdk.connection import (
     RedisClient,
     command_client,
     redis_now_ms,
+    unavailable,
 )
 from sdk.epoch import Epoch
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
@@ -124,6 +125,8 @@ class Broker:
         )
         self._watch = EventWatch(self.keys, cancel_event_names, self._log)
         self._epoch: Epoch | None = None
+        #: Why the broker cannot start yet (Redis unreachable, the password refused).
+        self._waiting_for_redis: str | None = None
         self._eviction = EvictionWatch(
             redis_url,
             cast(OnEvicting, ON_EVICTING_REDIS.resolve(on_evicting_redis)),
@@ -292,7 +295,7 @@ class Broker:
         reason other than ``ready`` with True: it works, degraded (``/readyz`` says so)."""
         redis, partitions = self._redis, self._partitions
         if redis is None or partitions is None:
-            return False, "the broker is not running"
+            return False, self._not_running()
         for keys in partitions.keys:
             try:
                 with anyio.fail_after(2):
@@ -308,7 +311,7 @@ class Broker:
     async def sync_state(self) -> SyncState:
         """Registrations and stale-configuration findings, computed now."""
         if self._redis is None or self._partitions is None:
-            raise RuntimeError("the broker is not running")
+            raise RuntimeError(self._not_running())
         return await collect_state(
             self._redis,
             self.keys,
@@ -319,7 +322,7 @@ class Broker:
     def dashboard(self) -> DashboardData:
         """What the dashboard reads and cancels through, while the broker runs."""
         if self._dashboard is None:
-            raise RuntimeError("the broker is not running")
+            raise RuntimeError(self._not_running())
         return self._dashboard
 
     async def _wait_for_redis(self, redis: RedisClient) -> Partitions:
@@ -341,10 +344,30 @@ class Broker:
                     )
                 await create_group(redis, self.keys.syncs, BROKER_GROUP)
             except REDIS_ERRORS as exc:
+                self._note_waiting(exc)
                 await backoff.failed(exc)
                 continue
             backoff.succeeded()
+            self._waiting_for_redis = None
             return partitions
+
+    def _note_waiting(self, exc: BaseException) -> None:
+        """What the broker waits for, said where an operator looks: one log line per new
+        reason (a refused password above all), ``/readyz`` and the dashboard."""
+        explained = unavailable(exc, self.redis_url)
+        reason = str(explained) if explained else f"Redis answered: {exc}"
+        if reason != self._waiting_for_redis:
+            self._log.error(
+                "broker.waiting_for_redis",
+                reason=reason,
+                hint=explained.hint if explained else None,
+            )
+        self._waiting_for_redis = reason
+
+    def _not_running(self) -> str:
+        if self._waiting_for_redis is not None:
+            return f"waiting for Redis: {self._waiting_for_redis}"
+        return "the broker is not running"
 
     async def _recover(self, redis: RedisClient) -> None:
         """Redis lost its data (a restart without persistence): store the partition count

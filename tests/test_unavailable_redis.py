@@ -4,16 +4,20 @@ one line with the URL (its password masked) and a hint: a worker run as a progra
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import anyio
+import httpx
 import pytest
 
 from broker import EmbeddedRedis
 from sdk import Client, RedisUnavailableError
-from tests.processes import ROOT
+from tests.processes import ROOT, ProcessHandle
 from tests.test_cli import acl_user
 
 pytestmark = pytest.mark.e2e
@@ -75,3 +79,40 @@ async def test_a_client_that_cannot_reach_redis_raises_one_clear_error() -> None
         with pytest.raises(RedisUnavailableError, match=f"cannot reach Redis at {url}") as raised:
             await client.send("report/cancel.requested", {"reportId": "r1"})
     assert "CANCEL_BROKER_REDIS_URL" in raised.value.hint
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_broker_whose_password_is_refused_says_so_in_its_log_readyz_and_dashboard(
+    redis_url: str, namespace: str
+) -> None:
+    anyio.run(acl_user, redis_url, namespace, "+@all")
+    url = redis_url.replace("redis://", f"redis://{namespace}:s3cret-wrong@")
+    port = free_port()
+    args = [sys.executable, "-m", "broker", "run", "--redis-url", url, "--namespace", namespace]
+    broker = ProcessHandle([*args, "--http-port", str(port), "--log-format", "json"])
+    try:
+        waiting = broker.wait_for_log("broker.waiting_for_redis")
+        assert "refused the credentials" in waiting["reason"]
+        assert "s3cret-wrong" not in json.dumps(waiting)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert ready.status_code == 503
+        assert "waiting for Redis" in ready.json()["reason"]
+        assert "refused the credentials" in ready.json()["reason"]
+        runs = httpx.get(f"http://127.0.0.1:{port}/v1/runs", timeout=2)
+        assert runs.status_code == 503
+        assert "refused the credentials" in runs.text
+        assert "s3cret-wrong" not in ready.text + runs.text
+    finally:
+        broker.terminate()
