@@ -28,7 +28,6 @@ from broker.cli_commands import (
 )
 from broker.cli_errors import diagnose, leaf
 from broker.findings import SyncState
-from broker.logs import configure_logging
 from broker.output import Output
 from broker.report import format_status, print_status_rich
 from broker.run_listing import MAX_RUNS, STATUSES
@@ -43,6 +42,7 @@ from sdk.connection import (
 )
 from sdk.durations import parse_duration
 from sdk.keys import Keys
+from sdk.logs import configure_logging
 
 #: The longest a broker takes to stop after SIGTERM.
 STOP_TIMEOUT_S = 5.0

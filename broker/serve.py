@@ -18,12 +18,12 @@ from broker.dashboard_routes import dashboard_routes
 from broker.embedded import EmbeddedRedis
 from broker.findings import Windows
 from broker.http import create_app, serve_http
-from broker.logs import LogFormat, configure_logging
 from broker.metrics import BrokerMetrics
 from broker.service import Broker
 from broker.settings import Settings
 from sdk.connection import REDIS_URL_ENV
 from sdk.local_redis import advertise
+from sdk.logs import LogFormat, configure_logging
 from sdk.redis_health import OnEvicting
 from sdk.urls import redact_url
 

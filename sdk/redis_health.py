@@ -24,7 +24,7 @@ from typing import Any, Final, Literal, cast
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
-from sdk.connection import REDIS_ERRORS, RedisClient
+from sdk.connection import CONNECTION_ERRORS, REDIS_ERRORS, RedisClient
 from sdk.errors import ConfigurationError
 from sdk.urls import redact_url
 
@@ -110,6 +110,8 @@ class EvictionWatch:
         """Raise :class:`EvictingRedisError` for an evicting Redis, unless told to warn."""
         try:
             await memory_policies(redis)
+        except CONNECTION_ERRORS:
+            raise  # no Redis to start with (or its password refused): the caller says so
         except REDIS_ERRORS as exc:
             # Not known, and said once: a managed Redis or an ACL may refuse INFO.
             self._log.warning(

@@ -57,6 +57,7 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
+from sdk.logs import configure_from_environment
 from sdk.loop_watch import LoopWatch
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
@@ -370,10 +371,13 @@ class Worker:
 
     def main(self) -> None:
         """Serve until SIGTERM/SIGINT, as a program's entry point: ``if __name__ ==
-        "__main__": worker.main()``. An error a person can fix (Redis cannot be reached,
+        "__main__": worker.main()``. Logging, unless the program configured structlog
+        itself: ``info`` and JSON off a terminal (``CANCEL_BROKER_LOG_LEVEL``,
+        ``CANCEL_BROKER_LOG_FORMAT``). An error a person can fix (Redis cannot be reached,
         a password refused, a configuration refused) is one line on stderr with a hint, and
         exit status 2; ``CANCEL_BROKER_DEBUG=1`` shows its traceback instead."""
         try:
+            configure_from_environment()
             anyio.run(self.serve)
         except (RedisUnavailableError, ConfigurationError) as exc:
             if os.environ.get(DEBUG_ENV, "") not in ("", "0"):

@@ -3,15 +3,17 @@ the app's logging renders (structlog's default console prints every frame's loca
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
 import structlog
 
-from broker.logs import configure_logging
 from sdk import Client
+from sdk.logs import configure_logging
 from tests.conftest import run_of, status_is, wait_until
-from tests.processes import ProcessHandle
+from tests.processes import ROOT, ProcessHandle
 
 
 @pytest.mark.anyio
@@ -58,3 +60,33 @@ def test_the_console_format_prints_tracebacks_without_locals(
         assert secret not in err
     finally:
         structlog.configure(**saved)
+
+
+WORKER_PROGRAM = """
+import sys
+from sdk import Worker
+worker = Worker("reports", sys.argv[1], namespace=sys.argv[2])
+worker.declare(id="generate-report", trigger="report/generate.requested")
+worker.main()
+"""
+
+
+def test_a_worker_program_logs_json_at_info_off_a_terminal(redis_url: str, namespace: str) -> None:
+    """``worker.main()`` in a program that configured no logging: JSON lines (stdout is a
+    pipe here), at info; ``CANCEL_BROKER_LOG_LEVEL`` and ``_FORMAT`` change them."""
+    worker = ProcessHandle([sys.executable, "-c", WORKER_PROGRAM, redis_url, namespace])
+    try:
+        started = worker.wait_for_log("worker.started")  # parsed as JSON
+        assert started["level"] == "info"
+    finally:
+        assert worker.terminate() == 0
+    refused = subprocess.run(
+        [sys.executable, "-c", WORKER_PROGRAM, redis_url, namespace],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "CANCEL_BROKER_LOG_LEVEL": "loud"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.splitlines()
+    assert "CANCEL_BROKER_LOG_LEVEL='loud': use one of debug, info, warning, error" in line

@@ -7,8 +7,8 @@ import os
 import anyio
 from redis.asyncio import Redis
 
-from broker.logs import configure_logging
 from sdk import Worker
+from sdk.logs import configure_logging
 
 
 def serve(worker: Worker, recorder: Redis) -> None:

@@ -18,9 +18,9 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
-from broker.logs import configure_logging
 from sdk import CancelOn, Worker
 from sdk.integrations.celery import CeleryCancellation, current_run
+from sdk.logs import configure_logging
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 NAMESPACE = os.environ.get("NAMESPACE", "cancel")

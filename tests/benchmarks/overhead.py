@@ -27,10 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
-from broker.logs import configure_logging  # noqa: E402
 from sdk import Event, RunContext, Worker  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import Keys  # noqa: E402
+from sdk.logs import configure_logging  # noqa: E402
 from sdk.rules import index_entries  # noqa: E402
 from tests.benchmarks.registered import RULES, register_runs, report_id, run_id, trigger  # noqa: E402
 

@@ -1,16 +1,27 @@
-"""structlog set-up for the broker process: JSON lines, or a readable console format."""
+"""structlog set-up for the broker and for a worker program (``worker.main()``): JSON lines
+off a terminal, a readable console format on one, and never a traceback's locals.
+
+The level and format come from ``CANCEL_BROKER_LOG_LEVEL`` and ``CANCEL_BROKER_LOG_FORMAT``
+for both (the broker's ``--log-level`` and ``--log-format`` too)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Final, Literal, cast
 
 import msgspec
 import structlog
 
+from sdk.errors import ConfigurationError
+
 LogFormat = Literal["auto", "json", "console"]
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("auto", "json", "console")
+LEVEL_ENV: Final = "CANCEL_BROKER_LOG_LEVEL"
+FORMAT_ENV: Final = "CANCEL_BROKER_LOG_FORMAT"
 
 # msgspec renders a JSON line several times faster than the standard library (the audit
 # line of every cancel event is on the broker's hot path); what it cannot encode is
@@ -51,3 +62,17 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
+
+
+def configure_from_environment() -> None:
+    """For a worker program whose code configured no logging: ``info`` (or
+    ``CANCEL_BROKER_LOG_LEVEL``), JSON off a terminal (or ``CANCEL_BROKER_LOG_FORMAT``).
+    An app that configured structlog itself keeps its configuration."""
+    if structlog.is_configured():
+        return
+    level = os.environ.get(LEVEL_ENV, "info").lower()
+    fmt = os.environ.get(FORMAT_ENV, "auto").lower()
+    for name, value, allowed in ((LEVEL_ENV, level, LOG_LEVELS), (FORMAT_ENV, fmt, LOG_FORMATS)):
+        if value not in allowed:
+            raise ConfigurationError(f"{name}={value!r}: use one of {', '.join(allowed)}")
+    configure_logging(level, cast(LogFormat, fmt))
