@@ -13,6 +13,7 @@ from typing import Final
 import msgspec
 
 from broker import decisions
+from broker.activity import Activity, activity
 from broker.decisions import Decision
 from broker.findings import Finding, SyncState, WorkerView
 from broker.run_listing import InvalidQueryError, RunsPage, RunsQuery, list_runs
@@ -130,6 +131,9 @@ class DashboardData:
 
     async def runs(self, query: RunsQuery) -> RunsPage:
         return await list_runs(self.redis, self.partitions, query)
+
+    async def activity(self) -> Activity:
+        return await activity(self.redis, self.partitions)
 
     async def functions(self) -> FunctionsPage:
         page = functions_page(await self._sync_state())

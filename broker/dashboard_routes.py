@@ -134,6 +134,12 @@ def dashboard_routes(
 
         return await guarded(read)
 
+    async def activity(request: Request) -> Response:
+        async def read(dashboard: DashboardData) -> Response:
+            return _json(await dashboard.activity())
+
+        return await guarded(read)
+
     async def decisions(request: Request) -> Response:
         async def read(dashboard: DashboardData) -> Response:
             return _json({"decisions": await dashboard.decisions(_int(request, "limit", 50))})
@@ -175,5 +181,6 @@ def dashboard_routes(
         Route("/v1/runs", runs),
         Route("/v1/functions", functions),
         Route("/v1/decisions", decisions),
+        Route("/v1/activity", activity),
         Route("/v1/runs/{run_id}/cancel", cancel, methods=["POST"]),
     ]

@@ -19,10 +19,14 @@ from redis.asyncio import Redis
 
 from broker import Broker, BrokerMetrics
 from broker import decisions as decisions_module
+from broker.activity import activity
 from broker.dashboard_access import REQUEST_HEADER, TOKEN_HEADER, CancelAccess, DashboardMode
 from broker.dashboard_routes import CANCEL_REASON, dashboard_routes
 from broker.http import create_app
-from sdk import Client, RunContext, Worker
+from sdk import Client, Event, RunContext, Worker
+from sdk.keys import Keys
+from sdk.partitions import Partitions
+from sdk.store import RegisterRequest, RunStore
 from tests.conftest import (
     RULE,
     broker_drained,
@@ -316,6 +320,8 @@ async def test_the_page_loads_nothing_from_elsewhere(broker: Broker) -> None:
     assert re.search(r'<script src="/dashboard/dashboard\.js"', page.text)
     assert assets[0].headers["content-type"].startswith("text/javascript")
     for text in [page.text, *(asset.text for asset in assets)]:
+        # The SVG namespace is a name (createElementNS), never fetched.
+        text = text.replace('"http://www.w3.org/2000/svg"', "")
         assert not re.search(r"https?://|=\"//|@import|url\(", text)
     # Event data comes from any publisher: the script inserts text, never HTML.
     assert "innerHTML" not in assets[0].text
@@ -458,3 +464,30 @@ def test_the_command_line_turns_cancel_off_on_a_public_address_and_can_turn_it_a
         assert httpx.get(http + "/healthz").status_code == 200
     finally:
         assert off.terminate() == 0, off.output
+
+
+async def test_activity_counts_the_runs_that_ended_per_minute(redis: Redis, namespace: str) -> None:
+    keys = Keys(namespace)
+    store = RunStore(redis, keys)
+    event = Event(name="x/requested", data={}, id="1-0")
+    for run_id in ("a", "b", "c"):
+        await store.register(
+            RegisterRequest(
+                run_id=run_id,
+                app_id="reports",
+                function_id="f",
+                config_hash="c",
+                worker_id="w1",
+                event=event,
+                entries=[],
+            )
+        )
+    common = {"app_id": "reports", "function_id": "f", "worker_id": "w1"}
+    await store.finish("a", "cancelled", [], **common)
+    await store.finish("b", "completed", [], **common)
+    await store.finish("c", "failed", [], error="E: boom", **common)
+    page = await activity(redis, Partitions(redis, keys, 1))
+    assert len(page.minutes) == 30
+    now = page.minutes[-1]
+    assert (now.ended, now.cancelled, now.failed) == (3, 1, 1)
+    assert sum(m.ended for m in page.minutes[:-1]) == 0

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from sdk import Client
+from sdk import Client, Event
+from sdk.keys import Keys
+from sdk.store import RegisterRequest, RunStore
 from tests.conftest import observed, run_of, wait_for_observation, wait_for_status
 from tests.processes import ProcessHandle, start_broker, start_worker
 
@@ -76,7 +78,7 @@ async def page(processes: str) -> AsyncIterator[Any]:
             args=["--no-sandbox"] if os.geteuid() == 0 else [],
         )
         try:
-            context = await browser.new_context(viewport={"width": 1440, "height": 900})
+            context = await browser.new_context(viewport={"width": 1400, "height": 900})
             tab = await context.new_page()
             errors: list[str] = []
             tab.on("pageerror", lambda error: errors.append(str(error)))
@@ -89,6 +91,25 @@ async def page(processes: str) -> AsyncIterator[Any]:
             assert errors == [], errors
         finally:
             await browser.close()
+
+
+async def register_long_named_run(redis: Redis, namespace: str) -> str:
+    """A running run whose ids are as long as they may be, and its trigger's data long."""
+    store = RunStore(redis, Keys(namespace))
+    run_id = "long-" + "r" * 100
+    registration = await store.register(
+        RegisterRequest(
+            run_id=run_id,
+            app_id="a" * 128,
+            function_id="f" * 128,
+            config_hash="c",
+            worker_id="w" * 128,
+            event=Event(name="long/" + "n" * 200, data={"blob": "x" * 2000}, id="1-0"),
+            entries=[],
+        )
+    )
+    assert registration.outcome == "registered"
+    return run_id
 
 
 async def test_press_cancel_and_watch_the_run_stop(
@@ -141,6 +162,11 @@ async def test_press_cancel_and_watch_the_run_stop(
         "data-status", "running"
     )
 
+    # The charts: the cancelled run is in this minute's bar, its latency a point.
+    await expect(page.locator("#chart-runs rect.bar-cancelled")).to_have_count(1)
+    await expect(page.locator("#chart-latency circle.dot-p50")).to_have_count(1)
+    await expect(page.locator("#activity-summary")).to_contain_text("1 cancelled")
+
     # The other two panels, live too.
     await expect(page.locator('[data-function="reports/generate-report"]')).to_contain_text(
         "report/cancel.requested · match data.reportId"
@@ -164,3 +190,27 @@ async def test_press_cancel_and_watch_the_run_stop(
         path = Path(screenshot)
         path.parent.mkdir(parents=True, exist_ok=True)
         await page.screenshot(path=str(path), full_page=True)
+
+
+async def test_long_names_wrap_and_cancel_stays_in_view(
+    page: Any, redis: Redis, namespace: str
+) -> None:
+    """Hostile names: 128 unbroken characters in the app, function and worker ids, and 2 KB
+    of unbroken data. They wrap (or are cut) in their cells: at 1400 px the page does not
+    scroll sideways and the row's Cancel button is in view."""
+    from playwright.async_api import expect
+
+    long_run = await register_long_named_run(redis, namespace)
+    long_row = page.locator(f'tr[data-run="{long_run}"]')
+    await expect(long_row).to_have_attribute("data-status", "running")
+    box = await long_row.locator("button.cancel").bounding_box()
+    assert box is not None
+    assert box["x"] + box["width"] <= 1400, box
+    await long_row.locator("button.cancel").click()  # its result line wraps too
+    await expect(long_row.locator(".result")).to_contain_text("signalled")
+    # (What overflows, if anything: the failure says.)
+    wide = await page.evaluate(
+        "[...document.querySelectorAll('main *')].filter(e => e.scrollWidth > e.clientWidth + 2"
+        " && getComputedStyle(e).overflowX === 'visible').map(e => e.tagName + '.' + e.className)"
+    )
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 1400, wide

@@ -32,6 +32,7 @@ from sdk import (
     Worker,
 )
 from sdk.errors import InvalidBulkCancelError
+from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.store import CancelRequest
 from sdk.wire import RUN_CANCELLED_EVENT, decode_event
@@ -300,7 +301,12 @@ async def test_cancel_many_bounds_are_inclusive_and_cover_runs_that_register_lat
         assert await status_is(client, "out", "completed")
 
 
-async def test_cancel_many_refuses_a_range_it_cannot_honour(client: Client) -> None:
+async def test_cancel_many_refuses_a_range_it_cannot_honour(
+    client: Client, redis: Redis, namespace: str
+) -> None:
+    # What a broker records of a sync: an app declares the function (it has no runs).
+    await redis.sadd(Keys(namespace).apps, "reports")
+    await redis.hset(Keys(namespace).app_functions("reports"), "generate-report", "h")
     future = datetime.now(UTC) + timedelta(minutes=5)
     with pytest.raises(InvalidBulkCancelError, match="in the future"):
         await client.cancel_many("generate-report", started_before=future)

@@ -311,9 +311,103 @@ async function refreshDecisions() {
   }
 }
 
+// -- activity charts ------------------------------------------------------------------------
+
+const SVG = "http://www.w3.org/2000/svg";
+const CHART = { width: 600, height: 140, left: 44, right: 8, top: 10, bottom: 22 };
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, String(value));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// The frame of a chart: the y axis up to `top`, labelled with `label(top)`, and the first
+// and last minute under the x axis. Returns the functions that place a minute and a value.
+function frame(chart, minutes, top, label) {
+  const plotWidth = CHART.width - CHART.left - CHART.right;
+  const plotHeight = CHART.height - CHART.top - CHART.bottom;
+  const slot = plotWidth / minutes.length;
+  const x = (i) => CHART.left + i * slot;
+  const y = (value) => CHART.top + plotHeight * (1 - value / top);
+  const bottom = CHART.top + plotHeight;
+  const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  chart.replaceChildren(
+    svg("line", { class: "axis", x1: CHART.left, x2: CHART.width - CHART.right, y1: bottom, y2: bottom }),
+    svg("line", { class: "axis", x1: CHART.left, x2: CHART.width - CHART.right, y1: CHART.top, y2: CHART.top }),
+    svg("text", { x: CHART.left - 6, y: CHART.top + 4, "text-anchor": "end" }, label(top)),
+    svg("text", { x: CHART.left - 6, y: bottom, "text-anchor": "end" }, label(0)),
+    svg("text", { x: CHART.left, y: CHART.height - 6 }, clock(minutes[0].at)),
+    svg("text", { x: CHART.width - CHART.right, y: CHART.height - 6, "text-anchor": "end" }, "now"),
+  );
+  return { x, y, slot, bottom };
+}
+
+function niceTop(value) {
+  if (value <= 0) return 1;
+  const power = 10 ** Math.floor(Math.log10(value));
+  for (const step of [1, 2, 5, 10]) if (value <= step * power) return step * power;
+  return 10 * power;
+}
+
+function drawRuns(minutes) {
+  const chart = $("chart-runs");
+  const top = niceTop(Math.max(...minutes.map((m) => m.ended)));
+  const { x, y, slot, bottom } = frame(chart, minutes, top, (v) => String(v));
+  minutes.forEach((m, i) => {
+    const width = Math.max(1, slot - 2);
+    const title = `${new Date(m.at).toLocaleTimeString()}: ${m.ended} ended, ${m.cancelled} cancelled, ${m.failed} failed`;
+    if (m.ended) {
+      const bar = svg("rect", { class: "bar-ended", x: x(i) + 1, y: y(m.ended), width, height: bottom - y(m.ended) });
+      bar.append(svg("title", {}, title));
+      chart.append(bar);
+    }
+    if (m.cancelled) {
+      const bar = svg("rect", { class: "bar-cancelled", x: x(i) + 1, y: y(m.cancelled), width, height: bottom - y(m.cancelled) });
+      bar.append(svg("title", {}, title));
+      chart.append(bar);
+    }
+  });
+}
+
+function drawLatency(minutes) {
+  const chart = $("chart-latency");
+  const values = minutes.flatMap((m) => [m.p50_ms, m.p99_ms]).filter((v) => v !== null && v !== undefined);
+  const top = niceTop(values.length ? Math.max(...values) : 1);
+  const { x, y, slot } = frame(chart, minutes, top, (v) => duration(v));
+  for (const [field, kind] of [["p50_ms", "p50"], ["p99_ms", "p99"]]) {
+    const points = minutes.map((m, i) => [m[field], i]).filter(([v]) => v !== null && v !== undefined);
+    if (points.length > 1) {
+      const d = points.map(([v, i], n) => `${n ? "L" : "M"}${(x(i) + slot / 2).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      chart.append(svg("path", { class: `line-${kind}`, d }));
+    }
+    for (const [v, i] of points) {
+      const dot = svg("circle", { class: `dot-${kind}`, cx: x(i) + slot / 2, cy: y(v), r: 2.5 });
+      dot.append(svg("title", {}, `${new Date(minutes[i].at).toLocaleTimeString()}: ${kind} ${duration(v)}`));
+      chart.append(dot);
+    }
+  }
+}
+
+async function refreshActivity() {
+  try {
+    const page = await getJSON("/v1/activity");
+    drawRuns(page.minutes);
+    drawLatency(page.minutes);
+    const ended = page.minutes.reduce((n, m) => n + m.ended, 0);
+    const cancelled = page.minutes.reduce((n, m) => n + m.cancelled, 0);
+    $("activity-summary").textContent =
+      `last 30 min: ${ended} runs ended, ${cancelled} cancelled` +
+      (page.oldest && page.oldest > page.minutes[0].at ? ` (from the latest finished runs kept, since ${new Date(page.oldest).toLocaleTimeString()})` : "");
+  } catch (error) {
+    setLive(false, `offline: ${error.message}`);
+  }
+}
+
 async function refreshSlow() {
   clearTimeout(refreshSlow.timer);
-  await Promise.all([refreshFunctions(), refreshDecisions()]);
+  await Promise.all([refreshFunctions(), refreshDecisions(), refreshActivity()]);
   refreshSlow.timer = setTimeout(refreshSlow, SLOW_EVERY_MS);
 }
 
