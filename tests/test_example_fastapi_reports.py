@@ -4,7 +4,7 @@ way its page drives it."""
 
 from __future__ import annotations
 
-import re
+import json
 import sys
 import time
 import uuid
@@ -90,7 +90,8 @@ def test_cancel_stops_the_report_mid_call_and_only_its_owner_may(served: Served)
         report_id = created.json()["report_id"]
         report = wait_for_report(alice, report_id, "running")
         run_id = report["run_id"]
-        served.worker.wait_for_line(f"report.started.*{report_id}")
+        # The worker logs JSON off a terminal (worker.main()): the fields in any order.
+        served.worker.wait_for_line(f"(?=.*report.started)(?=.*{report_id})")
         assert bob.get("/reports").json() == []  # bob sees only his own reports
 
         # Bob has the run id, but the function's owner is alice's account.
@@ -108,10 +109,8 @@ def test_cancel_stops_the_report_mid_call_and_only_its_owner_may(served: Served)
         assert time.monotonic() - pressed < 5  # not the 30-second call running out
 
         # The worker's body was interrupted inside its long call, and never wrote a report.
-        line = served.worker.wait_for_line(f"report.interrupted.*{report_id}").string
-        seconds_into_call = re.search(r"seconds_into_call=([\d.]+)", line)
-        assert seconds_into_call is not None, line
-        assert float(seconds_into_call.group(1)) < 10, line  # of its 30 seconds
+        line = served.worker.wait_for_line(f"(?=.*report.interrupted)(?=.*{report_id})").string
+        assert json.loads(line)["seconds_into_call"] < 10, line  # of its 30 seconds
         assert not any("report.written" in line for line in served.worker.lines)
 
         # A second click: already cancelled, nothing happens.
