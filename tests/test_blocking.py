@@ -26,7 +26,7 @@ from sdk import (
     Worker,
 )
 from sdk.keys import Keys
-from tests.conftest import RULE, broker_drained, wait_until
+from tests.helpers import RULE, broker_drained, wait_until
 
 TRIGGER = "report/generate.requested"
 

@@ -16,7 +16,7 @@ from sdk.registration import declare_rules
 from sdk.rules import index_entries, lookups
 from sdk.store import RegisterRequest, RunStore
 from sdk.streams import trim_acknowledged
-from tests.conftest import broker_drained, wait_until
+from tests.helpers import broker_drained, wait_until
 
 pytestmark = pytest.mark.anyio
 

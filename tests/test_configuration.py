@@ -36,7 +36,7 @@ from sdk.connection import DEFAULT_REDIS_URL, REDIS_URL_ENV, resolve_url_source
 from sdk.errors import ConfigurationError
 from sdk.keys import PRESENCE
 from sdk.local_redis import RUNTIME_DIR_ENV, advertised
-from tests.conftest import run_of, wait_for_observation, wait_for_status
+from tests.helpers import run_of, wait_for_observation, wait_for_status
 from tests.processes import ROOT, ProcessHandle, start_broker, start_worker, sync_status
 
 BROKER = (sys.executable, "-m", "broker")

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from sdk import Client
 from tests.conformance_cases import CASES, Case
-from tests.conftest import broker_drained, run_of, status_is, topology_url, wait_until
+from tests.helpers import broker_drained, run_of, status_is, topology_url, wait_until
 from tests.processes import ROOT, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

@@ -27,7 +27,7 @@ from sdk import Client, Event, RunContext, Worker
 from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.store import RegisterRequest, RunStore
-from tests.conftest import (
+from tests.helpers import (
     RULE,
     broker_drained,
     report_worker,

@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from sdk import Client, Event
 from sdk.keys import Keys
 from sdk.store import RegisterRequest, RunStore
-from tests.conftest import observed, run_of, wait_for_observation, wait_for_status
+from tests.helpers import observed, run_of, wait_for_observation, wait_for_status
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

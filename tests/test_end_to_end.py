@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from sdk import Client, RunInfo
 from sdk.keys import Keys
-from tests.conftest import (
+from tests.helpers import (
     broker_drained,
     count_run_keys,
     observed,

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from sdk import OPERATOR, Client, RunInfo
-from tests.conftest import (
+from tests.helpers import (
     broker_drained,
     observed,
     run_of,

@@ -20,7 +20,7 @@ from sdk import Client
 from sdk.keys import Keys
 from sdk.streams import create_group
 from sdk.wire import encode_event
-from tests.conftest import partition_keys, run_of, status_is, wait_until
+from tests.helpers import partition_keys, run_of, status_is, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]

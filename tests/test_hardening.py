@@ -14,7 +14,7 @@ from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON
 from sdk.store import RegisterRequest, RunStore
 from sdk.streams import GroupConsumer, create_group, trim_acknowledged
-from tests.conftest import broker_drained, report_worker, run_of, status_is, wait_until
+from tests.helpers import broker_drained, report_worker, run_of, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
 

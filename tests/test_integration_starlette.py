@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from broker import Broker
 from sdk import OPERATOR, CancelOn, Client, Event, RunCancelled, RunContext, Worker
 from sdk.integrations.starlette import CancellingStreamingResponse, cancel_route
-from tests.conftest import run_of, serving, wait_for_status
+from tests.helpers import run_of, serving, wait_for_status
 
 pytestmark = pytest.mark.anyio
 

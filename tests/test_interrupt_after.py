@@ -15,7 +15,7 @@ from sdk import CancelOn, Client, ConfigurationError, RunContext, RunInfo, Worke
 from sdk.context import CancelState
 from sdk.function import canonical_config
 from sdk.wire import config_hash
-from tests.conftest import run_of, status_is, wait_until
+from tests.helpers import run_of, status_is, wait_until
 from tests.processes import alive, start_broker, start_worker
 from tests.test_process_steps import child_pid
 

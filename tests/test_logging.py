@@ -12,7 +12,7 @@ import structlog
 
 from sdk import Client
 from sdk.logs import configure_logging
-from tests.conftest import run_of, status_is, wait_until
+from tests.helpers import run_of, status_is, wait_until
 from tests.processes import ROOT, ProcessHandle
 
 

@@ -16,7 +16,7 @@ from broker.metrics import DEAD_LETTER_REASONS, MAX_EVENT_LABELS, BrokerMetrics
 from sdk import Client, Worker
 from sdk.connection import Backoff, BackoffHooks
 from sdk.keys import Keys
-from tests.conftest import broker_drained, report_worker, run_of, serving, wait_until
+from tests.helpers import broker_drained, report_worker, run_of, serving, wait_until
 
 pytestmark = pytest.mark.anyio
 

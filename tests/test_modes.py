@@ -32,7 +32,7 @@ from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
 from sdk.store import RegisterRequest, RunStore
 from sdk.triggers import triggered_run_id
 from sdk.wire import config_hash
-from tests.conftest import run_of, status_is, wait_until
+from tests.helpers import run_of, status_is, wait_until
 
 pytestmark = pytest.mark.anyio
 

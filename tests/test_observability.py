@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from sdk import Client
 from sdk.keys import Keys
-from tests.conftest import wait_for_observation, wait_for_status, wait_until
+from tests.helpers import wait_for_observation, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ from sdk.partitions import (
 from sdk.rules import value_token
 from sdk.wire import decode_event, encode_event, entry_id_of, event_id
 from tests.cluster import RedisClusterServer
-from tests.conftest import serving, status_is, wait_until
+from tests.helpers import serving, status_is, wait_until
 from tests.processes import ProcessHandle
 
 pytestmark = pytest.mark.anyio

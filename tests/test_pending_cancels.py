@@ -36,7 +36,7 @@ from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.store import CancelRequest
 from sdk.wire import RUN_CANCELLED_EVENT, decode_event
-from tests.conftest import (
+from tests.helpers import (
     observed,
     partition_keys,
     run_of,

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from sdk import Client, NotPicklableError, ProcessStepCrashed
 from sdk.context import CancelState, Step
 from tests.apps.spinning import crash, fail, spin, square
-from tests.conftest import run_of, status_is, wait_until
+from tests.helpers import run_of, status_is, wait_until
 from tests.processes import alive, start_broker, start_worker
 
 pytestmark = pytest.mark.anyio

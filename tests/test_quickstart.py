@@ -23,7 +23,7 @@ from sdk import Client
 from sdk.connection import REDIS_URL_ENV
 from sdk.keys import Keys
 from sdk.local_redis import advertised
-from tests.conftest import run_of, wait_for_status
+from tests.helpers import run_of, wait_for_status
 from tests.processes import ROOT, ProcessHandle
 
 pytestmark = pytest.mark.e2e

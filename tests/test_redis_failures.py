@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from broker import EmbeddedRedis
 from sdk import Client
 from sdk.keys import Keys
-from tests.conftest import observed, run_of, wait_for_observation, wait_for_status, wait_until
+from tests.helpers import observed, run_of, wait_for_observation, wait_for_status, wait_until
 from tests.processes import BROKER, ProcessHandle, start_broker, start_worker
 from tests.tcp_proxy import TcpProxy
 

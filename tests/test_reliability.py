@@ -15,7 +15,7 @@ from sdk import Client, Event, RunCancelled
 from sdk.connection import blocking_client
 from sdk.keys import Keys
 from sdk.runner import BACKSTOP_INTERVAL_S
-from tests.conftest import (
+from tests.helpers import (
     count_run_keys,
     keys_of_run,
     partition_keys,

@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 from tests.processes import ROOT, ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]

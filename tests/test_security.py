@@ -25,7 +25,7 @@ from broker import EmbeddedRedis
 from sdk import Client, NotReplicatedError, RunInfo
 from sdk.keys import Keys
 from sdk.streams import trim_acknowledged
-from tests.conftest import broker_drained, wait_for_status, wait_until
+from tests.helpers import broker_drained, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
 from tests.tls import (
     Certificates,

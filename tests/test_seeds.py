@@ -67,7 +67,7 @@ from redis.asyncio import Redis
 from sdk import Client
 from sdk.keys import Keys
 from sdk.triggers import triggered_run_id
-from tests.conftest import (
+from tests.helpers import (
     observed,
     run_of,
     wait_for_observation,

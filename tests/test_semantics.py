@@ -33,7 +33,7 @@ from sdk.partitions import Partitions
 from sdk.rules import index_entries, lookups
 from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_event, entry_id_of
-from tests.conftest import (
+from tests.helpers import (
     broker_drained,
     partition_keys,
     run_of,

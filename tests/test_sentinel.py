@@ -25,7 +25,7 @@ from sdk.keys import Keys
 from sdk.reconcile import GONE_REASON, RecentOutcomes, RecordedOutcome
 from sdk.sentinel import parse_sentinel_url
 from sdk.urls import redact_url
-from tests.conftest import run_of, wait_for_status
+from tests.helpers import run_of, wait_for_status
 from tests.processes import start_broker, start_worker
 from tests.sentinel import SentinelSetup
 

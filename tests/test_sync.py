@@ -24,7 +24,7 @@ from sdk.keys import Keys
 from sdk.rules import index_entries
 from sdk.store import RegisterRequest, RunStore
 from sdk.wire import decode_config, decode_worker
-from tests.conftest import serving, wait_until
+from tests.helpers import serving, wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ from broker import EmbeddedRedis
 from sdk import Client, RunContext, Worker
 from sdk.keys import Keys
 from sdk.streams import trim_acknowledged
-from tests.conftest import observed, run_of, wait_for_status, wait_until
+from tests.helpers import observed, run_of, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker, sync_status
 
 pytestmark = pytest.mark.anyio

@@ -20,7 +20,7 @@ from broker import EmbeddedRedis
 from sdk import CancelOn, Client
 from sdk.rules import unreachable_rules
 from sdk.wire import Event
-from tests.conftest import run_of, wait_until
+from tests.helpers import run_of, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker, sync_status
 
 pytestmark = pytest.mark.anyio

@@ -27,7 +27,7 @@ from sdk import (
     loop_watch,
 )
 from sdk.metrics import WorkerMetrics
-from tests.conftest import wait_until
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
