@@ -537,22 +537,30 @@ class RunStore:
         pool): ``cancelled`` with ``terminated``. A run its worker already recorded
         (``cancelled`` with ``abandoned_thread``, the body running on) is marked
         ``terminated``; another outcome is left as it is."""
-        status = cast(str | None, await self.redis.hget(self.keys.run(run_id), "status"))
+        record = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        status = record.get("status")
         if status == "cancelled":
             await self.redis.hset(self.keys.run(run_id), "terminated", "1")
             return Finished(status)
         if status != "cancelling":
             return Finished(status)
         return await self._finish_from_record(
-            run_id, "cancelled", worker_id=worker_id, terminated=True
+            run_id, "cancelled", worker_id=worker_id, record=record, terminated=True
         )
 
     async def _finish_from_record(
-        self, run_id: str, outcome: Outcome, *, worker_id: str, **fields: Any
+        self,
+        run_id: str,
+        outcome: Outcome,
+        *,
+        worker_id: str,
+        record: dict[str, str] | None = None,
+        **fields: Any,
     ) -> Finished:
         """Record an outcome for a run whose worker is gone: what ``finish`` needs is
-        read from the run's record."""
-        record = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        read from the run's record (``record``, when the caller has just read it)."""
+        if record is None:
+            record = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
         if not record:
             await self.redis.srem(self.keys.worker_runs(worker_id), run_id)
             return Finished(None)

@@ -109,7 +109,7 @@ class PoolSupervisor:
         except (*REDIS_ERRORS, TimeoutError) as exc:  # the next look tries again
             log.warning("pool.check_failed", error=repr(exc))
             return
-        for run_id, worker_id in overdue:
+        for run_id, worker_id, store in overdue:
             request = executing[run_id]
             log.warning(
                 "task.terminated",
@@ -123,7 +123,7 @@ class PoolSupervisor:
             request.terminate(pool, signal.SIGKILL)  # REVOKED, task_revoked, a new process
             self._terminated.add(run_id)
             try:
-                portal.call(self._record, run_id, worker_id)
+                portal.call(self._record, store, run_id, worker_id)
             except (*REDIS_ERRORS, TimeoutError) as exc:  # the broker reaps it later: lost
                 log.warning("task.terminated_unrecorded", run_id=run_id, error=repr(exc))
 
@@ -141,9 +141,10 @@ class PoolSupervisor:
             await self._stores[0].redis.aclose()
             self._stores = ()
 
-    async def _overdue(self, run_ids: list[str]) -> list[tuple[str, str]]:
+    async def _overdue(self, run_ids: list[str]) -> list[tuple[str, str, RunStore]]:
         """The runs among these whose cancel was requested ``terminate_after`` ago or more,
-        with the worker id that holds each (one round trip per partition)."""
+        with the worker id that holds each and the store of its partition (one round trip
+        per partition)."""
         with anyio.fail_after(CHECK_TIMEOUT_S):
             overdue = []
             for store in await self._open():
@@ -160,19 +161,17 @@ class PoolSupervisor:
                         and requested_at
                         and now_ms - float(requested_at) >= self.terminate_after_ms
                     ):
-                        overdue.append((run_id, cast(str, worker_id)))
+                        overdue.append((run_id, cast(str, worker_id), store))
             return overdue
 
-    async def _record(self, run_id: str, worker_id: str) -> None:
-        """The run ends ``cancelled``, ``terminated``; its dead process leaves the registry
-        (else it would look alive until its heartbeats are missed)."""
+    async def _record(self, store: RunStore, run_id: str, worker_id: str) -> None:
+        """The run ends ``cancelled``, ``terminated`` (in ``store``, the partition that
+        holds it); its dead process leaves the registry (else it would look alive until its
+        heartbeats are missed)."""
         with anyio.fail_after(CHECK_TIMEOUT_S * 4):
-            for store in await self._open():
-                finished = await store.record_terminated(run_id, worker_id=worker_id)
-                if finished.previous is not None:
-                    break
+            await store.record_terminated(run_id, worker_id=worker_id)
             keys = self.worker.keys
-            redis = self._stores[0].redis
+            redis = store.redis
             async with redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(keys.workers, worker_id)
                 pipe.delete(keys.worker(worker_id))
