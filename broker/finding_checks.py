@@ -14,7 +14,7 @@ import msgspec
 from broker.findings import Finding, FunctionView, Windows, WorkerView, config_changes
 from sdk.config import TRIGGER_LOOKBACK
 from sdk.connection import RedisClient
-from sdk.keys import Keys
+from sdk.keys import Keys, parse_presence_field
 from sdk.unreachable import UnreachableLast
 from sdk.wire import FunctionConfig
 
@@ -168,7 +168,7 @@ def namespace_findings(
     """
     present: dict[str, set[str]] = {"worker": set(), "broker": set()}
     for field, until in presence.items():
-        role, _, other = field.partition(":")
+        role, other = parse_presence_field(field)
         if role in present and until > now:
             present[role].add(other)
     workers_only = present["worker"] - present["broker"] - {namespace}

@@ -25,6 +25,7 @@ import anyio
 import msgspec
 
 from broker.metrics import BrokerMetrics
+from broker.scripts import resend_signals
 from sdk.connection import REDIS_ERRORS, is_transient, redis_now_ms
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS
 from sdk.store import RunStore
@@ -123,7 +124,7 @@ class Housekeeping:
             keys = store.keys
             run_ids = cast(set[str], await self.redis.smembers(keys.worker_runs(worker_id)))
             for run_id in sorted(run_ids):
-                finished = await store.reap(run_id, worker_id=worker_id, error=error)
+                finished = await store.record_lost(run_id, worker_id=worker_id, error=error)
                 if finished.previous in ("running", "cancelling"):
                     lost += 1
             # One slot per transaction: each partition's keys, then the worker's record.
@@ -142,7 +143,7 @@ class Housekeeping:
         resent = [
             run_id
             for store in self.stores
-            for run_id in await store.resend_signals(after_ms=RESEND_AFTER_MS)
+            for run_id in await resend_signals(store.redis, store.keys, after_ms=RESEND_AFTER_MS)
         ]
         if resent:
             self.metrics.signals_resent.inc(len(resent))

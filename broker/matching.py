@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, cast
 
 from broker import decisions
 from broker.findings import is_cancel_like
 from broker.metrics import BrokerMetrics
+from broker.scripts import MatchCandidate, match_events
 from broker.sync import EventWatch
 from sdk.connection import is_transient
 from sdk.errors import ConfigurationError, InvalidEventError
@@ -37,7 +38,8 @@ from sdk.expressions import Expression, compile_rule_expression, describe_error,
 from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.rules import Lookup, Selector, lookups, without_value
-from sdk.store import CancelRequest, MatchCandidate, RunStore, match_events
+from sdk.scripts import CancelRequest, event_reason
+from sdk.store import RunStore
 from sdk.streams import Entry
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
@@ -116,10 +118,10 @@ class Matcher:
             if event is not None:
                 events.append((entry_id, fields, event))
         names = [event.name for _, _, event in events]
-        selectors = await self.store.declared_selectors(names)
+        selectors = await declared_selectors(self.store, names)
         broadcast = await self.partitions.broadcast(names)
         planned: list[tuple[str, dict[str, str] | None, Event, list[Lookup], list[int]]] = []
-        calls: list[tuple[RunStore, Event, list[Lookup]]] = []
+        calls: list[tuple[Keys, Event, list[Lookup]]] = []
         missing: dict[str, list[Selector]] = {}
         for entry_id, fields, event in events:
             declared = selectors[event.name]
@@ -137,9 +139,9 @@ class Matcher:
             slots = []
             for store, store_found in per_target if found else ():
                 slots.append(len(calls))
-                calls.append((store, event, store_found))
+                calls.append((store.keys, event, store_found))
             planned.append((entry_id, fields, event, found, slots))
-        replies = await match_events(calls, tombstone_ms=self.tombstone_ms)
+        replies = await match_events(self.store.redis, calls, tombstone_ms=self.tombstone_ms)
         declared_by = await self._declared_by(
             {event.name for _, _, event in events if event.id in missing}
         )
@@ -310,8 +312,9 @@ class Matcher:
         partition_of = {candidate.run_id: candidate.partition for candidate in candidates}
         results: list[CancelResult] = []
         for partition, store in enumerate(self.stores):
-            await store.record_rule_errors(
-                {run_id: e for run_id, e in errors.items() if partition_of[run_id] == partition}
+            await record_rule_errors(
+                store,
+                {run_id: e for run_id, e in errors.items() if partition_of[run_id] == partition},
             )
             held = [run_id for run_id in matched if partition_of[run_id] == partition]
             if held:
@@ -319,7 +322,7 @@ class Matcher:
                     held,
                     CancelRequest(
                         cancelled_by=event.id,
-                        reason=f"cancel event {event.name}",
+                        reason=event_reason(event.name),
                         event_id=event.id,
                         cancel_at_ms=entry_timestamp(event.id),
                     ),
@@ -371,3 +374,26 @@ def _no_value(
         )
         reasons.append(f"no value at {selector.path} for {whose}")
     return "; ".join(reasons)
+
+
+async def declared_selectors(store: RunStore, names: Iterable[str]) -> dict[str, list[str]]:
+    """Selectors of the rules workers declared for each of these event names (one round
+    trip)."""
+    ordered = list(dict.fromkeys(names))
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for name in ordered:
+            pipe.hkeys(store.keys.rules(name))
+        # The clients decode responses, so every reply string is a str.
+        replies = cast(list[list[str]], await pipe.execute())
+    return dict(zip(ordered, replies, strict=True))
+
+
+async def record_rule_errors(store: RunStore, errors: Mapping[str, str]) -> None:
+    """Note on each run why its rule's expression could not be evaluated."""
+    if not errors:
+        return
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for run_id, error in errors.items():
+            # The run was running a moment ago; its record outlives it by the retention.
+            pipe.hset(store.keys.run(run_id), "rule_error", error)
+        await pipe.execute()

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from sdk.connection import RedisClient
-from sdk.keys import Keys
+from sdk.keys import Keys, delivery_field, parse_finished_field
 from sdk.metrics import LATENCY_BUCKETS
 from sdk.partitions import stored_partition_keys
 
@@ -68,9 +68,8 @@ class ClusterStats(Collector):
         for part in partitions:
             finished = cast(dict[str, str], await redis.hgetall(part.finished_stats))
             for field_name, count in finished.items():
-                app, _, rest = field_name.partition("/")
-                function, _, outcome = rest.rpartition("/")
-                labels = (app, function, outcome)
+                labels = parse_finished_field(field_name)
+                app, function, _ = labels
                 snapshot.runs_finished[labels] = snapshot.runs_finished.get(labels, 0) + int(count)
                 functions.add((app, function))
             for name, value in cast(dict[str, str], await redis.hgetall(part.signal_stats)).items():
@@ -86,9 +85,9 @@ class ClusterStats(Collector):
             name: sum(counts[i * width : (i + 1) * width]) for i, name in enumerate(ordered)
         }
         snapshot.signals_acknowledged = int(signals["acknowledged"])
-        snapshot.delivery_sum = float(signals["delivery:sum"])
+        snapshot.delivery_sum = float(signals[delivery_field("sum")])
         snapshot.delivery_buckets = [
-            int(signals[f"delivery:{index}"])
+            int(signals[delivery_field(index)])
             for index in [*map(str, range(1, len(LATENCY_BUCKETS) + 1)), "inf"]
         ]
         async with redis.pipeline(transaction=False) as pipe:

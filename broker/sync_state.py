@@ -24,7 +24,7 @@ from broker.findings import (
     declared_triggers,
 )
 from sdk.connection import RedisClient, redis_now_ms
-from sdk.keys import PRESENCE, Keys
+from sdk.keys import PRESENCE, Keys, parse_run_config_field
 from sdk.partitions import stored_partition_keys
 from sdk.registration import LIVE_INTERVALS
 from sdk.wire import FunctionConfig, decode_config, decode_worker
@@ -140,7 +140,7 @@ async def collect_state(
         per_function: dict[str, dict[str, int]] = defaultdict(dict)
         for counts in replies[width * i + 2 : width * (i + 1)]:
             for field, count in counts.items():
-                function_id, _, config = field.partition(":")
+                function_id, config = parse_run_config_field(field)
                 if int(count) > 0:
                     total = per_function[function_id].get(config, 0) + int(count)
                     per_function[function_id][config] = total

@@ -23,7 +23,8 @@ from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
 from sdk.partitions import Partitions, check_partitions
 from sdk.rules import value_token
-from sdk.store import OPERATOR_ACTOR, CancelRequest, RunStore, request_cancel_everywhere
+from sdk.scripts import CANCELLED_BY_API, OPERATOR_ACTOR, CancelRequest
+from sdk.store import RunStore, request_cancel_everywhere
 from sdk.wire import (
     MAX_EVENT_BYTES,
     TERMINAL_STATUSES,
@@ -224,7 +225,7 @@ class Client:
         check_id("run id", run_id)
         partitions = await self._open()
         request = CancelRequest(
-            cancelled_by="api",
+            cancelled_by=CANCELLED_BY_API,
             reason=reason or "cancelled by request",
             actor=_actor_token(actor),
             keep_ms=self._keep_ms,
@@ -303,7 +304,7 @@ class Client:
         )
         await self._check_declared(function_id, apps, app_id)
         reason = reason or f"bulk cancel of {function_id}"
-        bulk_request = CancelRequest(cancelled_by="api", reason=reason)
+        bulk_request = CancelRequest(cancelled_by=CANCELLED_BY_API, reason=reason)
         kept_until = None
         if self._keep_ms:
             # Kept before the registered runs are listed: a run registering meanwhile is

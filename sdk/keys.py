@@ -45,6 +45,43 @@ ORIGIN_FIELD = "origin"
 PRESENCE: Final = "cancel-broker:presence"
 
 
+#: Field prefixes of :attr:`Keys.routes`: ``place:{name}`` -> the event name's placement
+#: path; ``broadcast:{name}`` -> ``1`` for a cancel event looked up in every partition.
+ROUTE_PLACE: Final = "place:"
+ROUTE_BROADCAST: Final = "broadcast:"
+
+
+def run_config_field(function_id: str, config_hash: str) -> str:
+    """The field of :meth:`Keys.run_configs` for one function configuration (``FIELD``
+    in lib.lua writes the same)."""
+    return f"{function_id}:{config_hash}"
+
+
+def parse_run_config_field(field: str) -> tuple[str, str]:
+    """(function id, config hash) of a :func:`run_config_field` (a function id has no ``:``)."""
+    function_id, _, config_hash = field.partition(":")
+    return function_id, config_hash
+
+
+def finished_field(app_id: str, function_id: str, outcome: str) -> str:
+    """The field of :attr:`Keys.finished_stats` counting one function's runs that ended so."""
+    return f"{app_id}/{function_id}/{outcome}"
+
+
+def parse_finished_field(field: str) -> tuple[str, str, str]:
+    """(app id, function id, outcome) of a :func:`finished_field`: an app id has no ``/``,
+    an outcome has none, a function id may."""
+    app_id, _, rest = field.partition("/")
+    function_id, _, outcome = rest.rpartition("/")
+    return app_id, function_id, outcome
+
+
+def delivery_field(bucket: str) -> str:
+    """A field of :attr:`Keys.signal_stats`' delivery-time histogram: bucket ``1`` .. ``n``
+    (per bucket, not cumulative), ``inf``, ``count`` or ``sum``."""
+    return f"delivery:{bucket}"
+
+
 def uncancellable_field(app_id: str, function_id: str, event_name: str, path: str) -> str:
     """The field of :attr:`Keys.uncancellable` for one function's rule (without suffix)."""
     return f"{app_id}/{function_id}|{event_name}|{path}"
@@ -53,6 +90,12 @@ def uncancellable_field(app_id: str, function_id: str, event_name: str, path: st
 def presence_field(role: str, namespace: str) -> str:
     """The field of :data:`PRESENCE` for ``role`` (``worker`` or ``broker``) in ``namespace``."""
     return f"{role}:{namespace}"
+
+
+def parse_presence_field(field: str) -> tuple[str, str]:
+    """(role, namespace) of a :func:`presence_field`."""
+    role, _, namespace = field.partition(":")
+    return role, namespace
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -133,8 +176,9 @@ class Keys:
 
     @property
     def routes(self) -> str:
-        """Hash ``trigger:{name}`` / ``cancel:{name}`` -> the path whose value decides an
-        event's partition, or ``*`` for a cancel event matched in every partition."""
+        """Hash ``place:{name}`` -> the path whose value decides an event's partition (its
+        placement path), ``broadcast:{name}`` -> ``1`` for a cancel event looked up in every
+        partition (:data:`ROUTE_PLACE`, :data:`ROUTE_BROADCAST`; ``declare_routes.lua``)."""
         return f"{self.prefix}routes"
 
     # -- one partition's run state ------------------------------------------------------

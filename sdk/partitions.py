@@ -22,15 +22,15 @@ import random
 import zlib
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from importlib import resources
 from typing import Final, cast
 
 from redis.typing import EncodableT, FieldT
 
+from sdk import scripts
 from sdk.connection import RedisClient
 from sdk.errors import ConfigurationError, PartitionCountError
 from sdk.function import Function
-from sdk.keys import EVENT_FIELD, PARTITION_FIELD, Keys
+from sdk.keys import EVENT_FIELD, PARTITION_FIELD, ROUTE_BROADCAST, ROUTE_PLACE, Keys
 from sdk.rules import CancelOn, parse_path, value_token
 from sdk.store import DEFAULT_RETENTION, RunStore
 from sdk.wire import Event, event_id
@@ -39,8 +39,6 @@ from sdk.wire import Event, event_id
 PARTITIONS_ENV: Final = "CANCEL_BROKER_PARTITIONS"
 #: Each partition costs every worker one blocking read per function (and one for signals).
 MAX_PARTITIONS: Final = 256
-
-_DECLARE_ROUTES: Final = (resources.files("sdk") / "lua" / "declare_routes.lua").read_text()
 
 
 def check_partitions(value: int | str | None) -> int | None:
@@ -102,12 +100,9 @@ def _first_match_path(fn: Function) -> str:
 
 async def declare_routes(redis: RedisClient, keys: Keys, functions: Iterable[Function]) -> None:
     """Record the placement paths of these functions' events (part of a worker's sync)."""
-    script = redis.register_script(_DECLARE_ROUTES)
     for fn in functions:
-        args = [fn.trigger, _first_match_path(fn)]
-        for rule in fn.cancel_on:
-            args += [rule.event, rule.match or ""]
-        await script(keys=[keys.routes], args=args)
+        rules = [(rule.event, rule.match or "") for rule in fn.cancel_on]
+        await scripts.declare_routes(redis, keys, fn.trigger, _first_match_path(fn), rules)
 
 
 class Partitions:
@@ -160,7 +155,7 @@ class Partitions:
         if unknown:
             found = cast(
                 list[str | None],
-                await self.redis.hmget(self.base.routes, [f"place:{name}" for name in unknown]),
+                await self.redis.hmget(self.base.routes, [ROUTE_PLACE + name for name in unknown]),
             )
             for name, path in zip(unknown, found, strict=True):
                 if path is not None:
@@ -221,7 +216,7 @@ class Partitions:
                 names.append(rule.event)
         if names:
             await self.redis.hset(
-                self.base.routes, mapping={f"broadcast:{name}": "1" for name in names}
+                self.base.routes, mapping={ROUTE_BROADCAST + name: "1" for name in names}
             )
             self._marked.update(names)
 
@@ -231,7 +226,7 @@ class Partitions:
         names = list(dict.fromkeys(event_names))
         if self.count == 1 or not names:
             return set()
-        fields = [f for name in names for f in (f"broadcast:{name}", f"place:{name}")]
+        fields = [f for name in names for f in (ROUTE_BROADCAST + name, ROUTE_PLACE + name)]
         found = cast(list[str | None], await self.redis.hmget(self.base.routes, fields))
         return {
             name

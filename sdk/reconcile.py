@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
 
-from sdk.store import Outcome
+from sdk.scripts import Outcome
 from sdk.wire import TERMINAL_STATUSES
 
 if TYPE_CHECKING:
@@ -128,7 +128,9 @@ async def reconcile(runner: Runner) -> Reconciled:
                 finished = await runner.write_outcome(outcome)
                 done.recorded_again += finished.previous not in (None, *TERMINAL_STATUSES)
                 continue
-            finished = await store.reap(run_id, worker_id=runner.worker_id, error=GONE_REASON)
+            finished = await store.record_lost(
+                run_id, worker_id=runner.worker_id, error=GONE_REASON
+            )
             if finished.previous not in (None, *TERMINAL_STATUSES):
                 runner.log.error("run.recorded_lost_on_reconcile", run_id=run_id, error=GONE_REASON)
                 done.recorded_lost += 1

@@ -11,7 +11,6 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import timedelta
-from importlib import resources
 from typing import Any, Final, cast
 
 import anyio
@@ -29,6 +28,7 @@ from sdk.function import Function
 from sdk.keys import PRESENCE, Keys, presence_field
 from sdk.partitions import declare_routes
 from sdk.rules import CancelOn
+from sdk.scripts import heartbeat, heartbeat_blocking
 from sdk.version import __version__
 from sdk.wire import WorkerInfo, encode_config, encode_json
 
@@ -40,12 +40,11 @@ LIVE_INTERVALS: Final = 2.5
 REGISTRATION_TTL: Final = timedelta(days=1)
 #: Function configurations stay readable this long after the last sync that declared them.
 CONFIG_TTL: Final = timedelta(days=30)
+_REGISTRATION_TTL_S: Final = int(REGISTRATION_TTL.total_seconds())
 #: Approximate cap on the sync notices stream.
 SYNCS_MAXLEN: Final = 10_000
 #: Environment variable read for ``app_version`` (a git SHA, a release tag).
 APP_VERSION_ENV: Final = "CANCEL_APP_VERSION"
-
-_HEARTBEAT = (resources.files("sdk") / "lua" / "heartbeat.lua").read_text()
 
 
 def declare_rules(
@@ -71,7 +70,7 @@ def declare_rules(
             pipe.hset(keys.expressions, expression.id, expression.source)
 
 
-class Registration:
+class WorkerRegistration:
     """Declares one worker process and keeps it marked live."""
 
     def __init__(
@@ -98,7 +97,6 @@ class Registration:
         self._on_lost = on_lost
         self._epoch = epoch
         self._on_data_lost = on_data_lost
-        self._heartbeat = redis.register_script(_HEARTBEAT)
         self._functions: tuple[Function, ...] = ()
         self._presence_failed = False
 
@@ -186,9 +184,8 @@ class Registration:
         while True:
             await anyio.sleep(self.heartbeat_interval if not backoff.failures else 0)
             try:
-                alive = await self._heartbeat(
-                    keys=[self.keys.workers, self.keys.worker(self.worker_id)],
-                    args=[self.worker_id, int(REGISTRATION_TTL.total_seconds())],
+                alive = await heartbeat(
+                    self.redis, self.keys, self.worker_id, ttl_s=_REGISTRATION_TTL_S
                 )
                 if not alive:
                     await self._registration_gone()
@@ -203,12 +200,9 @@ class Registration:
         """A heartbeat to send from another thread, with a blocking ``client``: while the
         event loop is blocked (sdk/loop_watch.py). A registration found gone is left to
         the loop's own heartbeat, once it runs again."""
-        script = client.register_script(_HEARTBEAT)
-        keys = [self.keys.workers, self.keys.worker(self.worker_id)]
-        args: list[str | int] = [self.worker_id, int(REGISTRATION_TTL.total_seconds())]
 
         def beat() -> None:
-            script(keys=keys, args=args)
+            heartbeat_blocking(client, self.keys, self.worker_id, ttl_s=_REGISTRATION_TTL_S)
 
         return beat
 

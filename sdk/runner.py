@@ -26,14 +26,19 @@ from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions
 from sdk.reconcile import RecentOutcomes, RecordedOutcome
 from sdk.rules import IndexEntry, index_entries, parse_path, unreachable_rules, value_token
-from sdk.store import (
-    DEFAULT_RETENTION,
+from sdk.scripts import (
+    CANCELLED_BY_API,
+    CancelledOnRegistration,
     CancelRequest,
     Finished,
     Outcome,
+    Registered,
     RegisterRequest,
-    Registration,
+    RunRegistration,
+    Taken,
+    tombstone_reason,
 )
+from sdk.store import DEFAULT_RETENTION
 from sdk.unreachable import UnreachableRuns
 from sdk.wire import TERMINAL_STATUSES, Event, encode_event, entry_timestamp
 
@@ -253,17 +258,29 @@ class Runner:
                     )
                     continue
                 registered += 1
-                if reply.outcome == "cancelled":
+                if isinstance(reply, CancelledOnRegistration):
                     self._log.info("run.cancelled_on_registration", run_id=run.run_id)
                     run.state.cancel(reply.reason)
-                elif reply.outcome == "registered" and (reply.tombstones or reply.bulk_cancels):
+                elif isinstance(reply, Registered) and (reply.tombstones or reply.bulk_cancels):
                     await self._settle(run, reply)
         return registered
 
-    async def _settle(self, run: Run, registration: Registration) -> Run:
+    async def _settle(self, run: Run, registration: RunRegistration) -> Run:
         """Act on what registering did: tombstones and bulk cancels to evaluate, a cancel by
         id the owner refused, a taken id, a cancel."""
         run.registered = True
+        if isinstance(registration, Taken):
+            self._forget(run)
+            raise DuplicateRunError(run.run_id, registration.status)
+        if isinstance(registration, CancelledOnRegistration):
+            self._log.info(
+                "run.cancelled_on_registration",
+                run_id=run.run_id,
+                reason=registration.reason,
+                cancelled_by=registration.cancelled_by,
+            )
+            run.state.cancel(registration.reason)
+            return run
         if registration.refused_actor:
             self._log.warning(
                 "run.pending_cancel_refused",
@@ -273,25 +290,10 @@ class Runner:
                 reason="a cancel by this run's id came before it registered, from an actor"
                 " that is not the run's owner",
             )
-        if registration.outcome == "registered" and registration.bulk_cancels:
+        if registration.bulk_cancels:
             await self._apply_bulk_cancels(run, registration)
-        if (
-            registration.outcome == "registered"
-            and registration.tombstones
-            and not (run.state.cancelled)
-        ):
+        if registration.tombstones and not run.state.cancelled:
             await self._apply_tombstones(run, registration)
-        if registration.outcome == "taken":
-            self._forget(run)
-            raise DuplicateRunError(run.run_id, registration.status)
-        if registration.outcome == "cancelled":
-            self._log.info(
-                "run.cancelled_on_registration",
-                run_id=run.run_id,
-                reason=registration.reason,
-                cancelled_by=registration.cancelled_by,
-            )
-            run.state.cancel(registration.reason)
         return run
 
     @staticmethod
@@ -300,7 +302,7 @@ class Runner:
             return None
         return fn.owner, value_token(parse_path(fn.owner).lookup(event))
 
-    async def _apply_bulk_cancels(self, run: Run, registration: Registration) -> None:
+    async def _apply_bulk_cancels(self, run: Run, registration: Registered) -> None:
         """Bulk cancels (``Client.cancel_many``) that cover the run's trigger time and have a
         condition over the trigger: the worker evaluates it, and cancels its own run."""
         trigger = {"event": event_variable(run.event)}
@@ -314,16 +316,20 @@ class Runner:
                 continue
             (result,) = await self.stores[run.partition].request_cancel(
                 [run.run_id],
-                CancelRequest(cancelled_by="api", reason=bulk.reason, holder=self.worker_id),
+                CancelRequest(
+                    cancelled_by=CANCELLED_BY_API, reason=bulk.reason, holder=self.worker_id
+                ),
             )
             if result.outcome in ("signalled", "already_cancelling"):
                 self._log.info(
-                    "run.cancelled_on_registration", run_id=run.run_id, cancelled_by="api"
+                    "run.cancelled_on_registration",
+                    run_id=run.run_id,
+                    cancelled_by=CANCELLED_BY_API,
                 )
                 run.state.cancel(bulk.reason)
                 return
 
-    async def _apply_tombstones(self, run: Run, registration: Registration) -> None:
+    async def _apply_tombstones(self, run: Run, registration: Registered) -> None:
         """Cancel events that arrived before the run registered, under rules with an
         expression: the worker, which holds the compiled rule, decides."""
         trigger = event_variable(run.event)
@@ -338,7 +344,7 @@ class Runner:
                 continue
             if not matched:
                 continue
-            reason = f"cancel event {cancel.name} (it arrived before the run registered)"
+            reason = tombstone_reason(cancel.name)
             (result,) = await self.stores[run.partition].request_cancel(
                 [run.run_id],
                 CancelRequest(

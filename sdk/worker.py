@@ -63,7 +63,7 @@ from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
 from sdk.reconcile import reconcile
 from sdk.redis_health import CHECK_EVERY_S, EvictionWatch, OnEvicting
-from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, Registration
+from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, WorkerRegistration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
 from sdk.server_watch import CHECK_EVERY_S as SERVER_CHECK_S
@@ -310,7 +310,7 @@ class Worker:
                 thread_grace=self.thread_grace,
                 metrics=self.metrics,
             )
-            registration = Registration(
+            registration = WorkerRegistration(
                 redis,
                 self.keys,
                 app_id=self.app_id,
@@ -519,7 +519,7 @@ class Worker:
                 self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
 
     async def _recover(
-        self, redis: RedisClient, registration: Registration, partitions: Partitions
+        self, redis: RedisClient, registration: WorkerRegistration, partitions: Partitions
     ) -> None:
         """Redis lost its data (a restart without persistence): nothing was recorded
         against this worker, so it gives nothing up. It stores the namespace's partition

@@ -10,11 +10,13 @@ from redis.asyncio import Redis
 
 from broker import Broker, EmbeddedRedis
 from broker.embedded import free_port
+from broker.scripts import match_events
 from sdk import CancelOn, CancelResult, Client, Event
 from sdk.keys import Keys
 from sdk.registration import declare_rules
 from sdk.rules import index_entries, lookups
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import Registered, RegisterRequest
+from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
 from tests.helpers import broker_drained, wait_until
 
@@ -51,7 +53,7 @@ async def register(
             entries=index_entries(RULES, event, store.keys),
         )
     )
-    assert registration.outcome == "registered"
+    assert isinstance(registration, Registered)
 
 
 def cancel_event(event_id: str, report_id: str = "r1") -> Event:
@@ -59,9 +61,13 @@ def cancel_event(event_id: str, report_id: str = "r1") -> Event:
 
 
 async def match(store: RunStore, event: Event) -> list[CancelResult]:
-    results, candidates = await store.match_event(
-        event, lookups(event, ["data.reportId"], store.keys), tombstone_ms=60_000
+    (reply,) = await match_events(
+        store.redis,
+        [(store.keys, event, lookups(event, ["data.reportId"], store.keys))],
+        tombstone_ms=60_000,
     )
+    assert not isinstance(reply, Exception)
+    results, candidates = reply
     assert candidates == []
     return results
 
@@ -237,8 +243,9 @@ async def test_a_server_that_forgot_the_scripts_still_matches_every_event(
     await register(store, "r1", "r1", event_id="1700000000000-0")
     await redis.script_flush()
     events = [cancel_event(f"170000000000{i}-1") for i in range(1, 4)]
-    replies = await store.match_events(
-        [(event, lookups(event, ["data.reportId"], store.keys)) for event in events],
+    replies = await match_events(
+        store.redis,
+        [(store.keys, event, lookups(event, ["data.reportId"], store.keys)) for event in events],
         tombstone_ms=60_000,
     )
     outcomes = [[result.outcome for result in reply[0]] for reply in replies]  # type: ignore[index]

@@ -26,7 +26,8 @@ from broker.http import create_app
 from sdk import Client, Event, RunContext, Worker
 from sdk.keys import Keys
 from sdk.partitions import Partitions
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import RegisterRequest
+from sdk.store import RunStore
 from tests.helpers import (
     RULE,
     broker_drained,
@@ -128,7 +129,7 @@ async def test_the_list_of_finished_runs_is_capped(
     redis: Redis,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("sdk.store.FINISHED_RUNS_KEPT", 3)
+    monkeypatch.setattr("sdk.scripts.FINISHED_RUNS_KEPT", 3)
     worker = report_worker(redis_url, namespace)
     async with serving(worker.serve), web(broker) as http:
         finished = [await start(client, f"r{i}", seconds=0) for i in range(5)]

@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 
 from sdk import Client, Event
 from sdk.keys import Keys
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import Registered, RegisterRequest
+from sdk.store import RunStore
 from tests.helpers import observed, run_of, wait_for_observation, wait_for_status
 from tests.processes import ProcessHandle, start_broker, start_worker
 
@@ -108,7 +109,7 @@ async def register_long_named_run(redis: Redis, namespace: str) -> str:
             entries=[],
         )
     )
-    assert registration.outcome == "registered"
+    assert isinstance(registration, Registered)
     return run_id
 
 

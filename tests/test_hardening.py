@@ -12,7 +12,8 @@ from broker import Broker
 from sdk import Client, Event, RunCancelled, RunContext
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import RegisterRequest, Taken
+from sdk.store import RunStore
 from sdk.streams import GroupConsumer, create_group, trim_acknowledged
 from tests.helpers import broker_drained, report_worker, run_of, status_is, wait_until
 
@@ -85,7 +86,9 @@ async def test_a_registration_retried_by_its_worker_is_its_own(
                 entries=[],
             )
         )
-        return registration.outcome if registration.outcome != "taken" else registration.status
+        if isinstance(registration, Taken):
+            return registration.status
+        return str(registration.__struct_config__.tag)
 
     assert await register("w1") == "registered"
     assert await register("w1") == "registered"  # the first reply was lost; same worker

@@ -29,7 +29,8 @@ from sdk.context import CANCEL_MODES
 from sdk.function import canonical_config
 from sdk.keys import Keys
 from sdk.runner import INTERRUPTED_REASON, SHUTDOWN_REASON
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import Registered, RegisterRequest
+from sdk.store import RunStore
 from sdk.triggers import triggered_run_id
 from sdk.wire import config_hash
 from tests.helpers import run_of, status_is, wait_until
@@ -57,7 +58,7 @@ async def test_the_record_carries_abandoned_thread_and_on_cancel_error(
                 entries=[],
             )
         )
-        assert registration.outcome == "registered"
+        assert isinstance(registration, Registered)
     await store.finish("plain", "cancelled", [], app_id="reports", function_id="f", worker_id="w1")
     await store.finish(
         "marked",

@@ -34,7 +34,7 @@ from sdk import (
 from sdk.errors import InvalidBulkCancelError
 from sdk.keys import Keys
 from sdk.partitions import Partitions
-from sdk.store import CancelRequest
+from sdk.scripts import CancelRequest
 from sdk.wire import RUN_CANCELLED_EVENT, decode_event
 from tests.helpers import (
     observed,
@@ -198,7 +198,7 @@ async def test_kept_cancels_are_bounded_in_number(redis_url: str, namespace: str
     async with Client(redis_url, namespace=namespace) as client:
         store = (await Partitions.open(client._redis, client.keys)).stores()[0]
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("sdk.store.PENDING_CANCELS_KEPT", 3)
+            patch.setattr("sdk.scripts.PENDING_CANCELS_KEPT", 3)
             for i in range(5):
                 await store.request_cancel(
                     [f"id-{i}"], CancelRequest(cancelled_by="api", reason="r", keep_ms=60_000)

@@ -19,7 +19,8 @@ from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.registration import declare_rules
 from sdk.rules import MAX_TOKEN_CHARS, index_entries, lookups, value_token
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import RegisterRequest
+from sdk.store import RunStore
 from sdk.wire import decode_event, encode_event
 
 

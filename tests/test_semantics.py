@@ -16,6 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from broker import Broker
+from broker.scripts import match_events
 from sdk import (
     OPERATOR,
     RUN_CANCELLED_EVENT,
@@ -31,7 +32,8 @@ from sdk import (
 from sdk.keys import Keys
 from sdk.partitions import Partitions
 from sdk.rules import index_entries, lookups
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import Registered, RegisterRequest
+from sdk.store import RunStore
 from sdk.wire import decode_event, entry_id_of
 from tests.helpers import (
     broker_drained,
@@ -235,7 +237,7 @@ async def test_a_retried_registration_reports_expression_tombstones_again(
     trigger = Event(name="report/generate.requested", data=data, id="1-0")
     cancel = Event(name="account/cancel-all", data=data, id="2-0")
     found = lookups(cancel, [TIER_RULE.selector.text], store.keys)
-    await store.match_event(cancel, found, tombstone_ms=60_000)
+    await match_events(store.redis, [(store.keys, cancel, found)], tombstone_ms=60_000)
     entries = index_entries((TIER_RULE,), trigger, store.keys)
     for _ in range(2):
         registration = await store.register(
@@ -249,7 +251,7 @@ async def test_a_retried_registration_reports_expression_tombstones_again(
                 entries=entries,
             )
         )
-        assert registration.outcome == "registered"
+        assert isinstance(registration, Registered)
         ((entry, tombstone),) = registration.tombstones
         assert (entry.selector, tombstone) == (TIER_RULE.selector.text, cancel)
 

@@ -22,7 +22,8 @@ from sdk import CancelOn, Client, Event, RunCancelled, RunContext, Worker
 from sdk.function import Function, canonical_config
 from sdk.keys import Keys
 from sdk.rules import index_entries
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import RegisterRequest
+from sdk.store import RunStore
 from sdk.wire import decode_config, decode_worker
 from tests.helpers import serving, wait_until
 

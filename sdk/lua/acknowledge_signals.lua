@@ -9,8 +9,7 @@
 -- ARGV[3 .. 2+m]       their upper bounds, in seconds, ascending
 -- ARGV[3+m ..]         run id, sent_at (ms) pairs, one per signal acted on
 -- Returns the delivery time of each signal, in seconds, as strings.
-local now_raw = redis.call('TIME')
-local now = tonumber(now_raw[1]) * 1000 + tonumber(now_raw[2]) / 1000
+local now = clock()
 local m = tonumber(ARGV[2])
 local delays, total = {}, 0
 for i = 3 + m, #ARGV, 2 do
@@ -25,7 +24,7 @@ for i = 3 + m, #ARGV, 2 do
         break
       end
     end
-    redis.call('HINCRBY', KEYS[3], 'delivery:' .. bucket, 1)
+    redis.call('HINCRBY', KEYS[3], FIELD.delivery(bucket), 1)
     total = total + seconds
     delays[#delays + 1] = string.format('%.6f', seconds)
   end
@@ -35,8 +34,8 @@ if acknowledged > 0 then
   redis.call('HINCRBY', KEYS[3], 'acknowledged', acknowledged)
 end
 if #delays > 0 then
-  redis.call('HINCRBY', KEYS[3], 'delivery:count', #delays)
-  redis.call('HINCRBYFLOAT', KEYS[3], 'delivery:sum', string.format('%.6f', total))
+  redis.call('HINCRBY', KEYS[3], FIELD.delivery('count'), #delays)
+  redis.call('HINCRBYFLOAT', KEYS[3], FIELD.delivery('sum'), string.format('%.6f', total))
 end
 redis.call('XTRIM', KEYS[2], 'MINID', '~', ARGV[1])
 return delays

@@ -7,17 +7,20 @@
 -- without a path, a path that differs) makes the cancel event 'broadcast': the broker
 -- looks it up in every partition. A placement path, once set, never changes (publishers
 -- cache it), and a broadcast never goes back: both only ever keep old events reachable.
--- KEYS[1]  routes (hash): 'place:{name}' -> path, 'broadcast:{name}' -> '1'
--- ARGV[1]  the trigger's name
--- ARGV[2]  the function's first match path, or ''
--- ARGV[3 ..]  cancel event name, match path ('' for none) pairs, one per rule
+-- KEYS[1]  routes (hash): '{place}{name}' -> path, '{broadcast}{name}' -> '1'
+-- ARGV[1]  the field prefix of placement paths (sdk/keys.py ROUTE_PLACE)
+-- ARGV[2]  the field prefix of broadcast cancel events (sdk/keys.py ROUTE_BROADCAST)
+-- ARGV[3]  the trigger's name
+-- ARGV[4]  the function's first match path, or ''
+-- ARGV[5 ..]  cancel event name, match path ('' for none) pairs, one per rule
 -- Returns the cancel event names that are broadcast.
-local trigger, first = ARGV[1], ARGV[2]
+local place, broadcast_prefix = ARGV[1], ARGV[2]
+local trigger, first = ARGV[3], ARGV[4]
 
 local function placement(name, path)
-  local placed = redis.call('HGET', KEYS[1], 'place:' .. name)
+  local placed = redis.call('HGET', KEYS[1], place .. name)
   if not placed and path ~= '' then
-    redis.call('HSET', KEYS[1], 'place:' .. name, path)
+    redis.call('HSET', KEYS[1], place .. name, path)
     placed = path
   end
   return placed
@@ -25,13 +28,13 @@ end
 
 local trigger_path = placement(trigger, first)
 local broadcast = {}
-for i = 3, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   local name, path = ARGV[i], ARGV[i + 1]
   local cancel_path = placement(name, path)
   if path == '' or path ~= trigger_path or path ~= cancel_path then
-    redis.call('HSET', KEYS[1], 'broadcast:' .. name, '1')
+    redis.call('HSET', KEYS[1], broadcast_prefix .. name, '1')
   end
-  if redis.call('HEXISTS', KEYS[1], 'broadcast:' .. name) == 1 then
+  if redis.call('HEXISTS', KEYS[1], broadcast_prefix .. name) == 1 then
     broadcast[#broadcast + 1] = name
   end
 end

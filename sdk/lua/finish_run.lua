@@ -28,13 +28,12 @@ local previous = redis.call('HGET', KEYS[1], 'status')
 if not previous then
   return false
 end
-if previous == 'cancelled' or previous == 'completed' or previous == 'failed' or previous == 'lost' then
+if TERMINAL[previous] then
   return {previous, ''}
 end
 local run_id, outcome = ARGV[1], ARGV[2]
-local now_raw = redis.call('TIME')
-local now = tonumber(now_raw[1]) * 1000 + tonumber(now_raw[2]) / 1000
-local finished_at = string.format('%.0f', now)
+local now = clock()
+local finished_at = ms(now)
 
 local fields = {'status', outcome, 'finished_at', finished_at}
 for i = 9, #ARGV do
@@ -50,7 +49,7 @@ redis.call('EXPIRE', KEYS[7], ARGV[3])
 local run = redis.call('HMGET', KEYS[1], 'function_id', 'config_hash', 'app_id', 'event',
   'cancel_reason', 'cancelled_by', 'cancel_event_at', 'parent_run_id', 'event_id')
 if run[1] and run[2] then
-  local config = run[1] .. ':' .. run[2]
+  local config = FIELD.run_config(run[1], run[2])
   if redis.call('HINCRBY', KEYS[3], config, -1) <= 0 then
     redis.call('HDEL', KEYS[3], config)
   end
@@ -61,7 +60,7 @@ for i = 11, #KEYS do
   redis.call('SREM', KEYS[i], run_id)
 end
 if run[3] and run[1] then
-  redis.call('HINCRBY', KEYS[9], run[3] .. '/' .. run[1] .. '/' .. outcome, 1)
+  redis.call('HINCRBY', KEYS[9], FIELD.finished(run[3], run[1], outcome), 1)
 end
 
 local latency = 'null'

@@ -7,8 +7,7 @@
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return 0
 end
-local now = redis.call('TIME')
-local now_ms = string.format('%.0f', now[1] * 1000 + math.floor(now[2] / 1000))
+local now_ms = ms(clock_ms())
 redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
 redis.call('HSET', KEYS[2], 'heartbeat_at', now_ms)
 redis.call('EXPIRE', KEYS[2], ARGV[2])

@@ -1,8 +1,15 @@
--- Shared by the scripts that cancel runs; store.py loads it in front of each of them.
+-- The scripts' shared library: sdk/scripts.py loads it in front of every script (the SDK's
+-- and the broker's), so the clock, the statuses, the signal a worker reads and the reasons
+-- a cancel gives are written once. It only defines locals: loading it calls nothing.
+
+-- Now on the Redis clock, in ms with the fraction (latencies) or whole (what is stored).
+local function clock()
+  local now = redis.call('TIME')
+  return tonumber(now[1]) * 1000 + tonumber(now[2]) / 1000
+end
 
 local function clock_ms()
-  local now = redis.call('TIME')
-  return tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  return math.floor(clock())
 end
 
 local function ms(value)
@@ -26,6 +33,7 @@ local function id_ms(id)
   return found and tonumber(found)
 end
 
+-- The statuses a run never leaves (sdk/wire.py TERMINAL_STATUSES).
 local TERMINAL = {cancelled = true, completed = true, failed = true, lost = true}
 
 -- What a cancel request says about a run that is no longer running.
@@ -37,9 +45,67 @@ local SETTLED = {
   lost = 'lost',
 }
 
--- Move a running run to 'cancelling', append a signal to its worker's stream, and do the
--- same for every running run started inside it (its subtree). A run held by c.holder (the
--- worker calling the script, which cancels it itself) gets no signal.
+-- The reasons a cancel gives, and who it says cancelled the run.
+local REASON = {
+  event = function(name)
+    return 'cancel event ' .. name
+  end,
+  tombstone = function(name)
+    return 'cancel event ' .. name .. ' (it arrived before the run registered)'
+  end,
+  parent = function(parent_id)
+    return 'parent run ' .. parent_id .. ' was cancelled'
+  end,
+}
+local BY = {
+  api = 'api',
+  parent = function(parent_id)
+    return 'parent:' .. parent_id
+  end,
+}
+
+-- Composite hash fields the scripts write; sdk/keys.py reads them with the same layout
+-- (run_config_field, finished_field, delivery_field).
+local FIELD = {
+  -- {ns}:app:{app}:run-configs: active runs per function configuration
+  run_config = function(function_id, config_hash)
+    return function_id .. ':' .. config_hash
+  end,
+  -- {ns}:stats:runs-finished: runs that finished so
+  finished = function(app_id, function_id, outcome)
+    return app_id .. '/' .. function_id .. '/' .. outcome
+  end,
+  -- {ns}:stats:signals: the delivery-time histogram (bucket i from 1, 'inf', 'count', 'sum')
+  delivery = function(bucket)
+    return 'delivery:' .. bucket
+  end,
+}
+
+-- A run moves to 'cancelling': why, who asked, and when (now, and when the cancel was
+-- published, which the cancel latency is measured from).
+local function mark_cancelling(run_key, reason, by, event_id, now, cancel_at)
+  redis.call('HSET', run_key, 'status', 'cancelling', 'cancel_reason', reason,
+    'cancelled_by', by, 'cancel_requested_at', ms(now), 'cancel_event_at', ms(cancel_at),
+    'cancel_event_id', event_id)
+end
+
+-- The signal a worker reads from its stream (sdk/wire.py Signal), recorded unacknowledged
+-- until the worker acts on it (acknowledge_signals.lua); re-sent until then.
+-- c: signal_prefix, maxlen, unacknowledged, now (see cancel_context)
+local function send_signal(c, worker_id, run_id, reason, event_id, resent)
+  local fields = {'run_id', run_id, 'reason', reason, 'event_id', event_id,
+    'sent_at', ms(c.now)}
+  if resent then
+    fields[#fields + 1] = 'resent'
+    fields[#fields + 1] = '1'
+  end
+  redis.call('XADD', c.signal_prefix .. worker_id, 'MAXLEN', '~', c.maxlen, '*', unpack(fields))
+  redis.call('ZADD', c.unacknowledged, ms(c.now), run_id)
+end
+
+-- Move a running run to 'cancelling', signal its worker, and do the same for every running
+-- run started inside it (its subtree). A run held by c.holder (the worker calling the
+-- script, which cancels it itself) gets no signal.
 -- c: run_prefix, signal_prefix, children_prefix, unacknowledged (zset key), maxlen, now,
 --    holder
 -- request: reason, cancelled_by, event_id, cancel_at (ms the cancel was published)
@@ -50,19 +116,14 @@ local function cancel_run(c, run_id, worker_id, request)
   local head = 1
   while head <= #queue do
     local id, worker, reason, by = queue[head][1], queue[head][2], queue[head][3], queue[head][4]
-    redis.call('HSET', c.run_prefix .. id, 'status', 'cancelling', 'cancel_reason', reason,
-      'cancelled_by', by, 'cancel_requested_at', ms(c.now), 'cancel_event_at',
-      ms(request.cancel_at), 'cancel_event_id', request.event_id)
+    mark_cancelling(c.run_prefix .. id, reason, by, request.event_id, c.now, request.cancel_at)
     if worker ~= c.holder then
-      redis.call('XADD', c.signal_prefix .. worker, 'MAXLEN', '~', c.maxlen, '*',
-        'run_id', id, 'reason', reason, 'event_id', request.event_id, 'sent_at', ms(c.now))
-      redis.call('ZADD', c.unacknowledged, c.now, id)
+      send_signal(c, worker, id, reason, request.event_id, false)
     end
     for _, child in ipairs(redis.call('SMEMBERS', c.children_prefix .. id)) do
       local state = redis.call('HMGET', c.run_prefix .. child, 'status', 'worker_id')
       if state[1] == 'running' then
-        queue[#queue + 1] = {child, state[2], 'parent run ' .. id .. ' was cancelled',
-          'parent:' .. id}
+        queue[#queue + 1] = {child, state[2], REASON.parent(id), BY.parent(id)}
         cascaded[#cascaded + 1] = child
       end
     end
@@ -71,9 +132,10 @@ local function cancel_run(c, run_id, worker_id, request)
   return cascaded
 end
 
--- The context cancel_run needs, from the ARGV layout both cancelling scripts share:
--- ARGV[1] run hash prefix, ARGV[2] signal stream prefix, ARGV[3] children set prefix,
--- ARGV[4] approximate maximum length of a signal stream; KEYS[1] unacknowledged signals.
+-- The context cancel_run and send_signal need, from the layout every script that signals
+-- shares (sdk/scripts.py cancel_context): ARGV[1] run hash prefix, ARGV[2] signal stream
+-- prefix, ARGV[3] children set prefix, ARGV[4] approximate maximum length of a signal
+-- stream; KEYS[1] unacknowledged signals.
 local function cancel_context()
   return {
     run_prefix = ARGV[1],

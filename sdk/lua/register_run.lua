@@ -1,4 +1,4 @@
--- Register a run and its index entries, atomically; lib.lua is loaded in front.
+-- Register a run and its index entries, atomically.
 -- A run is cancelled at once, in this same script, when the run it was started inside has
 -- been cancelled; when a cancel by its id came before it registered (kept by
 -- request_cancel.lua); when a bulk cancel of its function (Client.cancel_many) covers its
@@ -65,8 +65,7 @@ local function tombstones(trigger_seq)
       end
     end
     if newest then
-      return {'cancel event ' .. event_name .. ' (it arrived before the run registered)',
-        newest, newest, id_ms(newest)}, hits
+      return {REASON.tombstone(event_name), newest, newest, id_ms(newest)}, hits
     end
   end
   return nil, hits
@@ -83,7 +82,7 @@ local function bulk_cancels(app_id, trigger_seq)
     if (app == '' or app == app_id) and at <= tonumber(bulk.before)
       and (not after or at >= after) then
       if condition == '' then
-        return {bulk.reason, 'api', '', now}, {}
+        return {bulk.reason, BY.api, '', now}, {}
       end
       pending[#pending + 1] = body
     end
@@ -151,7 +150,7 @@ if parent_id ~= '' then
     redis.call('EXPIRE', KEYS[8], retention)
   end
   if parent_status == 'cancelling' or parent_status == 'cancelled' then
-    cancel = {'parent run ' .. parent_id .. ' was cancelled', 'parent:' .. parent_id, '', now}
+    cancel = {REASON.parent(parent_id), BY.parent(parent_id), '', now}
   end
 end
 
@@ -171,7 +170,7 @@ if kept then
   end
 end
 if not cancel and kept then
-  cancel = {kept.reason, 'api', '', now}
+  cancel = {kept.reason, BY.api, '', now}
 end
 
 local hits, bulk = {}, {}
@@ -183,9 +182,7 @@ if not cancel then
 end
 
 if cancel then
-  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancel_reason', cancel[1],
-    'cancelled_by', cancel[2], 'cancel_event_id', cancel[3], 'cancel_requested_at', ms(now),
-    'cancel_event_at', ms(cancel[4]))
+  mark_cancelling(KEYS[1], cancel[1], cancel[2], cancel[3], now, cancel[4])
   return {'cancelled', cancel[1], cancel[2]}
 end
 return {'registered', hits, bulk, refused}

@@ -14,7 +14,8 @@ from sdk.keys import Keys
 from sdk.partitions import partition_of_token
 from sdk.registration import declare_rules
 from sdk.rules import index_entries, value_token
-from sdk.store import RegisterRequest, RunStore
+from sdk.scripts import RegisterRequest
+from sdk.store import RunStore
 
 TRIGGER: Final = "report/generate.requested"
 RULES: Final = (CancelOn(event="report/cancel.requested", match="data.reportId"),)

@@ -1,4 +1,4 @@
--- Apply one cancel event to the cancel index (the broker); lib.lua is loaded in front.
+-- Apply one cancel event to the cancel index (the broker).
 -- First leave a tombstone under every selector declared for the event's name, so that a
 -- run registering later with a matching key is cancelled by this event; then look the
 -- event's keys up. Both happen in this one script: a run is either in the index when the
@@ -8,7 +8,7 @@
 -- KEYS[2 + 2i - 1], KEYS[2 + 2i]  index set and tombstone of selector i (i = 1 .. n)
 -- ARGV[1 .. 4]  see cancel_context in lib.lua
 -- ARGV[5]  the cancel event's id
--- ARGV[6]  reason
+-- ARGV[6]  the cancel event's name (the reason says it)
 -- ARGV[7]  when the event was published (ms)
 -- ARGV[8]  how long tombstones count (ms); 0 keeps none
 -- ARGV[9]  the event's JSON, or '' when no selector has an expression
@@ -23,7 +23,7 @@ local TOMBSTONES_KEPT = 64
 local c = cancel_context()
 local event_id, lookback = ARGV[5], tonumber(ARGV[8])
 local request = {
-  reason = ARGV[6],
+  reason = REASON.event(ARGV[6]),
   cancelled_by = event_id,
   event_id = event_id,
   cancel_at = tonumber(ARGV[7]),
