@@ -10,38 +10,29 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Final, TypeVar
 
-import anyio
-import msgspec
 import structlog
 
 import sdk
-from broker.cli_client import redis_url
 from broker.cli_commands import (
     DEFAULT_DEAD_LETTERS,
     cancel_command,
     cancel_many_command,
     dead_letters_command,
     get_run_command,
+    redis_url_command,
     runs_command,
     send_command,
+    sync_status_command,
     wait_command,
 )
 from broker.cli_errors import diagnose, leaf
-from broker.findings import SyncState
-from broker.output import Output
-from broker.report import format_status, print_status_rich
 from broker.run_listing import MAX_RUNS, STATUSES
-from broker.serve import run_command, windows
+from broker.serve import run_command
 from broker.settings import Settings
-from broker.sync_state import collect_state
 from sdk.connection import (
-    REDIS_URL_ENV,
-    command_client,
     resolve_url,
-    resolve_url_source,
 )
 from sdk.durations import parse_duration
-from sdk.keys import Keys
 from sdk.logs import configure_logging
 
 #: The longest a broker takes to stop after SIGTERM.
@@ -164,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="live workers, functions and stale findings; exits 1 when something is stale",
     )
     Settings.add_arguments(status, ["detection"])
-    status.set_defaults(handler=_sync_status, settings_groups=["connection", "detection"])
+    status.set_defaults(handler=sync_status_command, settings_groups=["connection", "detection"])
 
     send = _command(
         commands, "send", example="send", parents=[common], help="publish an event; prints its id"
@@ -276,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="print the Redis URL the other commands use, and where it comes from (stderr)",
     )
-    url_command.set_defaults(handler=_print_redis_url)
+    url_command.set_defaults(handler=redis_url_command)
     return parser
 
 
@@ -324,45 +315,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         diagnosis = diagnose(exc, resolve_url(redis_url))
         print(diagnosis.line(), file=sys.stderr)
         return diagnosis.exit_code
-
-
-# -- run -----------------------------------------------------------------------------
-
-
-# -- inspection -------------------------------------------------------------------
-
-
-def _sync_status(args: argparse.Namespace, settings: Settings) -> int:
-    url = redis_url(settings)
-
-    async def collect() -> SyncState:
-        redis = command_client(url)
-        try:
-            return await collect_state(redis, Keys(settings.namespace), windows=windows(settings))
-        finally:
-            await redis.aclose()
-
-    state = anyio.run(collect)
-    out = Output(as_json=args.json)
-    if out.as_json:
-        print(msgspec.json.format(msgspec.json.encode(state)).decode())
-    elif out.rich:
-        print_status_rich(state, settings.namespace, out.console())
-    else:
-        print(format_status(state, settings.namespace))
-    return 1 if state.stale else 0
-
-
-def _print_redis_url(args: argparse.Namespace, settings: Settings) -> int:
-    # The flag itself, not the settings (which also hold the variable's value).
-    url, source = resolve_url_source(args.redis_url)
-    origin = {
-        "argument": "--redis-url",
-        "environment": f"${REDIS_URL_ENV}",
-        "embedded": "the embedded Redis of a running `cancel-broker run`",
-        "default": f"the default (no --redis-url, no ${REDIS_URL_ENV}, no running"
-        " `cancel-broker run` with an embedded Redis)",
-    }[source]
-    print(f"cancel-broker: from {origin}", file=sys.stderr)
-    print(url)
-    return 0

@@ -10,15 +10,22 @@ import sys
 from collections import Counter
 from typing import Any, Final, cast
 
-from broker.cli_client import with_client, with_redis
+import anyio
+import msgspec
+
+from broker.cli_client import redis_url, with_client, with_redis
 from broker.cli_errors import UsageError
 from broker.decisions import dead_letter_view
+from broker.findings import SyncState
 from broker.output import Output, progress_bar, text
 from broker.run_listing import RunsQuery, list_runs
+from broker.serve import windows
 from broker.settings import Settings
+from broker.sync_state import collect_state
+from broker.sync_status import format_status, print_status_rich
 from sdk import OPERATOR, Client, RunInfo
 from sdk.client import Actor
-from sdk.connection import RedisClient
+from sdk.connection import REDIS_URL_ENV, RedisClient, command_client, resolve_url_source
 from sdk.errors import InvalidEventError
 from sdk.keys import EVENT_FIELD, Keys
 from sdk.partitions import Partitions
@@ -280,4 +287,42 @@ def get_run_command(args: argparse.Namespace, settings: Settings) -> int:
         print(f"cancel-broker: no run {args.run_id}", file=sys.stderr)
         return 1
     show_run(args, run)
+    return 0
+
+
+def sync_status_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``cancel-broker sync status``: exit 1 when a configuration is stale."""
+    url = redis_url(settings)
+
+    async def collect() -> SyncState:
+        redis = command_client(url)
+        try:
+            return await collect_state(redis, Keys(settings.namespace), windows=windows(settings))
+        finally:
+            await redis.aclose()
+
+    state = anyio.run(collect)
+    out = Output(as_json=args.json)
+    if out.as_json:
+        print(msgspec.json.format(msgspec.json.encode(state)).decode())
+    elif out.rich:
+        print_status_rich(state, settings.namespace, out.console())
+    else:
+        print(format_status(state, settings.namespace))
+    return 1 if state.stale else 0
+
+
+def redis_url_command(args: argparse.Namespace, settings: Settings) -> int:
+    """``cancel-broker redis-url``: the URL the other commands would use, and why."""
+    # The flag itself, not the settings (which also hold the variable's value).
+    url, source = resolve_url_source(args.redis_url)
+    origin = {
+        "argument": "--redis-url",
+        "environment": f"${REDIS_URL_ENV}",
+        "embedded": "the embedded Redis of a running `cancel-broker run`",
+        "default": f"the default (no --redis-url, no ${REDIS_URL_ENV}, no running"
+        " `cancel-broker run` with an embedded Redis)",
+    }[source]
+    print(f"cancel-broker: from {origin}", file=sys.stderr)
+    print(url)
     return 0

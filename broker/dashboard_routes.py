@@ -146,7 +146,7 @@ def dashboard_routes(
 
         return await guarded(read)
 
-    async def cancel(request: Request) -> Response:
+    async def post_cancel(request: Request) -> Response:
         try:
             access.check(request)
         except CancelRefused as exc:
@@ -182,5 +182,5 @@ def dashboard_routes(
         Route("/v1/functions", functions),
         Route("/v1/decisions", decisions),
         Route("/v1/activity", activity),
-        Route("/v1/runs/{run_id}/cancel", cancel, methods=["POST"]),
+        Route("/v1/runs/{run_id}/cancel", post_cancel, methods=["POST"]),
     ]

@@ -26,7 +26,7 @@ from broker.findings import DEFAULT_WINDOWS, SyncState, Windows
 from broker.housekeeping import Housekeeping
 from broker.matching import Matcher
 from broker.metrics import BrokerMetrics
-from broker.routing import move_unplaced
+from broker.placement import move_unplaced
 from broker.stats import REFRESH_INTERVAL_S as STATS_REFRESH_S
 from broker.sync import HISTORY_MAXLEN, EventWatch, SyncMonitor, SyncRecorder
 from broker.sync_state import collect_state

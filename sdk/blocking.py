@@ -199,7 +199,7 @@ class BlockingWorker:
         # abandoned. Its body is interrupted (on_interrupt, grace) and its outcome recorded
         # while the worker's connections are still open.
         runner = self.worker._require_runner()
-        runner.cancel_all(SHUTDOWN_REASON, interrupt=True)
+        runner.deliver_all(SHUTDOWN_REASON, interrupt=True)
         with anyio.move_on_after(self.worker.shutdown_timeout):
             await runner.wait_empty()
 
@@ -381,4 +381,4 @@ class BlockingWorker:
             if isinstance(error, Exception):
                 raise error  # recorded failed; the caller re-raises its own
             # KeyboardInterrupt, SystemExit: the body was stopped from outside the run.
-            state.cancel(INTERRUPTED_REASON, interrupt=True)
+            state.receive(INTERRUPTED_REASON, interrupt=True)

@@ -78,7 +78,7 @@ class CancelState:
         #: cancel by this run's id then reaches that one (recorded as ``continued_by``).
         self.continued_by: str | None = None
 
-    def cancel(self, reason: str, *, interrupt: bool = False) -> None:
+    def receive(self, reason: str, *, interrupt: bool = False) -> None:
         """Receive a cancel; interrupt now if the mode says so, or if ``interrupt``."""
         if self.reason is None:
             self.reason = reason  # before the flag: a thread that sees the flag sees why
@@ -320,4 +320,4 @@ class RunContext:
         return f"RunContext(run_id={self.run_id!r}, function_id={self.function_id!r})"
 
 
-Handler = Callable[[RunContext], Awaitable[Any]]
+FunctionBody = Callable[[RunContext], Awaitable[Any]]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final, overload
 
-from sdk.context import CANCEL_MODES, CancelMode, Handler, RunContext, is_async_callable
+from sdk.context import CANCEL_MODES, CancelMode, FunctionBody, RunContext, is_async_callable
 from sdk.durations import parse_duration
 from sdk.errors import ConfigurationError, InvalidEventError
 from sdk.expressions import Expression, ExpressionError, compile_trigger_filter
@@ -107,7 +107,7 @@ class Function:
     id: str
     trigger: str
     cancel_on: tuple[CancelOn, ...]
-    handler: Handler
+    handler: FunctionBody
     cancel_mode: CancelMode
     #: Path in the trigger naming who owns a run: a cancel by run id must come from them.
     owner: str | None
@@ -130,7 +130,7 @@ class Function:
         id: str,
         trigger: str,
         cancel_on: Iterable[CancelOn],
-        handler: Handler | None,
+        handler: FunctionBody | None,
         cancel_mode: CancelMode = "immediate",
         owner: str | None = None,
         interrupt_after: float | timedelta | str | None = None,

@@ -31,7 +31,7 @@ BROKER_GROUP = "broker"
 
 #: Stream entry field that carries the event's JSON body.
 EVENT_FIELD = "event"
-#: Stream entry field naming the partition a publisher routed the entry to. With several
+#: Stream entry field naming the partition a publisher placed the entry in. With several
 #: partitions, an entry without it (a plain ``XADD``, an outcome event) is moved to its
 #: partition by a broker, and only there handled.
 PARTITION_FIELD = "partition"
@@ -45,10 +45,10 @@ ORIGIN_FIELD = "origin"
 PRESENCE: Final = "cancel-broker:presence"
 
 
-#: Field prefixes of :attr:`Keys.routes`: ``place:{name}`` -> the event name's placement
+#: Field prefixes of :attr:`Keys.placements`: ``place:{name}`` -> the event name's placement
 #: path; ``broadcast:{name}`` -> ``1`` for a cancel event looked up in every partition.
-ROUTE_PLACE: Final = "place:"
-ROUTE_BROADCAST: Final = "broadcast:"
+PLACEMENT_PATH: Final = "place:"
+PLACEMENT_BROADCAST: Final = "broadcast:"
 
 
 def run_config_field(function_id: str, config_hash: str) -> str:
@@ -175,11 +175,12 @@ class Keys:
         return f"{self.prefix}replicated"
 
     @property
-    def routes(self) -> str:
+    def placements(self) -> str:
         """Hash ``place:{name}`` -> the path whose value decides an event's partition (its
         placement path), ``broadcast:{name}`` -> ``1`` for a cancel event looked up in every
-        partition (:data:`ROUTE_PLACE`, :data:`ROUTE_BROADCAST`; ``declare_routes.lua``)."""
-        return f"{self.prefix}routes"
+        partition (:data:`PLACEMENT_PATH`, :data:`PLACEMENT_BROADCAST`, written by
+        ``declare_placements.lua``)."""
+        return f"{self.prefix}placements"
 
     # -- one partition's run state ------------------------------------------------------
 

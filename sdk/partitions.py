@@ -5,10 +5,10 @@ partition ``p`` holds its own events stream, runs, cancel index, tombstones and 
 streams (``sdk/keys.py``). Every process must agree on their number, so it is stored in
 Redis (``{ns}:partitions``): the first process to start stores what it was configured with
 (``CANCEL_BROKER_PARTITIONS``, ``--partitions``, ``partitions=``; 1 if nothing says), and
-a process configured otherwise refuses to start instead of routing events elsewhere.
+a process configured otherwise refuses to start instead of placing events elsewhere.
 
 An event's partition is a stable hash of its value at its name's *placement path* (the
-match path its rules use, recorded at sync by ``declare_routes.lua``), so a run and the
+match path its rules use, recorded at sync by ``declare_placements.lua``), so a run and the
 cancel events that match it by key meet in one partition, and events about one key stay
 in order. A spawned child lives with its parent (cancelling the parent cascades in one
 script). Events with no placement path are spread at random; the broker looks their
@@ -30,7 +30,7 @@ from sdk import scripts
 from sdk.connection import RedisClient
 from sdk.errors import ConfigurationError, PartitionCountError
 from sdk.function import Function
-from sdk.keys import EVENT_FIELD, PARTITION_FIELD, ROUTE_BROADCAST, ROUTE_PLACE, Keys
+from sdk.keys import EVENT_FIELD, PARTITION_FIELD, PLACEMENT_BROADCAST, PLACEMENT_PATH, Keys
 from sdk.rules import CancelOn, parse_path, value_token
 from sdk.store import DEFAULT_RETENTION, RunStore
 from sdk.wire import Event, event_id
@@ -98,11 +98,11 @@ def _first_match_path(fn: Function) -> str:
     return next((rule.match for rule in fn.cancel_on if rule.match is not None), None) or ""
 
 
-async def declare_routes(redis: RedisClient, keys: Keys, functions: Iterable[Function]) -> None:
+async def declare_placements(redis: RedisClient, keys: Keys, functions: Iterable[Function]) -> None:
     """Record the placement paths of these functions' events (part of a worker's sync)."""
     for fn in functions:
         rules = [(rule.event, rule.match or "") for rule in fn.cancel_on]
-        await scripts.declare_routes(redis, keys, fn.trigger, _first_match_path(fn), rules)
+        await scripts.declare_placements(redis, keys, fn.trigger, _first_match_path(fn), rules)
 
 
 class Partitions:
@@ -111,7 +111,7 @@ class Partitions:
     def __init__(self, redis: RedisClient, keys: Keys, count: int, *, known: bool = True) -> None:
         self.redis = redis
         #: False until a worker or broker stored the number: a publisher then writes every
-        #: event to partition 0's stream, unrouted, for a broker to move (always safe).
+        #: event to partition 0's stream, unplaced, for a broker to move (always safe).
         self.known = known
         self.base = keys.in_partition(0)
         self.count = count
@@ -155,7 +155,9 @@ class Partitions:
         if unknown:
             found = cast(
                 list[str | None],
-                await self.redis.hmget(self.base.routes, [ROUTE_PLACE + name for name in unknown]),
+                await self.redis.hmget(
+                    self.base.placements, [PLACEMENT_PATH + name for name in unknown]
+                ),
             )
             for name, path in zip(unknown, found, strict=True):
                 if path is not None:
@@ -216,7 +218,7 @@ class Partitions:
                 names.append(rule.event)
         if names:
             await self.redis.hset(
-                self.base.routes, mapping={ROUTE_BROADCAST + name: "1" for name in names}
+                self.base.placements, mapping={PLACEMENT_BROADCAST + name: "1" for name in names}
             )
             self._marked.update(names)
 
@@ -226,8 +228,8 @@ class Partitions:
         names = list(dict.fromkeys(event_names))
         if self.count == 1 or not names:
             return set()
-        fields = [f for name in names for f in (ROUTE_BROADCAST + name, ROUTE_PLACE + name)]
-        found = cast(list[str | None], await self.redis.hmget(self.base.routes, fields))
+        fields = [f for name in names for f in (PLACEMENT_BROADCAST + name, PLACEMENT_PATH + name)]
+        found = cast(list[str | None], await self.redis.hmget(self.base.placements, fields))
         return {
             name
             for i, name in enumerate(names)

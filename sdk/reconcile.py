@@ -118,7 +118,7 @@ async def reconcile(runner: Runner) -> Reconciled:
                 missing.append(run)
             elif status == "cancelling" and not run.state.cancelled:
                 runner.log.warning("run.cancel_seen_on_reconcile", run_id=run.run_id)
-                run.state.cancel(reason or "cancelled")
+                run.state.receive(reason or "cancelled")
                 done.stopped += 1
         if missing:
             done.registered_again += await runner.register_again(missing)

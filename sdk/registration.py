@@ -26,7 +26,7 @@ from sdk.connection import (
 from sdk.epoch import Epoch
 from sdk.function import Function
 from sdk.keys import PRESENCE, Keys, presence_field
-from sdk.partitions import declare_routes
+from sdk.partitions import declare_placements
 from sdk.rules import CancelOn
 from sdk.scripts import heartbeat, heartbeat_blocking
 from sdk.version import __version__
@@ -117,7 +117,7 @@ class WorkerRegistration:
         )
         body = encode_json(info)
         # Where the functions' events go among the partitions, before any trigger is read.
-        await declare_routes(self.redis, self.keys, self._functions)
+        await declare_placements(self.redis, self.keys, self._functions)
         async with self.redis.pipeline(transaction=True) as pipe:
             for fn in self._functions:
                 pipe.set(self.keys.config(fn.config_hash), encode_config(fn.config), ex=CONFIG_TTL)

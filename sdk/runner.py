@@ -260,7 +260,7 @@ class Runner:
                 registered += 1
                 if isinstance(reply, CancelledOnRegistration):
                     self._log.info("run.cancelled_on_registration", run_id=run.run_id)
-                    run.state.cancel(reply.reason)
+                    run.state.receive(reply.reason)
                 elif isinstance(reply, Registered) and (reply.tombstones or reply.bulk_cancels):
                     await self._settle(run, reply)
         return registered
@@ -279,7 +279,7 @@ class Runner:
                 reason=registration.reason,
                 cancelled_by=registration.cancelled_by,
             )
-            run.state.cancel(registration.reason)
+            run.state.receive(registration.reason)
             return run
         if registration.refused_actor:
             self._log.warning(
@@ -326,7 +326,7 @@ class Runner:
                     run_id=run.run_id,
                     cancelled_by=CANCELLED_BY_API,
                 )
-                run.state.cancel(bulk.reason)
+                run.state.receive(bulk.reason)
                 return
 
     async def _apply_tombstones(self, run: Run, registration: Registered) -> None:
@@ -359,7 +359,7 @@ class Runner:
                 self._log.info(
                     "run.cancelled_on_registration", run_id=run.run_id, cancelled_by=cancel.id
                 )
-                run.state.cancel(reason)
+                run.state.receive(reason)
                 return
 
     async def spawn(self, parent: Run, name: str, data: dict[str, Any] | None) -> str:
@@ -414,7 +414,7 @@ class Runner:
             run.stopped_at = time.monotonic()
             # Cancelled from outside the run (the worker is going away, or the caller of
             # ``worker.run`` was cancelled): never a silent end.
-            state.cancel(interrupted_reason, interrupt=True)
+            state.receive(interrupted_reason, interrupt=True)
             outcome = "cancelled"
             raise
         finally:
@@ -459,8 +459,9 @@ class Runner:
             log.error("run.on_cancel_failed", error=error)
         return error
 
-    def cancel(self, run_id: str, reason: str, *, interrupt: bool = False) -> bool:
-        """Cancel a run this process holds; False if it holds no such run (any more).
+    def deliver(self, run_id: str, reason: str, *, interrupt: bool = False) -> bool:
+        """Deliver a cancel to a run this process holds; False if it holds no such run (any
+        more).
 
         The run's ``cancel_mode`` decides when the body is interrupted; ``interrupt=True``
         interrupts it now whatever the mode.
@@ -468,7 +469,7 @@ class Runner:
         run = self._runs.get(run_id)
         if run is None:
             return False
-        run.state.cancel(reason, interrupt=interrupt)
+        run.state.receive(reason, interrupt=interrupt)
         return True
 
     async def _check_cancel_requested(self, run: Run) -> None:
@@ -484,16 +485,17 @@ class Runner:
             return
         if status == "cancelling":
             self._log.warning("run.cancel_seen_at_step", run_id=run.run_id)
-            run.state.cancel(reason or "cancelled")
+            run.state.receive(reason or "cancelled")
 
-    def cancel_all(self, reason: str, *, interrupt: bool = False) -> None:
-        """Cancel every run this process holds (``interrupt`` as for :meth:`cancel`).
+    def deliver_all(self, reason: str, *, interrupt: bool = False) -> None:
+        """Deliver a cancel to every run this process holds (``interrupt`` as for
+        :meth:`deliver`).
 
         The worker passes ``interrupt=True`` when it is going away (shutdown, declared
         lost): a between_steps run cannot wait for a step boundary that may never come.
         """
         for run in list(self._runs.values()):
-            run.state.cancel(reason, interrupt=interrupt)
+            run.state.receive(reason, interrupt=interrupt)
 
     async def changed(self) -> None:
         """Wait until a run ends or a slot is released."""

@@ -22,7 +22,7 @@ import msgspec
 from redis.exceptions import NoScriptError
 
 from sdk.connection import RedisClient, SyncRedisClient
-from sdk.keys import EVENT_FIELD, ROUTE_BROADCAST, ROUTE_PLACE, Keys, run_config_field
+from sdk.keys import EVENT_FIELD, PLACEMENT_BROADCAST, PLACEMENT_PATH, Keys, run_config_field
 from sdk.metrics import LATENCY_BUCKETS
 from sdk.rules import IndexEntry
 from sdk.wire import (
@@ -86,11 +86,12 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def call(self, redis: RedisClient, keys: list[str], args: list[ScriptArg]) -> Any:
-        """One call; its error is raised."""
-        (reply,) = await self.call_many(redis, [(keys, args)])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        """One call (no pipeline: the cheapest round trip); its error is raised."""
+        try:
+            return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await redis.script_load(self.source)
+            return await redis.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
 
     async def call_many(self, redis: RedisClient, calls: Iterable[Call]) -> list[Any]:
         """One call per ``(keys, args)``, in one round trip; Redis runs them in order, each
@@ -126,7 +127,7 @@ FINISH_RUN: Final = Script("finish_run.lua")
 REQUEST_CANCEL: Final = Script("request_cancel.lua")
 ACKNOWLEDGE_SIGNALS: Final = Script("acknowledge_signals.lua")
 HEARTBEAT: Final = Script("heartbeat.lua")
-DECLARE_ROUTES: Final = Script("declare_routes.lua")
+DECLARE_PLACEMENTS: Final = Script("declare_placements.lua")
 
 
 def cancel_context(keys: Keys) -> list[ScriptArg]:
@@ -333,6 +334,14 @@ def _registration(request: RegisterRequest, reply: Any) -> RunRegistration:
     )
 
 
+async def register_run(
+    redis: RedisClient, keys: Keys, request: RegisterRequest, *, retention_s: int
+) -> RunRegistration:
+    """Register one run (a retry by the same worker gets the same answer)."""
+    reply = await REGISTER_RUN.call(redis, *_register_call(keys, retention_s, request))
+    return _registration(request, reply)
+
+
 async def register_runs(
     redis: RedisClient, keys: Keys, requests: Sequence[RegisterRequest], *, retention_s: int
 ) -> list[RunRegistration | Exception]:
@@ -482,10 +491,10 @@ def heartbeat_blocking(client: SyncRedisClient, keys: Keys, worker_id: str, *, t
     return int(HEARTBEAT.call_blocking(client, *_heartbeat_call(keys, worker_id, ttl_s)))
 
 
-# -- declare_routes.lua ----------------------------------------------------------------
+# -- declare_placements.lua ----------------------------------------------------------------
 
 
-async def declare_routes(
+async def declare_placements(
     redis: RedisClient,
     keys: Keys,
     trigger: str,
@@ -495,8 +504,8 @@ async def declare_routes(
     """Record the placement paths of one function's events: its trigger's name and first
     match path, and each rule's (cancel event name, match path or ``""``). Returns the
     cancel event names that are broadcast."""
-    args: list[ScriptArg] = [ROUTE_PLACE, ROUTE_BROADCAST, trigger, first_match_path]
+    args: list[ScriptArg] = [PLACEMENT_PATH, PLACEMENT_BROADCAST, trigger, first_match_path]
     for name, path in rules:
         args += [name, path]
-    reply = await DECLARE_ROUTES.call(redis, [keys.routes], args)
+    reply = await DECLARE_PLACEMENTS.call(redis, [keys.placements], args)
     return msgspec.convert(reply, list[str])

@@ -24,6 +24,7 @@ from sdk.scripts import (
     RunEnd,
     RunRegistration,
     finish_run,
+    register_run,
     register_runs,
     request_cancels,
 )
@@ -49,10 +50,7 @@ class RunStore:
 
     async def register(self, request: RegisterRequest) -> RunRegistration:
         """Register a running run (cancelled at once if a tombstone or its parent says so)."""
-        (registration,) = await self.register_many([request])
-        if isinstance(registration, Exception):
-            raise registration
-        return registration
+        return await register_run(self.redis, self.keys, request, retention_s=self.retention_s)
 
     async def register_many(
         self, requests: Sequence[RegisterRequest]

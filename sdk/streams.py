@@ -41,7 +41,7 @@ from sdk.connection import (
 from sdk.wire import MAX_EVENT_BYTES, encode_json, printable
 
 Entry = tuple[str, dict[str, str] | None]
-Handler = Callable[[Sequence[Entry]], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Entry]], Awaitable[None]]
 
 #: An entry delivered more often than this without being acknowledged is poison: it is
 #: set aside (dead-lettered) instead of failing, or crashing its consumer, forever.
@@ -170,7 +170,7 @@ class GroupConsumer:
         batch: int = 100,
         claim_idle_ms: int = 30_000,
         max_deliveries: int = MAX_DELIVERIES,
-        on_poison: Handler | None = None,
+        on_poison: BatchHandler | None = None,
         log: Any = None,
         backoff_hooks: BackoffHooks | None = None,
         lookback_ms: int = 0,
@@ -227,7 +227,7 @@ class GroupConsumer:
                 self._log.warning("stream.leave_failed", stream=self.stream, error=repr(exc))
 
     async def run(
-        self, handle: Handler, *, capacity: Callable[[], Awaitable[int]] | None = None
+        self, handle: BatchHandler, *, capacity: Callable[[], Awaitable[int]] | None = None
     ) -> None:
         """Feed entries to ``handle`` until stopped. ``capacity`` waits for room, says how much."""
         reader = blocking_client(self.redis_url, self.block_ms)
@@ -239,7 +239,10 @@ class GroupConsumer:
             await self.leave()
 
     async def _loop(
-        self, reader: RedisClient, handle: Handler, capacity: Callable[[], Awaitable[int]] | None
+        self,
+        reader: RedisClient,
+        handle: BatchHandler,
+        capacity: Callable[[], Awaitable[int]] | None,
     ) -> None:
         pending_from: str | None = "0"
         retry: list[Entry] = []
@@ -300,7 +303,7 @@ class GroupConsumer:
             backoff.succeeded()
         await self._handle_left_pending(reader, handle)
 
-    async def _handle(self, handle: Handler, entries: list[Entry]) -> None:
+    async def _handle(self, handle: BatchHandler, entries: list[Entry]) -> None:
         self._in_hand = entries
         await handle(entries)
         self._in_hand = []
@@ -312,7 +315,7 @@ class GroupConsumer:
         in_hand, self._in_hand = self._in_hand, []
         return in_hand if in_hand and is_transient(exc) else []
 
-    async def _handle_left_pending(self, reader: RedisClient, handle: Handler) -> None:
+    async def _handle_left_pending(self, reader: RedisClient, handle: BatchHandler) -> None:
         """After :meth:`stop`: a read it cancelled may have been answered already, and what
         Redis delivered is pending for this consumer. Handle it now, rather than leave it
         to another consumer's claim once idle."""
@@ -339,7 +342,7 @@ class GroupConsumer:
             return False
         return True
 
-    async def _claim_idle(self, handle: Handler) -> None:
+    async def _claim_idle(self, handle: BatchHandler) -> None:
         """Take over entries a vanished consumer read but never acknowledged."""
         self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
         start = "0-0"

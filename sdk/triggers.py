@@ -61,9 +61,9 @@ class FunctionTriggers:
         self.function = function
         self.runner = runner
         self.partition = partition
-        #: With several partitions, only entries routed to this one are ours: a broker
+        #: With several partitions, only entries placed in this one are ours: a broker
         #: moves the others (plain XADDs, outcome events) to where they belong.
-        self._routed_only = runner.partitions.partitioned
+        self._placed_only = runner.partitions.partitioned
         self.app_id = app_id
         self._tg = task_group
         self._capacity = capacity
@@ -110,7 +110,7 @@ class FunctionTriggers:
         for entry_id, fields in entries:
             if entry_id in self.starting:
                 continue
-            if self._routed_only and (fields or {}).get(PARTITION_FIELD) != str(self.partition):
+            if self._placed_only and (fields or {}).get(PARTITION_FIELD) != str(self.partition):
                 not_ours.append(entry_id)
                 continue
             try:

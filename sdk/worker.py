@@ -45,7 +45,7 @@ from sdk.connection import (
     sync_command_client,
     unavailable,
 )
-from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, Handler, RunContext
+from sdk.context import DEFAULT_THREAD_GRACE, CancelMode, FunctionBody, RunContext
 from sdk.epoch import Epoch
 from sdk.errors import (
     ConfigurationError,
@@ -206,7 +206,7 @@ class Worker:
         owner: str | None = None,
         interrupt_after: float | timedelta | str | None = None,
         trigger_if: str | None = None,
-    ) -> Callable[[Handler], Function]:
+    ) -> Callable[[FunctionBody], Function]:
         """Declare a function run for every ``trigger`` event, cancelled by ``cancel_on``.
 
         ``cancel_mode``: ``"immediate"`` interrupts the body at its current await;
@@ -219,7 +219,7 @@ class Worker:
         ``event`` a trigger must meet to start a run, as Inngest's trigger ``if``.
         """
 
-        def register(handler: Handler) -> Function:
+        def register(handler: FunctionBody) -> Function:
             return self._add(
                 Function.declare(
                     id=id,
@@ -318,11 +318,11 @@ class Worker:
                 app_version=self.app_version,
                 heartbeat_interval=self.heartbeat_interval,
                 log=self._log,
-                on_lost=lambda: self._require_runner().cancel_all(LOST_REASON, interrupt=True),
+                on_lost=lambda: self._require_runner().deliver_all(LOST_REASON, interrupt=True),
                 epoch=epoch,
                 on_data_lost=lambda: self._recover(redis, registration, partitions),
             )
-            # Synced (rules and routes recorded) before the functions' groups exist: no
+            # Synced (rules and placements recorded) before the functions' groups exist: no
             # trigger is read before the broker knows its rules and where its events go.
             await registration.sync(self._functions.values())
             await registration.check_broker_present()
@@ -504,7 +504,7 @@ class Worker:
             self._log.info("worker.draining", runs=len(runner), timeout=self.shutdown_timeout)
             with anyio.move_on_after(self.shutdown_timeout):
                 await runner.wait_empty()
-        runner.cancel_all(SHUTDOWN_REASON, interrupt=True)
+        runner.deliver_all(SHUTDOWN_REASON, interrupt=True)
         await runner.wait_empty()
 
     async def _handle_os_signals(
@@ -516,7 +516,7 @@ class Worker:
                 consuming.cancel()
             else:
                 self._log.info("worker.cancelling_runs", signal=signum.name)
-                self._require_runner().cancel_all(SHUTDOWN_REASON, interrupt=True)
+                self._require_runner().deliver_all(SHUTDOWN_REASON, interrupt=True)
 
     async def _recover(
         self, redis: RedisClient, registration: WorkerRegistration, partitions: Partitions
@@ -608,7 +608,7 @@ class Worker:
             self._log.error("signal.malformed", entry_id=entry_id, error=str(exc))
             return None
         self.metrics.signals_received.inc()
-        if not self._require_runner().cancel(sig.run_id, sig.reason or "cancelled"):
+        if not self._require_runner().deliver(sig.run_id, sig.reason or "cancelled"):
             self._log.debug("signal.run_gone", run_id=sig.run_id)
             return sig
         self._log.info(

@@ -58,14 +58,14 @@ async def test_the_deadline_interrupts_only_a_run_that_has_not_stopped() -> None
     escalated = CancelState("between_steps", interrupt_after=0.1)
     escalated.body_started = True
     with escalated.scope:
-        escalated.cancel("user")
-        escalated.cancel("user, again")  # a signal sent again moves no deadline
+        escalated.receive("user")
+        escalated.receive("user, again")  # a signal sent again moves no deadline
         await anyio.sleep(5)
     assert escalated.escalated
     at_boundary = CancelState("between_steps", interrupt_after=0.1)
     at_boundary.body_started = True
     with at_boundary.scope:
-        at_boundary.cancel("user")
+        at_boundary.receive("user")
         at_boundary.interrupt()  # the next step boundary, before the deadline
         await anyio.sleep(5)
     assert not at_boundary.escalated

@@ -27,7 +27,7 @@ from sdk.partitions import (
     Partitions,
     agree_partitions,
     check_partitions,
-    declare_routes,
+    declare_placements,
     partition_of_token,
 )
 from sdk.rules import value_token
@@ -153,7 +153,7 @@ async def test_routes_place_a_run_with_the_cancel_events_that_match_it(
 ) -> None:
     keys = Keys(namespace)
     worker = reports("redis://unused", namespace)
-    await declare_routes(redis, keys, worker.functions.values())
+    await declare_placements(redis, keys, worker.functions.values())
     partitions = Partitions(redis, keys, 8)
     # The trigger is placed by its first match path; the cancel event by the same path.
     assert await partitions.placement_paths(["report/generate", "report/cancel.requested"]) == {
@@ -179,7 +179,7 @@ async def test_a_placement_never_changes_and_a_broadcast_never_ends(
 ) -> None:
     keys = Keys(namespace)
     first = reports("redis://unused", namespace)
-    await declare_routes(redis, keys, first.functions.values())
+    await declare_placements(redis, keys, first.functions.values())
     # A later function triggered by the same event, first matching on another path.
     later = Worker("billing", "redis://unused", namespace=namespace)
 
@@ -187,21 +187,21 @@ async def test_a_placement_never_changes_and_a_broadcast_never_ends(
     async def invoice(ctx: RunContext) -> None:
         pass
 
-    await declare_routes(redis, keys, later.functions.values())
+    await declare_placements(redis, keys, later.functions.values())
     partitions = Partitions(redis, keys, 8)
     assert (await partitions.placement_paths(["report/generate"]))["report/generate"] == (
         "data.reportId"
     )
     assert "account/cancelled" in await partitions.broadcast(["account/cancelled"])
     # Declaring the first again changes nothing back.
-    await declare_routes(redis, keys, first.functions.values())
+    await declare_placements(redis, keys, first.functions.values())
     assert "account/cancelled" in await partitions.broadcast(["account/cancelled"])
     assert await partitions.broadcast(["report/cancel.requested"]) == set()
 
 
 async def test_one_partition_reads_and_writes_nothing_more(redis: Redis, namespace: str) -> None:
     partitions = Partitions(redis, Keys(namespace), 1)
-    await redis.delete(Keys(namespace).routes)
+    await redis.delete(Keys(namespace).placements)
     event = Event(name="report/generate", data={"reportId": "r1"}, parent="p1")
     assert await partitions.of_event(event) == 0
     assert await partitions.locate(["a", "b"]) == {"a": 0, "b": 0}

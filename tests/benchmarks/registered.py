@@ -54,7 +54,7 @@ async def register_runs(redis: Redis, keys: Keys, n: int, *, partitions: int = 1
         declare_rules(pipe, keys, RULES, 0)
         # What a worker's sync records: both events placed by the key the rule matches.
         pipe.hset(
-            keys.routes,
+            keys.placements,
             mapping={f"place:{name}": "data.reportId" for name in (TRIGGER, RULES[0].event)},
         )
         await pipe.execute()

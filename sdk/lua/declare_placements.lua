@@ -7,9 +7,9 @@
 -- without a path, a path that differs) makes the cancel event 'broadcast': the broker
 -- looks it up in every partition. A placement path, once set, never changes (publishers
 -- cache it), and a broadcast never goes back: both only ever keep old events reachable.
--- KEYS[1]  routes (hash): '{place}{name}' -> path, '{broadcast}{name}' -> '1'
--- ARGV[1]  the field prefix of placement paths (sdk/keys.py ROUTE_PLACE)
--- ARGV[2]  the field prefix of broadcast cancel events (sdk/keys.py ROUTE_BROADCAST)
+-- KEYS[1]  placements (hash): '{place}{name}' -> path, '{broadcast}{name}' -> '1'
+-- ARGV[1]  the field prefix of placement paths (sdk/keys.py PLACEMENT_PATH)
+-- ARGV[2]  the field prefix of broadcast cancel events (sdk/keys.py PLACEMENT_BROADCAST)
 -- ARGV[3]  the trigger's name
 -- ARGV[4]  the function's first match path, or ''
 -- ARGV[5 ..]  cancel event name, match path ('' for none) pairs, one per rule
