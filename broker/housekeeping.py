@@ -27,7 +27,7 @@ import msgspec
 from broker.metrics import BrokerMetrics
 from broker.scripts import resend_signals
 from sdk.connection import REDIS_ERRORS, is_transient, redis_now_ms
-from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS
+from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, LIVE_INTERVALS, deregister
 from sdk.store import RunStore
 from sdk.streams import trim_acknowledged
 from sdk.wire import decode_worker
@@ -132,8 +132,7 @@ class Housekeeping:
                 pipe.delete(keys.worker_runs(worker_id), keys.signals(worker_id))
                 await pipe.execute()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.worker(worker_id))
-            pipe.zrem(self.keys.workers, worker_id)
+            deregister(pipe, self.keys, worker_id)
             await pipe.execute()
         self.metrics.runs_lost.inc(lost)
         self.metrics.workers_lost.inc()

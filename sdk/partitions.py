@@ -26,12 +26,12 @@ from typing import Final, cast
 
 from redis.typing import EncodableT, FieldT
 
-from sdk import scripts
 from sdk.connection import RedisClient
 from sdk.errors import ConfigurationError, PartitionCountError
 from sdk.function import Function
 from sdk.keys import EVENT_FIELD, PARTITION_FIELD, PLACEMENT_BROADCAST, PLACEMENT_PATH, Keys
 from sdk.rules import CancelOn, parse_path, value_token
+from sdk.scripts import declare_function_placement
 from sdk.store import DEFAULT_RETENTION, RunStore
 from sdk.wire import Event, event_id
 
@@ -102,7 +102,7 @@ async def declare_placements(redis: RedisClient, keys: Keys, functions: Iterable
     """Record the placement paths of these functions' events (part of a worker's sync)."""
     for fn in functions:
         rules = [(rule.event, rule.match or "") for rule in fn.cancel_on]
-        await scripts.declare_placements(redis, keys, fn.trigger, _first_match_path(fn), rules)
+        await declare_function_placement(redis, keys, fn.trigger, _first_match_path(fn), rules)
 
 
 class Partitions:

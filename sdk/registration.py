@@ -70,6 +70,13 @@ def declare_rules(
             pipe.hset(keys.expressions, expression.id, expression.source)
 
 
+def deregister(pipe: RedisPipeline, keys: Keys, worker_id: str) -> None:
+    """Queue the commands that take a worker out of the registry (its clean stop, or its
+    process found dead): the broker no longer counts it, nor waits for its heartbeat."""
+    pipe.zrem(keys.workers, worker_id)
+    pipe.delete(keys.worker(worker_id))
+
+
 class WorkerRegistration:
     """Declares one worker process and keeps it marked live."""
 
@@ -223,8 +230,7 @@ class WorkerRegistration:
         with anyio.move_on_after(5, shield=True):
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.zrem(self.keys.workers, self.worker_id)
-                    pipe.delete(self.keys.worker(self.worker_id))
+                    deregister(pipe, self.keys, self.worker_id)
                     pipe.zcard(self.keys.workers)
                     *_, remaining = await pipe.execute()
             except REDIS_ERRORS as exc:

@@ -494,7 +494,7 @@ def heartbeat_blocking(client: SyncRedisClient, keys: Keys, worker_id: str, *, t
 # -- declare_placements.lua ----------------------------------------------------------------
 
 
-async def declare_placements(
+async def declare_function_placement(
     redis: RedisClient,
     keys: Keys,
     trigger: str,

@@ -31,6 +31,7 @@ from celery.worker import state
 
 from sdk.connection import REDIS_ERRORS, command_client
 from sdk.partitions import Partitions
+from sdk.registration import deregister
 from sdk.store import RunStore
 from sdk.worker import Worker
 
@@ -170,11 +171,8 @@ class PoolSupervisor:
         heartbeats are missed)."""
         with anyio.fail_after(CHECK_TIMEOUT_S * 4):
             await store.record_terminated(run_id, worker_id=worker_id)
-            keys = self.worker.keys
-            redis = store.redis
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.zrem(keys.workers, worker_id)
-                pipe.delete(keys.worker(worker_id))
+            async with store.redis.pipeline(transaction=True) as pipe:
+                deregister(pipe, self.worker.keys, worker_id)
                 await pipe.execute()
 
 
