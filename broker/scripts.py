@@ -52,6 +52,7 @@ def _match_call(keys: Keys, event: Event, found: Sequence[Lookup], tombstone_ms:
     script_keys = [
         keys.cancelling_runs,
         keys.tombstone_event(event.id),
+        keys.early_match(event.id),
         *(key for lookup in found for key in (lookup.key, lookup.tombstone)),
     ]
     args: list[ScriptArg] = [

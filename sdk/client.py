@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import uuid
 from collections import Counter
@@ -14,10 +15,18 @@ import anyio
 import msgspec
 import structlog
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoPermissionError
 
-from sdk.config import PENDING_CANCEL_LOOKBACK, resolve_lookback, resolve_namespace, resolve_wait
+from sdk.config import (
+    MATCH_ON_PUBLISH,
+    PENDING_CANCEL_LOOKBACK,
+    resolve_lookback,
+    resolve_namespace,
+    resolve_wait,
+)
 from sdk.connection import REDIS_ERRORS, command_client, redis_now_ms, resolve_url, unavailable
 from sdk.durability import Replicas
+from sdk.early_match import EarlyMatch
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError, UnknownFunctionError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
@@ -121,6 +130,7 @@ class Client:
         pending_cancel_lookback: float | timedelta | str | None = None,
         wait_replicas: int | None = None,
         wait_timeout: float | timedelta | str | None = None,
+        match_on_publish: bool | None = None,
     ) -> None:
         self.redis_url = resolve_url(redis_url)
         self.keys = Keys(resolve_namespace(namespace))
@@ -141,6 +151,10 @@ class Client:
         self.replicas = Replicas(self._redis, self.keys, wanted=wanted, timeout=timeout)
         self._partitions: Partitions | None = None
         self._stores: tuple[RunStore, ...] = ()
+        self._early = EarlyMatch(self._redis, self.keys, log=log)
+        #: ``send`` matches a cancel event as it publishes it (``$CANCEL_BROKER_MATCH_ON_PUBLISH``,
+        #: on unless set): see :mod:`sdk.early_match`.
+        self._early.enabled = MATCH_ON_PUBLISH.resolve(match_on_publish)
 
     async def __aenter__(self) -> Self:
         return self
@@ -187,7 +201,17 @@ class Client:
         """
         body = encode_event(name, data, max_bytes=self.max_event_bytes)
         partitions = await self._open()
-        event_id = await partitions.publish(body, Event(name=name, data=data or {}))
+        event = Event(name=name, data=data or {})
+        # One partition, known: the publisher can match the event as it publishes it.
+        alone = partitions.known and not partitions.partitioned
+        found = await self._early.lookups(event) if alone else []
+        event_id = None
+        # Refused before anything ran: published plainly, matched by the broker.
+        with contextlib.suppress(NoPermissionError):
+            if found:
+                event_id = await self._early.publish(body, event, found)
+        if event_id is None:
+            event_id = await partitions.publish(body, event)
         return await self.replicas.check(event_id)
 
     async def get_run(self, run_id: str) -> RunInfo | None:

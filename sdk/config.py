@@ -157,6 +157,26 @@ WAIT_TIMEOUT: Final = SharedSetting(
 )
 
 
+def _flag(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be on or off (1/0, true/false), not {text!r}")
+
+
+MATCH_ON_PUBLISH: Final = SharedSetting(
+    "match_on_publish",
+    "on",
+    _flag,
+    help="Client.send matches a cancel event in the script that publishes it, so that its runs"
+    " are signalled without waiting for the broker (sdk/early_match.py); off for a client whose"
+    " Redis user may only publish (docs/security.md), which Redis would refuse once",
+    metavar="on|off",
+)
+
+
 def resolve_namespace(namespace: str | None) -> str:
     """The namespace to use: ``namespace``, else ``CANCEL_BROKER_NAMESPACE``, else ``cancel``."""
     return NAMESPACE.resolve(namespace)

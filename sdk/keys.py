@@ -281,6 +281,11 @@ class Keys:
         """A tombstoned cancel event's JSON, for rules whose expression needs its data."""
         return f"{self.shard}tomb-event:{event_id}"
 
+    def early_match(self, event_id: str) -> str:
+        """String: the runs an SDK publisher signalled as it published this cancel event
+        (JSON; ``publish_event.lua``), for the broker's decision on it, which takes it."""
+        return f"{self.shard}early-match:{event_id}"
+
     @property
     def decisions(self) -> str:
         """Capped list of the brokers' recent cancel decisions (JSON, newest first), one per

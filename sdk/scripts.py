@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError
 from sdk.connection import RedisClient, SyncRedisClient
 from sdk.keys import EVENT_FIELD, PLACEMENT_BROADCAST, PLACEMENT_PATH, Keys, run_config_field
 from sdk.metrics import LATENCY_BUCKETS
-from sdk.rules import IndexEntry
+from sdk.rules import IndexEntry, Lookup
 from sdk.wire import (
     RUN_CANCELLED_EVENT,
     BulkCancel,
@@ -37,7 +37,7 @@ from sdk.wire import (
     encode_stored_event,
 )
 
-ScriptArg = str | int | float
+ScriptArg = str | bytes | int | float
 #: One script call: its KEYS and its ARGV.
 Call = tuple[list[str], list[ScriptArg]]
 
@@ -49,6 +49,9 @@ PENDING_CANCELS_KEPT: Final = 100_000
 #: Recently finished runs listed in ``{ns}:runs:finished`` (the dashboard's history); the
 #: records themselves stay readable for the retention, listed or not.
 FINISHED_RUNS_KEPT: Final = 1_000
+#: How long the runs an SDK publisher signalled are kept for the broker's decision on the
+#: event (it takes them within milliseconds when it runs).
+EARLY_MATCH_KEPT_MS: Final = 600_000
 #: ``actor`` that may cancel any run, whatever owner its function declares.
 OPERATOR_ACTOR: Final = "*"
 #: ``cancelled_by`` of a cancel by run id (``BY.api`` in lib.lua).
@@ -128,6 +131,7 @@ REQUEST_CANCEL: Final = Script("request_cancel.lua")
 ACKNOWLEDGE_SIGNALS: Final = Script("acknowledge_signals.lua")
 HEARTBEAT: Final = Script("heartbeat.lua")
 DECLARE_PLACEMENTS: Final = Script("declare_placements.lua")
+PUBLISH_EVENT: Final = Script("publish_event.lua")
 
 
 def cancel_context(keys: Keys) -> list[ScriptArg]:
@@ -451,6 +455,48 @@ async def request_cancels(
         decoded = msgspec.convert(reply, _RequestCancelReply)
         done.append(Cancelled(cancel_results(decoded.results), decoded.dropped))
     return done
+
+
+# -- publish_event.lua -----------------------------------------------------------------
+
+
+class _PublishReply(msgspec.Struct, array_like=True, frozen=True):
+    event_id: str
+    #: None when the match failed (see ``error``).
+    results: list[Any] | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What publishing a cancel event and matching it at once did: its stream id, and the
+    runs it signalled (None, with the error, when the caller may not reach run state: the
+    event is published, and the broker matches it)."""
+
+    event_id: str
+    results: list[CancelResult] | None
+    error: str = ""
+
+
+async def publish_event(
+    redis: RedisClient, keys: Keys, body: bytes, event: Event, found: Sequence[Lookup]
+) -> Published:
+    """Append a cancel event to ``keys``' events stream and cancel the runs its lookups
+    (those the key alone decides) find, in one script."""
+    script_keys = [keys.cancelling_runs, keys.events, *(lookup.key for lookup in found)]
+    args: list[ScriptArg] = [
+        *cancel_context(keys),
+        EVENT_FIELD,
+        body,
+        event.name,
+        len(found),
+        *(lookup.selector.expiry for lookup in found),
+        keys.early_match(""),
+        EARLY_MATCH_KEPT_MS,
+    ]
+    reply = msgspec.convert(await PUBLISH_EVENT.call(redis, script_keys, args), _PublishReply)
+    results = None if reply.results is None else cancel_results(reply.results)
+    return Published(reply.event_id, results, reply.error)
 
 
 # -- acknowledge_signals.lua -----------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -202,3 +203,42 @@ async def test_worker_sigterm_finishes_runs_and_exits(
     assert stopped.cancel_reason == "worker shutdown"
     for keys in partition_keys(namespace):
         assert await redis.exists(keys.signals(stopped.worker_id)) == 0
+
+
+async def test_a_cancel_event_the_sdk_sends_is_matched_as_it_is_published(
+    redis_url: str, client: Client, redis: Redis, namespace: str, topology: str
+) -> None:
+    """Client.send matches a cancel event in the script that publishes it
+    (sdk/early_match.py): its run stops with no broker running. The broker, started after,
+    decides the same entry and records the run signalled once. With several partitions the
+    broker alone matches (it places and broadcasts)."""
+    worker = start_worker(redis_url, namespace, shutdown_timeout="0.2")
+    try:
+        run = await start_report(client, "r9")
+        await wait_for_observation(redis, namespace, "r9", "started")
+        cancel_id = await client.send("report/cancel.requested", {"reportId": "r9"})
+        if topology != "partitioned":
+            await wait_for_observation(redis, namespace, "r9", "cancelled", timeout=5)
+            info = await wait_for_status(client, run.run_id, "cancelled")
+            assert info.cancelled_by == cancel_id
+        else:
+            await anyio.sleep(0.3)
+            assert [o["what"] for o in await observed(redis, namespace, "r9")] == ["started"]
+        broker, _http = start_broker(redis_url, namespace)
+        try:
+            await wait_for_status(client, run.run_id, "cancelled")
+            decisions: list[dict[str, Any]] = []
+
+            async def decided() -> bool:
+                raw = await redis.lrange(Keys(namespace).decisions, 0, -1)
+                decisions[:] = [d for d in map(json.loads, raw) if d["event_id"] == cancel_id]
+                return bool(decisions)
+
+            await wait_until(decided)
+            ((decision),) = decisions
+            assert (decision["decision"], decision["outcomes"]) == ("matched", {"signalled": 1})
+            assert decision["signals_sent"] == 1
+        finally:
+            assert broker.terminate() == 0, broker.output
+    finally:
+        assert worker.terminate() == 0, worker.output

@@ -12,7 +12,7 @@ import secrets
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import quote
 
 import httpx
@@ -20,6 +20,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
+from structlog.testing import capture_logs
 
 from broker import EmbeddedRedis
 from sdk import Client, NotReplicatedError, RunInfo
@@ -36,6 +37,9 @@ from tests.tls import (
     make_certificates,
     redis_tls_unsupported,
 )
+
+#: What docs/security.md passes to the Client of a user that may only publish.
+ONLY_PUBLISH: Final = {"match_on_publish": False}
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -284,8 +288,9 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
     try:
         worker = start_worker(acl_server.url("worker"), NAMESPACE, **worker_env)
         async with (
-            Client(acl_server.url("publisher"), namespace=NAMESPACE) as publisher,
-            Client(acl_server.url("operator"), namespace=NAMESPACE) as operator,
+            # As docs/security.md says for users that may only publish: no match on publish.
+            Client(acl_server.url("publisher"), namespace=NAMESPACE, **ONLY_PUBLISH) as publisher,
+            Client(acl_server.url("operator"), namespace=NAMESPACE, **ONLY_PUBLISH) as operator,
             decoded(acl_server.url("publisher")) as raw_publisher,
         ):
             r1 = await start_report(publisher, operator, "acl-1")
@@ -370,7 +375,11 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
             # Publishers that wait for replicas (this Redis has none: each write is reported).
             for role in ("publisher", "operator"):
                 async with Client(
-                    acl_server.url(role), namespace=NAMESPACE, wait_replicas=1, wait_timeout=0.05
+                    acl_server.url(role),
+                    namespace=NAMESPACE,
+                    wait_replicas=1,
+                    wait_timeout=0.05,
+                    **ONLY_PUBLISH,
                 ) as waiting:
                     with pytest.raises(NotReplicatedError):
                         await waiting.send("report/cancel.requested", {"reportId": "nobody"})
@@ -413,6 +422,22 @@ async def test_roles_run_and_cancel_end_to_end(acl_server: AclServer, admin: Red
     # Nothing any process did was refused, not even what the code retries or ignores.
     log = await admin.execute_command("ACL", "LOG")
     assert log == [], log
+
+
+async def test_a_publisher_that_may_only_publish_is_refused_the_early_match_once(
+    acl_server: AclServer, admin: Redis
+) -> None:
+    """Left on, match on publish (sdk/early_match.py) asks Redis for the rules once; refused,
+    the client says so, publishes plainly, and never asks again."""
+    await admin.execute_command("ACL", "LOG", "RESET")
+    async with Client(acl_server.url("publisher"), namespace=NAMESPACE) as publisher:
+        with capture_logs() as logs:
+            for report_id in ("e1", "e2", "e3"):
+                await publisher.send("report/cancel.requested", {"reportId": report_id})
+    assert [entry["event"] for entry in logs] == ["client.match_on_publish_off"]
+    assert len(await admin.xrange(KEYS.events)) >= 3
+    log = await admin.execute_command("ACL", "LOG")
+    assert [(entry["object"], entry["count"]) for entry in log] == [("hkeys", 1)]
 
 
 async def test_publisher_can_only_append_events(acl_server: AclServer, admin: Redis) -> None:

@@ -116,10 +116,13 @@ local function cancel_run(c, run_id, worker_id, request)
   local head = 1
   while head <= #queue do
     local id, worker, reason, by = queue[head][1], queue[head][2], queue[head][3], queue[head][4]
-    mark_cancelling(c.run_prefix .. id, reason, by, request.event_id, c.now, request.cancel_at)
+    -- The signal first: a script stopped by an error between the two (a publisher whose
+    -- ACL lacks a key, sdk/lua/publish_event.lua) leaves a run signalled, never one
+    -- marked cancelling that no signal will reach.
     if worker ~= c.holder then
       send_signal(c, worker, id, reason, request.event_id, false)
     end
+    mark_cancelling(c.run_prefix .. id, reason, by, request.event_id, c.now, request.cancel_at)
     for _, child in ipairs(redis.call('SMEMBERS', c.children_prefix .. id)) do
       local state = redis.call('HMGET', c.run_prefix .. child, 'status', 'worker_id')
       if state[1] == 'running' then
@@ -148,3 +151,76 @@ local function cancel_context()
   }
 end
 
+
+-- A cancel event's expiry spec for one selector ('' none, ms after the run's start, or 'u'
+-- and the Unix ms it stops listening at): its timeout and its instant.
+local function expiry(spec)
+  if string.sub(spec, 1, 1) == 'u' then
+    return nil, tonumber(string.sub(spec, 2))
+  end
+  return tonumber(spec), nil
+end
+
+-- Look a cancel event's lookups up in the cancel index and cancel the running runs they
+-- find (broker/lua/match_event.lua, and sdk/lua/publish_event.lua as an SDK publishes).
+-- request: reason, cancelled_by, event_id, cancel_at
+-- lookups: {index = set key, mode = 'm' (the key alone decides) or 'c' (an expression
+--   must also hold), spec = expiry spec}, in order
+-- Returns results, one {run id, outcome, previous, status, {cascaded}} per run looked at,
+-- and candidates, {run id, i, the run's trigger JSON} for running runs under a lookup with
+-- an expression.
+local function match_lookups(c, request, lookups)
+  local event_id = request.event_id
+  local order, outcome, previous, cascades, candidates = {}, {}, {}, {}, {}
+  local function decide(run_id, value, status)
+    if outcome[run_id] == nil then
+      order[#order + 1] = run_id
+    end
+    outcome[run_id], previous[run_id] = value, status
+  end
+
+  for i, lookup in ipairs(lookups) do
+    local timeout, until_ms = expiry(lookup.spec)
+    for _, run_id in ipairs(redis.call('SMEMBERS', lookup.index)) do
+      -- A run one selector already cancelled (or found finished) is decided.
+      local decided = outcome[run_id] == 'signalled' or previous[run_id] == ''
+      if not decided then
+        local run = redis.call('HMGET', c.run_prefix .. run_id, 'status', 'worker_id', 'event_id',
+          'trigger_seq', 'started_at')
+        local status = run[1]
+        if not status then
+          redis.call('SREM', lookup.index, run_id) -- its record is gone: it can never match again
+          decide(run_id, 'not_found', '')
+        elseif run[3] == event_id then
+          decide(run_id, 'own_trigger', status)
+        elseif id_after(run[4], event_id) then
+          decide(run_id, 'started_after_cancel', status)
+        elseif (timeout and request.cancel_at > (tonumber(run[5]) or 0) + timeout)
+          or (until_ms and request.cancel_at > until_ms) then
+          if outcome[run_id] == nil then
+            decide(run_id, 'rule_expired', status)
+          end
+        elseif status ~= 'running' then
+          decide(run_id, SETTLED[status] or 'already_cancelling', status)
+        elseif lookup.mode == 'm' then
+          cascades[run_id] = cancel_run(c, run_id, run[2], request)
+          decide(run_id, 'signalled', status)
+        else
+          local trigger = redis.call('HGET', c.run_prefix .. run_id, 'event')
+          candidates[#candidates + 1] = {run_id, i, trigger}
+          if outcome[run_id] == nil or outcome[run_id] == 'rule_expired' then
+            decide(run_id, 'evaluated', status)
+          end
+        end
+      end
+    end
+  end
+
+  local results = {}
+  for _, run_id in ipairs(order) do
+    local value = outcome[run_id]
+    local after = value == 'signalled' and 'cancelling' or previous[run_id]
+    results[#results + 1] = {run_id, value, previous[run_id], after, cascades[run_id] or {}}
+  end
+  return results, candidates
+end

@@ -1,0 +1,98 @@
+"""Matching a cancel event as it is published (``Client.send``).
+
+The broker matches every event it reads; for a cancel event, that costs its read of the
+stream, a read of the declared rules and a script before any worker is signalled. An SDK
+publisher knows the same rules (it reads ``{ns}:rules:{name}``, cached for a moment) and
+computes the same index keys: it publishes the event and cancels the runs those keys name
+in one script (``publish_event.lua``), so a cancel by event costs what a cancel by run
+id does.
+
+This is an accelerator, never the authority: the broker still handles the entry
+(tombstones for runs that register later, rules with an expression, the decision and its
+metrics), and a rule the cached selectors do not know yet is matched there a moment later.
+Skipped, the event published by one plain ``XADD`` as before, when the namespace has
+several partitions (the broker moves and broadcasts), when no selector the key alone
+decides has a value in the event, and for good once Redis refuses the reads or the script
+to this client's user (a publisher's ACL reaches the events stream only: docs/security.md).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final, cast
+
+from redis.exceptions import NoPermissionError
+
+from sdk.connection import RedisClient
+from sdk.keys import Keys
+from sdk.rules import Lookup, lookups
+from sdk.scripts import publish_event
+from sdk.wire import Event
+
+#: Seconds a cancel event name's declared selectors are cached: a rule declared since is
+#: matched by the broker until then.
+SELECTORS_CACHED_S: Final = 2.0
+_NAMES_CACHED: Final = 4096
+
+
+class EarlyMatch:
+    """One client's matching on publish: the selectors it has read, and whether Redis lets
+    it match at all."""
+
+    def __init__(self, redis: RedisClient, keys: Keys, *, log: Any) -> None:
+        self.redis = redis
+        self.keys = keys
+        self._log = log
+        #: False once Redis refused this client a read or the script.
+        self.enabled = True
+        self._selectors: dict[str, tuple[float, list[str]]] = {}
+
+    async def lookups(self, event: Event) -> list[Lookup]:
+        """The lookups a published event can be matched by at once (none: publish it
+        plainly)."""
+        if not self.enabled:
+            return []
+        now = time.monotonic()
+        cached = self._selectors.get(event.name)
+        if cached is None or cached[0] < now:
+            try:
+                selectors = cast(list[str], await self.redis.hkeys(self.keys.rules(event.name)))
+            except NoPermissionError as exc:
+                self._disable(exc)
+                return []
+            if len(self._selectors) >= _NAMES_CACHED:
+                self._selectors.clear()
+            cached = self._selectors[event.name] = (now + SELECTORS_CACHED_S, selectors)
+        if not cached[1]:
+            return []
+        found = lookups(event, cached[1], self.keys)
+        return [lookup for lookup in found if lookup.selector.expression_id is None]
+
+    async def publish(self, body: bytes, event: Event, found: list[Lookup]) -> str:
+        """Publish ``event`` (encoded: ``body``) and cancel the runs ``found`` names;
+        returns its id."""
+        try:
+            published = await publish_event(self.redis, self.keys, body, event, found)
+        except NoPermissionError as exc:  # refused before it ran: nothing was written
+            self._disable(exc)
+            raise
+        if published.error:
+            self._disable(published.error)
+        elif published.results:
+            self._log.debug(
+                "event.matched_on_publish",
+                event_id=published.event_id,
+                event_name=event.name,
+                outcomes=[result.outcome for result in published.results],
+            )
+        return published.event_id
+
+    def _disable(self, error: object) -> None:
+        if self.enabled:
+            self.enabled = False
+            self._log.info(
+                "client.match_on_publish_off",
+                reason="Redis refuses this client's user the rules or run state; the broker"
+                " matches its cancel events (a publisher's ACL)",
+                error=str(error),
+            )
