@@ -5,7 +5,7 @@ For a batch read from the events stream:
 1. validate every entry (a malformed one goes to the dead letters with the reason);
 2. read the selectors declared for the batch's event names, in one round trip;
 3. turn each cancel event's selectors into index keys with its own values, and run
-   ``match_event.lua`` for every event, in one pipelined round trip: each leaves its
+   ``match_events.lua`` for every event, in one pipelined round trip: each leaves its
    tombstones and cancels the runs its keys name;
 4. evaluate rule expressions on the candidates the scripts return (rare), and cancel
    those they hold for;
@@ -98,6 +98,7 @@ class Matcher:
         self._log = log
         self.consumer = consumer
         self._expressions: dict[str, Expression | str] = {}
+        self._counters: dict[str, Any] = {}
         #: event name -> (until when it holds, selector -> declaring functions)
         self._declarers: dict[str, tuple[float, dict[str, list[str]]]] = {}
 
@@ -203,7 +204,10 @@ class Matcher:
             self.metrics.cancel_latency.observe(max(0.0, latency_ms) / 1000)
 
     def _count(self, result: str) -> None:
-        self.metrics.events.labels(result=result).inc()
+        counter = self._counters.get(result)
+        if counter is None:  # a labels() lookup per event is a visible share of its cost
+            counter = self._counters[result] = self.metrics.events.labels(result=result)
+        counter.inc()
 
     async def _declared_by(self, names: set[str]) -> dict[str, dict[str, list[str]]]:
         """For each of these cancel event names: selector -> the functions (``app/fn``)

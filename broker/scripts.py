@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
+from redis.exceptions import ResponseError
 
 from sdk.connection import RedisClient
 from sdk.keys import Keys
@@ -16,7 +17,7 @@ from sdk.rules import Lookup
 from sdk.scripts import Call, Script, ScriptArg, cancel_context, cancel_results
 from sdk.wire import CancelResult, Event, decode_stored_event, encode_stored_event, entry_timestamp
 
-MATCH_EVENT: Final = Script("match_event.lua", package="broker")
+MATCH_EVENTS: Final = Script("match_events.lua", package="broker")
 RESEND_SIGNALS: Final = Script("resend_signals.lua", package="broker")
 
 
@@ -47,32 +48,38 @@ class _MatchReply(msgspec.Struct, array_like=True, frozen=True):
     candidates: list[_Candidate]
 
 
-def _match_call(keys: Keys, event: Event, found: Sequence[Lookup], tombstone_ms: int) -> Call:
+_batch_encoder = msgspec.json.Encoder()
+
+
+def _event_line(event: Event, found: Sequence[Lookup]) -> tuple[object, ...]:
+    """One event of ``match_events.lua``'s batch (see its header)."""
     with_expression = any(lookup.selector.expression_id for lookup in found)
-    script_keys = [
-        keys.cancelling_runs,
-        keys.tombstone_event(event.id),
-        keys.early_match(event.id),
-        *(key for lookup in found for key in (lookup.key, lookup.tombstone)),
-    ]
-    args: list[ScriptArg] = [
-        *cancel_context(keys),
+    return (
         event.id,
         event.name,
         entry_timestamp(event.id),
-        tombstone_ms,
         encode_stored_event(event).decode() if with_expression else "",
-        len(found),
-        *(
-            arg
-            for lookup in found
-            for arg in (
+        [
+            (
+                lookup.key,
+                lookup.tombstone,
                 "m" if lookup.selector.expression_id is None else "c",
                 lookup.selector.expiry,
             )
-        ),
+            for lookup in found
+        ],
+    )
+
+
+def _batch_call(keys: Keys, lines: Sequence[tuple[object, ...]], tombstone_ms: int) -> Call:
+    args: list[ScriptArg] = [
+        *cancel_context(keys),
+        tombstone_ms,
+        keys.tombstone_event(""),
+        keys.early_match(""),
+        _batch_encoder.encode(lines),
     ]
-    return script_keys, args
+    return [keys.cancelling_runs], args
 
 
 def _matched(keys: Keys, found: Sequence[Lookup], reply: Any) -> Matched:
@@ -94,20 +101,34 @@ async def match_events(
     tombstone_ms: int,
 ) -> list[Matched | Exception]:
     """Leave tombstones for each cancel event and cancel the runs its lookups find, for a
-    whole batch in one round trip (Redis runs the scripts in order, each in the partition
-    whose keys it is given).
+    whole batch in one round trip: one script per partition, which applies that
+    partition's events in order.
 
-    Runs under a selector with an expression come back as candidates to evaluate. A script
-    that failed comes back as its exception, in its place.
+    Runs under a selector with an expression come back as candidates to evaluate. An event
+    whose matching failed comes back as its error, in its place (the script goes on with
+    the next); a partition's whole script that failed, as its error for each of its events.
     """
     if not batch:
         return []
-    calls = [_match_call(keys, event, found, tombstone_ms) for keys, event, found in batch]
-    replies = await MATCH_EVENT.call_many(redis, calls)
-    return [
-        reply if isinstance(reply, Exception) else _matched(keys, found, reply)
-        for (keys, _, found), reply in zip(batch, replies, strict=True)
+    groups: dict[int, list[int]] = {}
+    for i, (keys, _, _) in enumerate(batch):
+        groups.setdefault(keys.partition, []).append(i)
+    lines = [_event_line(event, found) for _, event, found in batch]
+    ordered = list(groups.values())
+    calls = [
+        _batch_call(batch[indexes[0]][0], [lines[i] for i in indexes], tombstone_ms)
+        for indexes in ordered
     ]
+    replies = await MATCH_EVENTS.call_many(redis, calls)
+    matched: dict[int, Matched | Exception] = {}
+    for indexes, reply in zip(ordered, replies, strict=True):
+        if isinstance(reply, Exception):
+            matched.update(dict.fromkeys(indexes, reply))
+            continue
+        for i, one in zip(indexes, msgspec.convert(reply, list[list[Any]]), strict=True):
+            keys, _, found = batch[i]
+            matched[i] = ResponseError(one[1]) if one[0] is None else _matched(keys, found, one)
+    return [matched[i] for i in range(len(batch))]
 
 
 async def resend_signals(

@@ -78,13 +78,6 @@ class EarlyMatch:
             raise
         if published.error:
             self._disable(published.error)
-        elif published.results:
-            self._log.debug(
-                "event.matched_on_publish",
-                event_id=published.event_id,
-                event_name=event.name,
-                outcomes=[result.outcome for result in published.results],
-            )
         return published.event_id
 
     def _disable(self, error: object) -> None:

@@ -246,7 +246,7 @@ class Selector:
 
     @property
     def expiry(self) -> str:
-        """How match_event.lua reads the timeout: ms after the run's start, ``u`` and an
+        """How match_events.lua reads the timeout: ms after the run's start, ``u`` and an
         instant, or '' for none."""
         if self.until_ms is not None:
             return f"u{self.until_ms}"

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast, get_args
 
 import msgspec
 from redis.exceptions import NoScriptError
@@ -150,6 +150,11 @@ def _datetime(ms: str) -> datetime | None:
 # -- replies ---------------------------------------------------------------------------
 
 
+_OUTCOMES: Final = frozenset(get_args(CancelOutcome))
+#: A run's statuses, and "" for none.
+_STATUSES: Final = frozenset((*get_args(RunStatus), ""))
+
+
 class _Result(msgspec.Struct, array_like=True, frozen=True):
     """One run's line in a cancelling script's reply."""
 
@@ -161,18 +166,22 @@ class _Result(msgspec.Struct, array_like=True, frozen=True):
     kept_until: str = ""
 
     def decode(self) -> CancelResult:
+        # Checked against the literals' values (msgspec.convert with a Literal type costs
+        # a hash of the type per call: the broker's hot path).
+        if self.outcome not in _OUTCOMES or not {self.previous, self.status} <= _STATUSES:
+            raise msgspec.ValidationError(f"unexpected cancel result {self!r}")
         return CancelResult(
             run_id=self.run_id,
-            outcome=msgspec.convert(self.outcome, CancelOutcome),
-            previous_status=msgspec.convert(self.previous or None, RunStatus | None),
-            status=msgspec.convert(self.status or None, RunStatus | None),
+            outcome=cast(CancelOutcome, self.outcome),
+            previous_status=cast(RunStatus, self.previous) or None,
+            status=cast(RunStatus, self.status) or None,
             cascaded=tuple(self.cascaded),
             kept_until=_datetime(self.kept_until),
         )
 
 
 def cancel_results(lines: Sequence[Any]) -> list[CancelResult]:
-    """The per-run lines of ``request_cancel.lua`` and ``match_event.lua``."""
+    """The per-run lines of ``request_cancel.lua`` and ``match_events.lua``."""
     return [line.decode() for line in msgspec.convert(lines, list[_Result])]
 
 

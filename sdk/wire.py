@@ -236,12 +236,16 @@ def encode_json(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+#: Whitespace (Unicode's, as str.isspace) and control characters.
+_NOT_IN_A_NAME: Final = re.compile(r"[\s\x00-\x1f]")
+
+
 def check_event_name(name: object) -> str:
     if not isinstance(name, str) or not name.strip():
         raise InvalidEventError("invalid_name", "event name must be a non-empty string")
     if len(name) > 256:
         raise InvalidEventError("invalid_name", f"event name is {len(name)} chars, at most 256")
-    if any(ch.isspace() or ord(ch) < 32 for ch in name):
+    if _NOT_IN_A_NAME.search(name):
         raise InvalidEventError("invalid_name", f"event name {name!r} contains whitespace")
     return name
 

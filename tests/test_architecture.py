@@ -10,7 +10,7 @@ from tests.import_graph import ROOT, graph, render
 
 PAGE = ROOT / "docs" / "architecture.md"
 BLOCK = re.compile(r"<!-- import-graph:start -->\n(.*?)<!-- import-graph:end -->", re.S)
-#: ``sdk/runner.py:Runner.deliver``, ``broker/lua/match_event.lua``, ``lib.lua:cancel_run``
+#: ``sdk/runner.py:Runner.deliver``, ``broker/lua/match_events.lua``, ``lib.lua:cancel_run``
 STOP = re.compile(r"`((?:sdk|broker)/[\w/]+\.py):([\w.]+)`")
 LUA_STOP = re.compile(r"`(?:lib\.lua|(?:sdk|broker)/lua/\w+\.lua):(\w+)`")
 

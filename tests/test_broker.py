@@ -252,3 +252,26 @@ async def test_a_server_that_forgot_the_scripts_still_matches_every_event(
     )
     outcomes = [[result.outcome for result in reply[0]] for reply in replies]  # type: ignore[index]
     assert outcomes == [["signalled"], ["already_cancelling"], ["already_cancelling"]]
+
+
+async def test_an_event_whose_script_fails_fails_alone_in_its_batch(
+    redis: Redis, store: RunStore
+) -> None:
+    """One script applies a partition's batch; an event whose matching fails there (here a
+    key of the wrong type under its lookup) comes back as its error, and the events around
+    it are decided as if it were not there."""
+    await register(store, "run-a", "r1", event_id="1-0")
+    await register(store, "run-c", "r3", event_id="1-1")
+    events = [cancel_event("2-0", "r1"), cancel_event("2-1", "r2"), cancel_event("2-2", "r3")]
+    found = [lookups(event, ["data.reportId"], store.keys) for event in events]
+    await redis.set(found[1][0].key, "not a set")
+    replies = await match_events(
+        store.redis,
+        [(store.keys, event, f) for event, f in zip(events, found, strict=True)],
+        tombstone_ms=60_000,
+    )
+    assert isinstance(replies[1], Exception)
+    assert [[r.outcome for r in reply[0]] for reply in (replies[0], replies[2])] == [  # type: ignore[index]
+        ["signalled"],
+        ["signalled"],
+    ]

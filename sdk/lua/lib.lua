@@ -162,7 +162,7 @@ local function expiry(spec)
 end
 
 -- Look a cancel event's lookups up in the cancel index and cancel the running runs they
--- find (broker/lua/match_event.lua, and sdk/lua/publish_event.lua as an SDK publishes).
+-- find (broker/lua/match_events.lua, and sdk/lua/publish_event.lua as an SDK publishes).
 -- request: reason, cancelled_by, event_id, cancel_at
 -- lookups: {index = set key, mode = 'm' (the key alone decides) or 'c' (an expression
 --   must also hold), spec = expiry spec}, in order

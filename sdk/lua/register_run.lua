@@ -3,7 +3,7 @@
 -- been cancelled; when a cancel by its id came before it registered (kept by
 -- request_cancel.lua); when a bulk cancel of its function (Client.cancel_many) covers its
 -- trigger's time; or when a cancel event that arrived before it registered (a tombstone,
--- see match_event.lua) matches it and is newer than its trigger.
+-- see match_events.lua) matches it and is newer than its trigger.
 -- KEYS[1]  run hash
 -- KEYS[2]  active runs (zset)
 -- KEYS[3]  runs of the trigger event (set)

@@ -1,5 +1,5 @@
 -- Cancel runs given by id: Client.cancel, Client.cancel_many, and runs the broker matched
--- through a rule's expression. The one place (with match_event.lua) a run leaves 'running'
+-- through a rule's expression. The one place (with match_events.lua) a run leaves 'running'
 -- for 'cancelling'; lib.lua is loaded in front of this script.
 -- KEYS[1]  runs whose cancel signal is unacknowledged (zset; re-sent until acknowledged)
 -- KEYS[2]  cancels by id kept for runs not registered yet (hash: run id -> JSON)
