@@ -86,6 +86,25 @@ def app_with_broker(redis_url: str) -> Iterator[Setup]:
         broker.terminate()
 
 
+@contextmanager
+def celery_queue(
+    setup: Setup,
+    pool: str,
+    name: str,
+    concurrency: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[str]:
+    """A ``celery worker`` serving the queue ``{namespace}-{name}`` (see
+    :func:`start_celery`), stopped with its pool processes at the end; yields the queue."""
+    queue = f"{setup.namespace}-{name}"
+    handle = start_celery(setup, pool, queue, concurrency, *extra, env=env)
+    try:
+        yield queue
+    finally:
+        handle.stop_group()
+
+
 def start_celery(
     setup: Setup,
     pool: str,

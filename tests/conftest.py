@@ -13,6 +13,7 @@ from sdk import Client
 from sdk.connection import RedisClient, command_client
 from sdk.local_redis import RUNTIME_DIR_ENV
 from sdk.partitions import PARTITIONS_ENV
+from tests.celery_workers import Setup, app_with_broker
 from tests.cluster import RedisClusterServer
 from tests.helpers import PARTITIONS, serving, topology_url
 
@@ -71,6 +72,14 @@ def topology(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def redis_url(request: pytest.FixtureRequest, topology: str) -> str:
     return topology_url(request, topology)
+
+
+@pytest.fixture(scope="module")
+def celery_app(redis_server: EmbeddedRedis) -> Iterator[Setup]:
+    """The app's side of the Celery tests (sends tasks, cancels them) and a broker of its
+    own, shared by a module's tests; its workers: ``tests.celery_workers.celery_queue``."""
+    with app_with_broker(redis_server.url) as app:
+        yield app
 
 
 @pytest.fixture(scope="session")

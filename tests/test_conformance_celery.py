@@ -11,71 +11,66 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker import EmbeddedRedis
 from sdk import OPERATOR
-from tests.celery_workers import BLOCKING, Setup, app_with_broker, start_celery
+from tests.celery_workers import (
+    BLOCKING,
+    Setup,
+    celery_queue,
+)
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def setup(redis_server: EmbeddedRedis) -> Iterator[Setup]:
-    with app_with_broker(redis_server.url) as setup:
-        yield setup
-
-
-@pytest.fixture(scope="module")
-def queue(setup: Setup) -> Iterator[str]:
-    name = f"{setup.namespace}-conformance"
-    handle = start_celery(setup, "prefork", name, 1)
-    try:
+def queue(celery_app: Setup) -> Iterator[str]:
+    with celery_queue(celery_app, "prefork", "conformance", 1) as name:
         yield name
-    finally:
-        handle.stop_group()
 
 
-def test_revoked(setup: Setup, queue: str) -> None:
+def test_revoked(celery_app: Setup, queue: str) -> None:
     """t/integration/test_tasks.py::test_tasks::test_revoked: the queue is busy, a task
     waiting in it is revoked (no terminate): REVOKED, it never ran."""
-    busy = setup.send(BLOCKING, queue, report_id="cr-busy", seconds=30)
-    setup.wait_observed("cr-busy", "started", timeout=20)
-    waiting = setup.send(BLOCKING, queue, report_id="cr-waiting", seconds=0)
-    assert setup.client.cancel(waiting.id, actor=OPERATOR).outcome == "pending"
-    assert setup.client.cancel(busy.id, actor=OPERATOR).outcome == "signalled"
-    setup.wait_state(waiting, "REVOKED")
+    busy = celery_app.send(BLOCKING, queue, report_id="cr-busy", seconds=30)
+    celery_app.wait_observed("cr-busy", "started", timeout=20)
+    waiting = celery_app.send(BLOCKING, queue, report_id="cr-waiting", seconds=0)
+    assert celery_app.client.cancel(waiting.id, actor=OPERATOR).outcome == "pending"
+    assert celery_app.client.cancel(busy.id, actor=OPERATOR).outcome == "signalled"
+    celery_app.wait_state(waiting, "REVOKED")
     assert (waiting.ready(), waiting.failed(), waiting.successful()) == (True, False, False)
-    assert setup.observed("cr-waiting") == []
+    assert celery_app.observed("cr-waiting") == []
 
 
-def test_revoke_terminate(setup: Setup, queue: str) -> None:
+def test_revoke_terminate(celery_app: Setup, queue: str) -> None:
     """t/unit/worker/test_control.py::test_ControlPanel::test_revoke_terminate: a running
     task revoked with terminate is terminated, and its id stays revoked (``tid in
     revoked``): the same id sent again never runs."""
     task_id = f"cr-{uuid.uuid4().hex}"
-    running = setup.send(BLOCKING, queue, task_id=task_id, report_id="ct-1", seconds=30)
-    setup.wait_observed("ct-1", "started", timeout=20)
-    assert setup.client.cancel(running.id, actor=OPERATOR).outcome == "signalled"
-    setup.wait_state(running, "REVOKED")
-    assert setup.wait_observed("ct-1", "cancelled")["exception"].endswith("TaskCancelled")
-    again = setup.send(BLOCKING, queue, task_id=task_id, report_id="ct-1-again", seconds=0)
-    setup.wait_state(again, "REVOKED")
-    assert setup.observed("ct-1-again") == []
+    running = celery_app.send(BLOCKING, queue, task_id=task_id, report_id="ct-1", seconds=30)
+    celery_app.wait_observed("ct-1", "started", timeout=20)
+    assert celery_app.client.cancel(running.id, actor=OPERATOR).outcome == "signalled"
+    celery_app.wait_state(running, "REVOKED")
+    assert celery_app.wait_observed("ct-1", "cancelled")["exception"].endswith("TaskCancelled")
+    again = celery_app.send(BLOCKING, queue, task_id=task_id, report_id="ct-1-again", seconds=0)
+    celery_app.wait_state(again, "REVOKED")
+    assert celery_app.observed("ct-1-again") == []
 
 
-def test_revoke_by_stamped_headers_terminates_matching_request(setup: Setup, queue: str) -> None:
+def test_revoke_by_stamped_headers_terminates_matching_request(
+    celery_app: Setup, queue: str
+) -> None:
     """t/unit/worker/test_control.py::test_ControlPanel::
     test_revoke_by_stamped_headers_terminates_matching_request: the running task whose
     stamp matches is terminated. Ours: the key is in the task's arguments, and a cancel
     event matched on it (docs/migrate/celery.md, `revoke_by_stamped_headers`)."""
-    running = setup.send(BLOCKING, queue, report_id="cs-test-123", seconds=30)
-    setup.wait_observed("cs-test-123", "started", timeout=20)
-    setup.client.send("report/cancel.requested", {"report_id": "cs-other"})
-    setup.client.send("report/cancel.requested", {"report_id": "cs-test-123"})
-    setup.wait_state(running, "REVOKED")
-    assert setup.wait_observed("cs-test-123-revoked", "revoked_signal")["terminated"] is True
+    running = celery_app.send(BLOCKING, queue, report_id="cs-test-123", seconds=30)
+    celery_app.wait_observed("cs-test-123", "started", timeout=20)
+    celery_app.client.send("report/cancel.requested", {"report_id": "cs-other"})
+    celery_app.client.send("report/cancel.requested", {"report_id": "cs-test-123"})
+    celery_app.wait_state(running, "REVOKED")
+    assert celery_app.wait_observed("cs-test-123-revoked", "revoked_signal")["terminated"] is True
 
 
-def test_revoked_by_headers_simple_canvas(setup: Setup, queue: str) -> None:
+def test_revoked_by_headers_simple_canvas(celery_app: Setup, queue: str) -> None:
     """t/integration/test_tasks.py::test_tasks::test_revoked_by_headers_simple_canvas:
     Celery flags a stamp as revoked *before* the task is sent, and the matching task is
     REVOKED when it arrives. We differ on purpose: a cancel event cancels the runs
@@ -84,11 +79,11 @@ def test_revoked_by_headers_simple_canvas(setup: Setup, queue: str) -> None:
     after it").
     What does refuse a task before it is sent is a cancel by its id, which Celery's other
     cases use."""
-    setup.client.send("report/cancel.requested", {"report_id": "cs-canvas"})
-    later = setup.send(BLOCKING, queue, report_id="cs-canvas", seconds=0)
+    celery_app.client.send("report/cancel.requested", {"report_id": "cs-canvas"})
+    later = celery_app.send(BLOCKING, queue, report_id="cs-canvas", seconds=0)
     assert later.get(timeout=20) == "report"  # Celery: TaskRevokedError
     task_id = f"cs-{uuid.uuid4().hex}"
-    assert setup.client.cancel(task_id, actor=OPERATOR).outcome == "pending"
-    refused = setup.send(BLOCKING, queue, task_id=task_id, report_id="cs-by-id", seconds=0)
-    setup.wait_state(refused, "REVOKED")
-    assert setup.observed("cs-by-id") == []
+    assert celery_app.client.cancel(task_id, actor=OPERATOR).outcome == "pending"
+    refused = celery_app.send(BLOCKING, queue, task_id=task_id, report_id="cs-by-id", seconds=0)
+    celery_app.wait_state(refused, "REVOKED")
+    assert celery_app.observed("cs-by-id") == []
