@@ -15,7 +15,6 @@ import anyio
 import msgspec
 import structlog
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError
 
 from sdk.config import (
     MATCH_ON_PUBLISH,
@@ -26,7 +25,7 @@ from sdk.config import (
 )
 from sdk.connection import REDIS_ERRORS, command_client, redis_now_ms, resolve_url, unavailable
 from sdk.durability import Replicas
-from sdk.early_match import EarlyMatch
+from sdk.early_match import EarlyMatch, RefusedError
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError, UnknownFunctionError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
@@ -156,6 +155,12 @@ class Client:
         #: on unless set): see :mod:`sdk.early_match`.
         self._early.enabled = MATCH_ON_PUBLISH.resolve(match_on_publish)
 
+    @property
+    def match_on_publish(self) -> bool:
+        """Whether ``send`` matches cancel events as it publishes them: as configured, and
+        False from the moment Redis refused it (a user that may only publish)."""
+        return self._early.enabled
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -206,8 +211,8 @@ class Client:
         alone = partitions.known and not partitions.partitioned
         found = await self._early.lookups(event) if alone else []
         event_id = None
-        # Refused before anything ran: published plainly, matched by the broker.
-        with contextlib.suppress(NoPermissionError):
+        # Refused before anything was written: published plainly, matched by the broker.
+        with contextlib.suppress(RefusedError):
             if found:
                 event_id = await self._early.publish(body, event, found)
         if event_id is None:

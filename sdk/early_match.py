@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final, cast
 
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from sdk.connection import RedisClient
 from sdk.keys import Keys
@@ -33,6 +33,15 @@ from sdk.wire import Event
 #: matched by the broker until then.
 SELECTORS_CACHED_S: Final = 2.0
 _NAMES_CACHED: Final = 4096
+
+
+class RefusedError(Exception):
+    """Redis refused the script to this client's user before it wrote anything."""
+
+
+def _refused(error: str) -> bool:
+    """Whether a script's error is the ACL's (Redis words it so inside a script)."""
+    return "NOPERM" in error or "user executing the script can't" in error
 
 
 class EarlyMatch:
@@ -70,14 +79,23 @@ class EarlyMatch:
 
     async def publish(self, body: bytes, event: Event, found: list[Lookup]) -> str:
         """Publish ``event`` (encoded: ``body``) and cancel the runs ``found`` names;
-        returns its id."""
+        returns its id. Raises :class:`RefusedError` when the ACL refused the script before
+        it published anything."""
         try:
             published = await publish_event(self.redis, self.keys, body, event, found)
-        except NoPermissionError as exc:  # refused before it ran: nothing was written
-            self._disable(exc)
+        except ResponseError as exc:
+            if isinstance(exc, NoPermissionError) or _refused(str(exc)):
+                # Refused before the event was appended (the script's first command):
+                # nothing was written; the caller publishes it plainly.
+                self._disable(exc)
+                raise RefusedError(str(exc)) from exc
             raise
-        if published.error:
+        if _refused(published.error):
             self._disable(published.error)
+        elif published.error:  # a slot moving, a key of the wrong type: this event only
+            self._log.warning(
+                "client.match_on_publish_failed", event_id=published.event_id, error=published.error
+            )
         return published.event_id
 
     def _disable(self, error: object) -> None:

@@ -20,11 +20,12 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
-from structlog.testing import capture_logs
 
 from broker import EmbeddedRedis
-from sdk import Client, NotReplicatedError, RunInfo
+from sdk import CancelOn, Client, Event, NotReplicatedError, RunInfo
 from sdk.keys import Keys
+from sdk.registration import declare_rules
+from sdk.rules import index_entries
 from sdk.streams import trim_acknowledged
 from tests.helpers import broker_drained, wait_for_status, wait_until
 from tests.processes import ProcessHandle, start_broker, start_worker
@@ -429,15 +430,51 @@ async def test_a_publisher_that_may_only_publish_is_refused_the_early_match_once
 ) -> None:
     """Left on, match on publish (sdk/early_match.py) asks Redis for the rules once; refused,
     the client says so, publishes plainly, and never asks again."""
+    await admin.set(KEYS.partitions, 1, nx=True)  # as the first worker does: runs may exist
     await admin.execute_command("ACL", "LOG", "RESET")
     async with Client(acl_server.url("publisher"), namespace=NAMESPACE) as publisher:
-        with capture_logs() as logs:
-            for report_id in ("e1", "e2", "e3"):
-                await publisher.send("report/cancel.requested", {"reportId": report_id})
-    assert [entry["event"] for entry in logs] == ["client.match_on_publish_off"]
+        assert publisher.match_on_publish
+        for report_id in ("e1", "e2", "e3"):
+            await publisher.send("report/cancel.requested", {"reportId": report_id})
+        assert not publisher.match_on_publish
     assert len(await admin.xrange(KEYS.events)) >= 3
     log = await admin.execute_command("ACL", "LOG")
     assert [(entry["object"], entry["count"]) for entry in log] == [("hkeys", 1)]
+
+
+async def test_a_client_refused_run_state_inside_the_script_publishes_once_and_stops_matching(
+    acl_server: AclServer, admin: Redis
+) -> None:
+    """A user that may read the rules and run the script but not read runs: the script
+    appends the event, its match is refused inside (after the XADD), and the client
+    neither publishes it again nor tries to match again."""
+    password = secrets.token_hex(8)
+    await admin.execute_command(
+        "ACL", "SETUSER", "half-publisher", "reset", "on", f">{password}", "+ping", "+time",
+        "+evalsha", "+script|load", "+hkeys", "+xadd", "+smembers", "%R~{cancel}:rules:*",
+        f"~{KEYS.events}", f"~{KEYS.cancelling_runs}", "~{cancel}:idx:*", "+get",
+        f"%R~{KEYS.partitions}",
+    )  # fmt: skip
+    url = f"redis://half-publisher:{password}@127.0.0.1:{acl_server.port}/0"
+    rule = CancelOn(event="report/cancel.requested", match="data.reportId")
+    trigger = Event(name="report/generate.requested", data={"reportId": "h1"}, id="1-0")
+    async with decoded(acl_server.admin_url) as as_admin:
+        async with as_admin.pipeline(transaction=True) as pipe:
+            declare_rules(pipe, KEYS, (rule,), 0)
+            await pipe.execute()
+        for entry in index_entries((rule,), trigger, KEYS):
+            await as_admin.sadd(entry.key, "run-h1")
+    await admin.set(KEYS.partitions, 1, nx=True)
+    await admin.execute_command("ACL", "LOG", "RESET")
+    async with Client(url, namespace=NAMESPACE) as half:
+        first = await half.send("report/cancel.requested", {"reportId": "h1"})
+        assert not half.match_on_publish
+        second = await half.send("report/cancel.requested", {"reportId": "h1"})
+    published = [entry_id for entry_id, _ in await admin.xrange(KEYS.events)]
+    assert (published.count(first), published.count(second)) == (1, 1)
+    # Refused the first thing it does with run state, reading the run it found.
+    refused = [entry["object"] for entry in await admin.execute_command("ACL", "LOG")]
+    assert refused == ["hmget"]
 
 
 async def test_publisher_can_only_append_events(acl_server: AclServer, admin: Redis) -> None:

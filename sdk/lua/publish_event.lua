@@ -17,20 +17,23 @@
 -- Returns {event id, results} (results as match_lookups'), or {event id, false, error}
 -- when the match failed (the caller's ACL does not reach run state): the event is
 -- published either way, and the broker matches it.
-local c = cancel_context()
+-- The XADD first, everything else inside the pcall: a command the caller's ACL refuses
+-- either refuses the whole script before anything is written, or comes after the event is
+-- published, never between.
 local event_id = redis.call('XADD', KEYS[2], '*', ARGV[5], ARGV[6])
-local n = tonumber(ARGV[8])
-local lookups = {}
-for i = 1, n do
-  lookups[i] = {index = KEYS[2 + i], mode = 'm', spec = ARGV[8 + i]}
-end
-local request = {
-  reason = REASON.event(ARGV[7]),
-  cancelled_by = event_id,
-  event_id = event_id,
-  cancel_at = id_ms(event_id),
-}
 local ok, results = pcall(function()
+  local c = cancel_context()
+  local n = tonumber(ARGV[8])
+  local lookups = {}
+  for i = 1, n do
+    lookups[i] = {index = KEYS[2 + i], mode = 'm', spec = ARGV[8 + i]}
+  end
+  local request = {
+    reason = REASON.event(ARGV[7]),
+    cancelled_by = event_id,
+    event_id = event_id,
+    cancel_at = id_ms(event_id),
+  }
   local results = match_lookups(c, request, lookups)
   if #results > 0 then
     redis.call('SET', ARGV[9 + n] .. event_id, cjson.encode(results), 'PX', ARGV[10 + n])
