@@ -88,11 +88,14 @@ def test_peers_benchmark_prints_its_table() -> None:
         assert row[-1] == "CancelledError (BaseException)"  # what the job's code caught
 
 
-def test_load_benchmark_cancels_every_run_it_names() -> None:
+@pytest.mark.parametrize("publisher", ["xadd", "sdk"])
+def test_load_benchmark_cancels_every_run_it_names(publisher: str) -> None:
     result = benchmark(
         [
             sys.executable,
             "tests/benchmarks/load.py",
+            "--publisher",
+            publisher,
             "--seconds",
             "2",
             "--starts",

@@ -13,6 +13,7 @@ id, so millisecond resolution) to the moment the run's body stopped, both on the
 clock. A named run without that outcome is a miss.
 
     python tests/benchmarks/load.py [--seconds 20] [--starts 1000] [--cancels 1000]
+        [--publisher xadd|sdk]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from broker.embedded import EmbeddedRedis  # noqa: E402
 from broker.output import progress_bar  # noqa: E402
-from sdk import RUN_CANCELLED_EVENT  # noqa: E402
+from sdk import RUN_CANCELLED_EVENT, Client  # noqa: E402
 from sdk.connection import command_client  # noqa: E402
 from sdk.keys import EVENT_FIELD, Keys  # noqa: E402
 from sdk.wire import encode_event  # noqa: E402
@@ -64,9 +65,15 @@ class Published:
 
 
 async def generate(
-    redis: Redis, keys: Keys, args: argparse.Namespace, progress: Callable[[int, int], None]
+    redis: Redis,
+    keys: Keys,
+    args: argparse.Namespace,
+    progress: Callable[[int, int], None],
+    client: Client | None = None,
 ) -> Published:
-    """Publish at the asked rates on an absolute schedule, so a slow tick is caught up."""
+    """Publish at the asked rates on an absolute schedule, so a slow tick is caught up.
+    With ``client``, cancel events go out through ``Client.send`` (matched as published),
+    else as plain ``XADD`` s, like triggers."""
     out = Published()
     started_at: list[float] = []  # monotonic publication time of run i
     next_target = 0
@@ -84,6 +91,7 @@ async def generate(
         elapsed = min(now - began, args.seconds)
         starts = int(elapsed * args.starts) - out.starts
         cancels = int(elapsed * args.cancels) - out.cancels
+        by_sdk: list[str] = []
         async with redis.pipeline(transaction=False) as pipe:
             for i in range(out.starts, out.starts + starts):
                 data = {"reportId": f"run-{i}", "seconds": args.run_seconds, "quiet": True}
@@ -100,8 +108,15 @@ async def generate(
                     report = f"run-{next_target}"
                     out.targeted.add(report)
                     next_target += 2
-                pipe.xadd(keys.events, {EVENT_FIELD: encode_event(CANCEL, {"reportId": report})})
+                if client is not None:
+                    by_sdk.append(report)
+                else:
+                    body = encode_event(CANCEL, {"reportId": report})
+                    pipe.xadd(keys.events, {EVENT_FIELD: body})
             await pipe.execute()
+        for report in by_sdk:
+            assert client is not None
+            await client.send(CANCEL, {"reportId": report})
         out.starts += starts
         out.cancels += cancels
         progress(int(elapsed), int(args.seconds))
@@ -157,8 +172,10 @@ async def measure(url: str, args: argparse.Namespace, pids: dict[str, list[int]]
     try:
         load_before = os.getloadavg()[0]
         cpu_before = {role: sum(map(cpu_seconds, ids)) for role, ids in pids.items()}
-        with progress_bar("seconds of load") as tick:
-            published = await generate(redis, keys, args, tick)
+        async with Client(url, namespace=NAMESPACE) as client:
+            with progress_bar("seconds of load") as tick:
+                sender = client if args.publisher == "sdk" else None
+                published = await generate(redis, keys, args, tick, sender)
         cpu = {role: sum(map(cpu_seconds, ids)) - cpu_before[role] for role, ids in pids.items()}
         load_during = os.getloadavg()[0]
         deadline = time.monotonic() + args.run_seconds + SETTLE_S
@@ -191,7 +208,7 @@ def report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     )
     finished = ", ".join(f"{count:,} {status}" for status, count in result["finished"].items())
     lines = [
-        f"cancel latency under load: {rates}; {args.workers} worker process(es),"
+        f"cancel latency under load: {rates} ({args.publisher}); {args.workers} worker process(es),"
         f" runs of {args.run_seconds} s, cancels {args.cancel_after} s into a run",
         f"runs finished: {finished}; load average {result['load'][0]:.2f} before,"
         f" {result['load'][1]:.2f} at the end",
@@ -218,6 +235,13 @@ def main() -> None:
     parser.add_argument("--run-seconds", type=float, default=2.0)
     parser.add_argument("--cancel-after", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--publisher",
+        choices=["xadd", "sdk"],
+        default="xadd",
+        help="cancel events as plain XADDs (any language; the broker matches them) or through"
+        " Client.send (matched as published)",
+    )
     parser.add_argument("--concurrency", type=int, default=5_000, help="runs per worker")
     args = parser.parse_args()
     with EmbeddedRedis() as server, serving(server.url, args.workers, args.concurrency) as pids:
