@@ -71,7 +71,19 @@ def _event_line(event: Event, found: Sequence[Lookup]) -> tuple[object, ...]:
     )
 
 
-def _batch_call(keys: Keys, lines: Sequence[tuple[object, ...]], tombstone_ms: int) -> Call:
+def _batch_call(
+    keys: Keys,
+    batch: Sequence[tuple[Event, Sequence[Lookup]]],
+    lines: Sequence[tuple[object, ...]],
+    tombstone_ms: int,
+) -> Call:
+    # Every key the script names is declared too, though it reads them from the batch: a
+    # node whose slot is half migrated then answers ASK or TRYAGAIN for the whole call
+    # (the broker retries) instead of running it on the keys that are still there.
+    declared = [keys.cancelling_runs]
+    for event, found in batch:
+        declared += [key for lookup in found for key in (lookup.key, lookup.tombstone)]
+        declared += [keys.tombstone_event(event.id), keys.early_match(event.id)]
     args: list[ScriptArg] = [
         *cancel_context(keys),
         tombstone_ms,
@@ -79,7 +91,7 @@ def _batch_call(keys: Keys, lines: Sequence[tuple[object, ...]], tombstone_ms: i
         keys.early_match(""),
         _batch_encoder.encode(lines),
     ]
-    return [keys.cancelling_runs], args
+    return declared, args
 
 
 def _matched(keys: Keys, found: Sequence[Lookup], reply: Any) -> Matched:
@@ -116,7 +128,12 @@ async def match_events(
     lines = [_event_line(event, found) for _, event, found in batch]
     ordered = list(groups.values())
     calls = [
-        _batch_call(batch[indexes[0]][0], [lines[i] for i in indexes], tombstone_ms)
+        _batch_call(
+            batch[indexes[0]][0],
+            [(batch[i][1], batch[i][2]) for i in indexes],
+            [lines[i] for i in indexes],
+            tombstone_ms,
+        )
         for indexes in ordered
     ]
     replies = await MATCH_EVENTS.call_many(redis, calls)

@@ -6,6 +6,9 @@
 -- One script per batch, its events in one JSON argument: Redis and the broker pay one
 -- call, not one per event.
 -- KEYS[1]  runs whose cancel signal is unacknowledged (zset)
+-- KEYS[2 ..]  every key the batch names (its lookups' index sets and tombstones, each
+--          event's tombstoned JSON and early-match record), declared so that a slot
+--          being migrated answers ASK or TRYAGAIN for the whole call; read from ARGV[8]
 -- ARGV[1 .. 4]  see cancel_context in lib.lua
 -- ARGV[5]  how long tombstones count (ms); 0 keeps none
 -- ARGV[6]  the prefix of tombstoned events' JSON (kept for rules with an expression)
