@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import anyio
 import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -106,26 +107,37 @@ def test_rule_evaluation_never_raises_on_any_data(data: dict[str, Any], path: st
     value_token(data)
 
 
+@contextmanager
+def connected(url: str) -> Iterator[tuple[BlockingPortal, Redis]]:
+    """One event loop (in a thread) and one connection for all of a test's examples: an
+    event loop and a connection per example cost more than the example itself, and under
+    load added up to the test's timeout."""
+    with start_blocking_portal() as portal:
+        redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
+        try:
+            yield portal, redis
+        finally:
+            portal.call(redis.aclose)
+
+
 def test_the_broker_handles_any_entry_without_raising(redis_server: EmbeddedRedis) -> None:
-    @given(fields=entries)
-    @SETTINGS
-    def check(fields: dict[str, str]) -> None:
-        anyio.run(handle_once, redis_server.url, fields)
+    with connected(redis_server.url) as (portal, redis):
 
-    check()
+        @given(fields=entries)
+        @SETTINGS
+        def check(fields: dict[str, str]) -> None:
+            portal.call(handle_once, redis, redis_server.url, fields)
+
+        check()
 
 
-async def handle_once(url: str, fields: dict[str, str]) -> None:
-    broker = Broker(url, namespace="props")
-    redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
-    try:
-        before = _handled(broker)
-        await broker.matcher(
-            Partitions(redis, broker.keys, 1), [RunStore(redis, broker.keys)]
-        ).handle([("1700000000000-0", fields)])
-        assert _handled(broker) - before == 1  # every entry ends in exactly one outcome
-    finally:
-        await redis.aclose()
+async def handle_once(redis: Redis, url: str, fields: dict[str, str]) -> None:
+    broker = Broker(url, namespace="props")  # never started: only its matcher is used
+    before = _handled(broker)
+    await broker.matcher(Partitions(redis, broker.keys, 1), [RunStore(redis, broker.keys)]).handle(
+        [("1700000000000-0", fields)]
+    )
+    assert _handled(broker) - before == 1  # every entry ends in exactly one outcome
 
 
 def _handled(broker: Broker) -> float:
@@ -187,18 +199,21 @@ def test_an_expression_evaluates_or_raises_an_ordinary_error(
 def test_the_broker_evaluates_rules_on_any_data_without_raising(
     redis_server: EmbeddedRedis,
 ) -> None:
-    @given(trigger=hostile_data, cancel=hostile_data)
-    @SETTINGS
-    def check(trigger: dict[str, Any], cancel: dict[str, Any]) -> None:
-        anyio.run(match_once, redis_server.url, trigger, cancel)
+    with connected(redis_server.url) as (portal, redis):
 
-    check()
+        @given(trigger=hostile_data, cancel=hostile_data)
+        @SETTINGS
+        def check(trigger: dict[str, Any], cancel: dict[str, Any]) -> None:
+            portal.call(match_once, redis, redis_server.url, trigger, cancel)
+
+        check()
 
 
-async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) -> None:
-    namespace = f"px{uuid.uuid4().hex[:10]}"
-    broker = Broker(url, namespace=namespace)
-    redis = Redis.from_url(url, decode_responses=True, encoding_errors="surrogateescape")
+async def match_once(
+    redis: Redis, url: str, trigger: dict[str, Any], cancel: dict[str, Any]
+) -> None:
+    namespace = f"px{uuid.uuid4().hex[:10]}"  # a fresh namespace per example
+    broker = Broker(url, namespace=namespace)  # never started: only its matcher is used
     store = RunStore(redis, broker.keys)
     try:
         try:
@@ -234,4 +249,3 @@ async def match_once(url: str, trigger: dict[str, Any], cancel: dict[str, Any]) 
         keys = [key async for key in redis.scan_iter(match=f"{Keys(namespace).prefix}*")]
         if keys:
             await redis.delete(*keys)
-        await redis.aclose()
