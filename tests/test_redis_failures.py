@@ -28,15 +28,36 @@ from redis.asyncio import Redis
 from broker import EmbeddedRedis
 from sdk import Client
 from sdk.keys import Keys
+from sdk.streams import MAX_DELIVERIES
 from tests.helpers import observed, run_of, wait_for_observation, wait_for_status, wait_until
 from tests.processes import BROKER, ProcessHandle, start_broker, start_worker
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-#: How long Redis refuses writes in these tests: more than a broker's backoff needs to
-#: read a batch again more than MAX_DELIVERIES times.
-REFUSED_S = 8.0
+#: The longest Redis refuses writes in these tests; they give writes back as soon as the
+#: consumer holding the batch has failed to handle it more than MAX_DELIVERIES times.
+REFUSED_S = 30.0
+
+
+async def handled_again_and_again(handle: ProcessHandle, event: str, **where: str) -> None:
+    """Until the process has failed to handle the batch it holds more than MAX_DELIVERIES
+    times in a row (its ``event`` log lines, those with the fields ``where``, count the
+    attempts): had a failed handling counted as a delivery, the batch would be poison by
+    now."""
+
+    def attempts() -> int:
+        lines = [
+            line
+            for line in handle.logs(event)
+            if all(line.get(key) == value for key, value in where.items())
+        ]
+        return max((int(line["attempt"]) for line in lines), default=0)
+
+    async def often_enough() -> bool:
+        return attempts() > MAX_DELIVERIES
+
+    await wait_until(often_enough, timeout=REFUSED_S, interval=0.05)
 
 
 @pytest.fixture
@@ -91,15 +112,15 @@ async def test_cancels_held_while_writes_are_refused_are_applied_once_when_they_
                 }
                 await admin.config_set("maxmemory-policy", "noeviction")
                 await admin.config_set("maxmemory", 1)
-            started = time.monotonic()
-            await anyio.sleep(REFUSED_S)
+            await handled_again_and_again(broker, "stream.retrying", stream=keys.events)
             # Read once, handled again and again: not one more delivery counted.
             assert await deliveries(admin, keys.events, "broker") == {1}
             await admin.config_set("maxmemory", 0)
+            started = time.monotonic()
             for report, run_id in runs.items():
                 info = await wait_for_status(client, run_id, "cancelled", timeout=15)
                 assert info.cancelled_by == cancels[report]
-            recovered = time.monotonic() - started - REFUSED_S
+            recovered = time.monotonic() - started
             assert await admin.xlen(keys.dead_letters) == 0  # none set aside as poison
             decided = [
                 line["event_id"]
@@ -134,7 +155,9 @@ async def test_triggers_held_while_writes_are_refused_start_once_when_they_retur
                 ]
                 await admin.config_set("maxmemory-policy", "noeviction")
                 await admin.config_set("maxmemory", 1)
-            await anyio.sleep(REFUSED_S)
+            await handled_again_and_again(
+                worker, "triggers.start.retrying", function_id="generate-report"
+            )
             assert await deliveries(admin, keys.events, "fn:reports/generate-report") == {1}
             await admin.config_set("maxmemory", 0)
             for event_id in triggers:
