@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ from tests.helpers import (
     count_run_keys,
     observed,
     partition_keys,
+    topology_url,
     wait_for_observation,
     wait_for_status,
     wait_until,
@@ -26,6 +28,58 @@ from tests.helpers import (
 from tests.processes import ProcessHandle, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
+
+
+@pytest.fixture(scope="module")
+def module_namespace(topology: str) -> str:
+    return f"e2e-{topology}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest, module_namespace: str) -> str:
+    """The module's namespace for the tests that share its processes (``shared``); a fresh
+    one for a test that starts processes of its own (it counts or stops what they do)."""
+    if "shared" in request.fixturenames:
+        return module_namespace
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def shared_processes(
+    request: pytest.FixtureRequest, topology: str, module_namespace: str
+) -> Iterator[None]:
+    """One broker and one report worker for the module's tests that only watch their own
+    runs, started once per topology."""
+    url = topology_url(request, topology)
+    broker, _http = start_broker(url, module_namespace)
+    worker = start_worker(url, module_namespace, shutdown_timeout="0.2")
+    yield
+    assert worker.terminate() == 0, worker.output
+    assert broker.terminate() == 0, broker.output
+
+
+@pytest.fixture
+async def shared(
+    shared_processes: None, client: Client, redis: Redis, namespace: str
+) -> AsyncIterator[None]:
+    """The shared processes; after the test, whatever run it left running is cancelled, so
+    the next one starts on a namespace with no active run and an empty index."""
+    yield
+
+    async def active() -> list[str]:
+        return [
+            run_id
+            for keys in partition_keys(namespace)
+            for run_id in await redis.zrange(keys.active_runs, 0, -1)
+        ]
+
+    for run_id in await active():
+        await client.cancel(run_id)
+
+    async def quiet() -> bool:
+        return not await active() and await count_run_keys(redis, namespace, "idx:*") == 0
+
+    await wait_until(quiet)
 
 
 @pytest.fixture
@@ -55,7 +109,7 @@ async def start_report(client: Client, report_id: str, **data: Any) -> RunInfo:
     return run
 
 
-@pytest.mark.usefixtures("broker_process", "worker_process")
+@pytest.mark.usefixtures("shared")
 async def test_cancel_event_stops_only_the_targeted_run(
     client: Client, redis: Redis, namespace: str
 ) -> None:
@@ -79,7 +133,7 @@ async def test_cancel_event_stops_only_the_targeted_run(
     assert [o["what"] for o in await observed(redis, namespace, "r2")] == ["started"]
 
 
-@pytest.mark.usefixtures("broker_process", "worker_process")
+@pytest.mark.usefixtures("shared")
 async def test_plain_xadd_from_any_language_cancels(
     client: Client, redis: Redis, namespace: str
 ) -> None:
@@ -92,7 +146,7 @@ async def test_plain_xadd_from_any_language_cancels(
     await wait_for_status(client, run.run_id, "cancelled")
 
 
-@pytest.mark.usefixtures("broker_process", "worker_process")
+@pytest.mark.usefixtures("shared")
 async def test_body_catching_exception_is_still_stopped(
     client: Client, redis: Redis, namespace: str
 ) -> None:
@@ -104,7 +158,7 @@ async def test_body_catching_exception_is_still_stopped(
     assert whats == ["started", "cancelled"]  # never "swallowed", never "completed"
 
 
-@pytest.mark.usefixtures("broker_process", "worker_process")
+@pytest.mark.usefixtures("shared")
 async def test_cancel_after_completion_changes_nothing(
     client: Client, redis: Redis, namespace: str
 ) -> None:
