@@ -245,7 +245,12 @@ async def test_cancels_racing_completions_each_end_one_way(
         # The body ran once, and the record agrees with what it saw: a body interrupted by
         # the cancellation is recorded cancelled; a run recorded completed did all its
         # work. (A body that finished its work but had not returned when the cancel reached
-        # its worker is recorded cancelled: it never returns completed after a cancel.)
+        # its worker is recorded cancelled: it never returns completed after a cancel.) On
+        # a loaded machine the cancel can reach the worker before the body began: it never
+        # begins then, and the run is recorded cancelled.
+        if not observations:
+            assert (answer.outcome, info.status) == ("signalled", "cancelled")
+            continue
         assert observations.count("started") == 1
         assert observations[-1] in ("cancelled", "completed")
         if observations[-1] == "cancelled":
