@@ -301,7 +301,8 @@ async def what(redis: Redis, namespace: str, key: str) -> list[str]:
 async def test_between_steps_lets_the_step_finish_and_runs_the_cleanup_hook(
     client: Client, redis: Redis, namespace: str
 ) -> None:
-    run_id = await start_job(client, "export/requested", "j1", seconds=0.5)
+    # Steps longer than a cancel takes to reach a loaded worker: it arrives in the first.
+    run_id = await start_job(client, "export/requested", "j1", seconds=1.5)
     await wait_for_observation(redis, namespace, "j1", "started")
     await client.send("job/cancel.requested", {"jobId": "j1"})
     info = await final(client, run_id)
@@ -317,7 +318,9 @@ async def test_between_steps_lets_the_step_finish_and_runs_the_cleanup_hook(
 async def test_a_shielded_step_completes_and_the_cancel_takes_effect_after_it(
     client: Client, redis: Redis, namespace: str
 ) -> None:
-    run_id = await start_job(client, "checkout/requested", "j2", seconds=0.5)
+    # The charge lasts longer than a cancel takes to reach a loaded worker: the cancel must
+    # arrive while it runs.
+    run_id = await start_job(client, "checkout/requested", "j2", seconds=1.5)
     await wait_for_observation(redis, namespace, "j2", "started")
     await client.send("job/cancel.requested", {"jobId": "j2"})
     info = await final(client, run_id)

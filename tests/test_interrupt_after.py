@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -95,8 +96,12 @@ async def test_a_step_awaiting_60_s_is_interrupted_2_s_after_its_cancel(
                 render_id: await run_of(
                     client, await client.send(TRIGGER, {"renderId": render_id, "seconds": s})
                 )
-                for render_id, s in [("long", 60), ("short", 0.5)]
+                for render_id, s in [("long", 60), ("short", 1.0)]
             }
+            # Cancelled once in their steps: a cancel that reached a loaded worker before a
+            # body began its step would stop it at that boundary, not in the step.
+            for render_id in runs:
+                await wait_until(partial(_started, redis, namespace, render_id), timeout=10)
             for render_id in runs:
                 await client.send(CANCEL, {"renderId": render_id})
             long, short = [await finished(client, run_id) for run_id in runs.values()]
@@ -140,6 +145,10 @@ async def test_a_process_step_is_killed_when_interrupt_after_passes(
     assert 1.5 <= gone_after < 1.5 + 1, gone_after
     assert info.escalated
     assert await observed(redis, namespace, "spin") == ["started", "cleanup"]
+
+
+async def _started(redis: Redis, namespace: str, render_id: str) -> bool:
+    return "started" in await observed(redis, namespace, render_id)
 
 
 async def _cleaned_up(redis: Redis, namespace: str, render_id: str) -> bool:
