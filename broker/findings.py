@@ -140,6 +140,8 @@ class Windows:
     dead_rule_after_s: float = 86_400.0
     #: Orphan cancel events older than this are no longer reported.
     orphan_window_s: float = 3_600.0
+    #: The broker computes the findings again this often (at once when a worker syncs).
+    rescan_s: float = 5.0
 
 
 DEFAULT_WINDOWS: Final = Windows()

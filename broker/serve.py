@@ -35,7 +35,9 @@ log = structlog.get_logger("broker")
 
 def windows(settings: Settings) -> Windows:
     return Windows(
-        dead_rule_after_s=settings.dead_rule_window, orphan_window_s=settings.orphan_window
+        dead_rule_after_s=settings.dead_rule_window,
+        orphan_window_s=settings.orphan_window,
+        rescan_s=settings.sync_rescan,
     )
 
 

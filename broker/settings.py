@@ -249,6 +249,13 @@ class Settings:
         metavar="DURATION",
         help="how long cancel events nobody listened to stay reported",
     )
+    sync_rescan: float = _setting(
+        "5s",
+        parse=_duration,
+        metavar="DURATION",
+        help="how often the broker computes the stale findings again (at once when a worker"
+        " syncs): how soon a worker gone quiet or a rule gone dead shows",
+    )
     cancel_events: tuple[str, ...] = _setting(
         "",
         parse=_names,

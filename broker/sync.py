@@ -36,7 +36,6 @@ from sdk.wire import SYSTEM_EVENT_PREFIX, Event, decode_worker, encode_json
 HISTORY_MAXLEN: Final = 100
 #: Most distinct orphan event names tracked (event names are user input).
 MAX_ORPHAN_NAMES: Final = 1_000
-SCAN_INTERVAL_S: Final = 5.0
 
 
 class SyncRecorder:
@@ -241,7 +240,7 @@ class SyncMonitor:
                 await self.scan()
             except REDIS_ERRORS as exc:  # the event loop reports outages; try next round
                 self._log.debug("sync.scan_failed", error=repr(exc))
-            with anyio.move_on_after(SCAN_INTERVAL_S):
+            with anyio.move_on_after(self.windows.rescan_s):
                 await self._wake.wait()
             self._wake = anyio.Event()
 

@@ -22,8 +22,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import cel
-
 from sdk.errors import ConfigurationError
 from sdk.wire import Event
 
@@ -171,6 +169,10 @@ def _compile(source: str, variables: frozenset[str]) -> Expression:
         raise ExpressionError(
             f"CEL expression is {len(source)} characters long, at most {MAX_EXPRESSION_CHARS}"
         )
+    # Imported at the first expression: the package also loads its command line (and
+    # prompt_toolkit), a fifth of a second every worker and broker would pay at start.
+    import cel
+
     try:
         program = cel.compile(source)
     except ValueError as exc:

@@ -136,7 +136,7 @@ async def test_workers_and_a_broker_in_different_namespaces_are_reported(
     """The broker reads one namespace, the workers use another: from both sides, the split
     is a finding (exit 1, the gauge) and the worker says so when it starts."""
     brokers_ns, workers_ns = f"t{uuid.uuid4().hex[:12]}", f"t{uuid.uuid4().hex[:12]}"
-    broker, base = start_broker(redis_server.url, brokers_ns)
+    broker, base = start_broker(redis_server.url, brokers_ns, "--sync-rescan", "0.5")
     try:
         with anyio.fail_after(10):
             while not await redis.hexists(PRESENCE, f"broker:{brokers_ns}"):
@@ -230,7 +230,7 @@ async def test_events_appended_to_a_lookalike_stream_are_reported(
 ) -> None:
     """`XADD cancel:events` (no braces), as the docs once taught: no broker reads that
     stream. Reported by `sync status` (exit 1), the dashboard and the gauge."""
-    broker, base = start_broker(redis_server.url, namespace)
+    broker, base = start_broker(redis_server.url, namespace, "--sync-rescan", "0.5")
     try:
         body = '{"name":"report/cancel.requested","data":{"reportId":"r1"}}'
         # As any language would: one plain XADD, here from redis-cli.

@@ -55,7 +55,8 @@ def start_version(redis_url: str, namespace: str, version: str) -> ProcessHandle
 
 
 async def test_rolling_deploy_is_reported_and_cleared(redis_url: str, namespace: str) -> None:
-    broker, http = start_broker(redis_url, namespace)
+    # Findings computed again every 0.5 s, not 5 s: each step below waits for one.
+    broker, http = start_broker(redis_url, namespace, "--sync-rescan", "0.5")
     workers: list[ProcessHandle] = []
     try:
         workers.append(start_version(redis_url, namespace, "v2"))

@@ -45,6 +45,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "pending_cancel_lookback": ("30s", 30.0),
     "dead_rule_window": ("2h", 7200.0),
     "orphan_window": ("90s", 90.0),
+    "sync_rescan": ("500ms", 0.5),
     "cancel_events": ("a/stop,b/halt", ("a/stop", "b/halt")),
     "dashboard": ("readonly", "readonly"),
     "dashboard_token": ("s3cret", "s3cret"),
@@ -99,6 +100,7 @@ def test_defaults_are_the_brokers_own() -> None:
     assert settings.tombstone_lookback == TOMBSTONE_LOOKBACK_S
     assert settings.dead_rule_window == DEFAULT_WINDOWS.dead_rule_after_s
     assert settings.orphan_window == DEFAULT_WINDOWS.orphan_window_s
+    assert settings.sync_rescan == DEFAULT_WINDOWS.rescan_s
     assert Settings.resolve(build_parser().parse_args(["run"]), environ={}) == settings
 
 
