@@ -481,4 +481,5 @@ class Client:
             raise RunNotFinishedError(run_id, timeout)
         finally:
             with anyio.CancelScope(shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+                # Any: redis-py types aclose in some versions and not in others.
+                await cast(Any, pubsub).aclose()

@@ -112,7 +112,8 @@ def sentinel_client(parts: SentinelUrl, *, pooled: bool = False, **options: Any)
     """An asyncio client of the service's current primary. ``options``: the connection
     options of the caller's kind of client (timeouts, retry, decoding, pool size);
     ``pooled``: a pool that waits at ``max_connections`` (for commands)."""
-    sentinel = Sentinel(list(parts.sentinels), sentinel_kwargs=parts.sentinel_options)  # type: ignore[no-untyped-call]  # untyped in redis-py
+    # Any: redis-py types these calls in some versions and not in others.
+    sentinel = cast(Any, Sentinel)(list(parts.sentinels), sentinel_kwargs=parts.sentinel_options)
     pool_class = _BlockingSentinelPool if pooled else SentinelConnectionPool
     client = sentinel.master_for(
         parts.service, connection_pool_class=pool_class, **{**parts.primary, **options}
@@ -122,8 +123,8 @@ def sentinel_client(parts: SentinelUrl, *, pooled: bool = False, **options: Any)
 
 def sync_sentinel_client(parts: SentinelUrl, **options: Any) -> redis.Redis:
     """:func:`sentinel_client`, blocking (for a thread outside the event loop)."""
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
+    sentinel = cast(Any, redis.sentinel.Sentinel)(
         list(parts.sentinels), sentinel_kwargs=parts.sentinel_options
     )
-    client = sentinel.master_for(parts.service, **{**parts.primary, **options})  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(parts.service, **{**parts.primary, **options})
     return cast(redis.Redis, client)
