@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,19 @@ def start_broker(
     handle = ProcessHandle(args, env=env)
     ready = handle.wait_for_log("broker.ready")
     return handle, str(ready["http"])
+
+
+@contextlib.contextmanager
+def broker_and_worker(
+    redis_url: str, namespace: str, *, app: str = "reports", **worker_env: str
+) -> Iterator[tuple[ProcessHandle, ProcessHandle]]:
+    """A broker and a worker serving ``namespace``, for a module's tests that share them;
+    both must exit cleanly at the end."""
+    broker, _http = start_broker(redis_url, namespace)
+    worker = start_worker(redis_url, namespace, app=app, **worker_env)
+    yield broker, worker
+    assert worker.terminate() == 0, worker.output
+    assert broker.terminate() == 0, broker.output
 
 
 def start_worker(

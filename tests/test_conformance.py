@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from sdk import Client
 from tests.conformance_cases import CASES, Case
 from tests.helpers import broker_drained, run_of, status_is, topology_url, wait_until
-from tests.processes import ROOT, start_broker, start_worker
+from tests.processes import ROOT, broker_and_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -25,12 +25,8 @@ def namespace() -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def processes(request: pytest.FixtureRequest, topology: str, namespace: str) -> Iterator[None]:
-    url = topology_url(request, topology)
-    broker, _http = start_broker(url, namespace)
-    worker = start_worker(url, namespace, app="conformance")
-    yield
-    assert worker.terminate() == 0, worker.output
-    assert broker.terminate() == 0, broker.output
+    with broker_and_worker(topology_url(request, topology), namespace, app="conformance"):
+        yield
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])

@@ -25,7 +25,7 @@ from tests.helpers import (
     wait_for_status,
     wait_until,
 )
-from tests.processes import ProcessHandle, start_broker, start_worker
+from tests.processes import ProcessHandle, broker_and_worker, start_broker, start_worker
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.topologies]
 
@@ -50,12 +50,10 @@ def shared_processes(
 ) -> Iterator[None]:
     """One broker and one report worker for the module's tests that only watch their own
     runs, started once per topology."""
-    url = topology_url(request, topology)
-    broker, _http = start_broker(url, module_namespace)
-    worker = start_worker(url, module_namespace, shutdown_timeout="0.2")
-    yield
-    assert worker.terminate() == 0, worker.output
-    assert broker.terminate() == 0, broker.output
+    with broker_and_worker(
+        topology_url(request, topology), module_namespace, shutdown_timeout="0.2"
+    ):
+        yield
 
 
 @pytest.fixture
