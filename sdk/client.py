@@ -25,7 +25,7 @@ from sdk.config import (
 )
 from sdk.connection import REDIS_ERRORS, command_client, redis_now_ms, resolve_url, unavailable
 from sdk.durability import Replicas
-from sdk.early_match import EarlyMatch, RefusedError
+from sdk.early_match import EarlyMatch, NotPublishedError
 from sdk.errors import InvalidBulkCancelError, RunNotFinishedError, UnknownFunctionError
 from sdk.expressions import Expression, compile_trigger_filter, event_variable
 from sdk.keys import Keys, check_id, check_name
@@ -211,8 +211,8 @@ class Client:
         alone = partitions.known and not partitions.partitioned
         found = await self._early.lookups(event) if alone else []
         event_id = None
-        # Refused before anything was written: published plainly, matched by the broker.
-        with contextlib.suppress(RefusedError):
+        # Failed before anything was written: published plainly, matched by the broker.
+        with contextlib.suppress(NotPublishedError):
             if found:
                 event_id = await self._early.publish(body, event, found)
         if event_id is None:

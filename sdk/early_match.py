@@ -35,8 +35,9 @@ SELECTORS_CACHED_S: Final = 2.0
 _NAMES_CACHED: Final = 4096
 
 
-class RefusedError(Exception):
-    """Redis refused the script to this client's user before it wrote anything."""
+class NotPublishedError(Exception):
+    """The script failed before it appended the event (the ACL refused it, a slot was
+    moving): nothing was written."""
 
 
 def _refused(error: str) -> bool:
@@ -79,17 +80,17 @@ class EarlyMatch:
 
     async def publish(self, body: bytes, event: Event, found: list[Lookup]) -> str:
         """Publish ``event`` (encoded: ``body``) and cancel the runs ``found`` names;
-        returns its id. Raises :class:`RefusedError` when the ACL refused the script before
-        it published anything."""
+        returns its id. Raises :class:`NotPublishedError` when the script failed before it
+        appended the event."""
         try:
             published = await publish_event(self.redis, self.keys, body, event, found)
         except ResponseError as exc:
+            # An error reply from the call itself, not from inside its pcall: the event was
+            # not appended (it is the script's first write). The caller publishes it
+            # plainly; only the ACL's refusal turns matching off.
             if isinstance(exc, NoPermissionError) or _refused(str(exc)):
-                # Refused before the event was appended (the script's first command):
-                # nothing was written; the caller publishes it plainly.
                 self._disable(exc)
-                raise RefusedError(str(exc)) from exc
-            raise
+            raise NotPublishedError(str(exc)) from exc
         if _refused(published.error):
             self._disable(published.error)
         elif published.error:  # a slot moving, a key of the wrong type: this event only
