@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final, cast
 
-from redis.exceptions import NoPermissionError, ResponseError
+from redis.exceptions import ClusterError, NoPermissionError, ResponseError
 
 from sdk.connection import RedisClient
 from sdk.keys import Keys
@@ -33,6 +33,8 @@ from sdk.wire import Event
 #: matched by the broker until then.
 SELECTORS_CACHED_S: Final = 2.0
 _NAMES_CACHED: Final = 4096
+#: Seconds of plain publishing after Redis Cluster kept redirecting the script.
+PAUSE_AFTER_REDIRECTS_S: Final = 5.0
 
 
 class NotPublishedError(Exception):
@@ -56,13 +58,14 @@ class EarlyMatch:
         #: False once Redis refused this client a read or the script.
         self.enabled = True
         self._selectors: dict[str, tuple[float, list[str]]] = {}
+        self._paused_until = 0.0
 
     async def lookups(self, event: Event) -> list[Lookup]:
         """The lookups a published event can be matched by at once (none: publish it
         plainly)."""
-        if not self.enabled:
-            return []
         now = time.monotonic()
+        if not self.enabled or now < self._paused_until:
+            return []
         cached = self._selectors.get(event.name)
         if cached is None or cached[0] < now:
             try:
@@ -90,6 +93,12 @@ class EarlyMatch:
             # plainly; only the ACL's refusal turns matching off.
             if isinstance(exc, NoPermissionError) or _refused(str(exc)):
                 self._disable(exc)
+            raise NotPublishedError(str(exc)) from exc
+        except ClusterError as exc:
+            # Redirected until redis-py gave up: a slot migrating answers TRYAGAIN to a call
+            # on several of its keys for as long as it moves (one XADD is never refused
+            # so). Nothing ran; plain publishing for a while spares each event the retries.
+            self._paused_until = time.monotonic() + PAUSE_AFTER_REDIRECTS_S
             raise NotPublishedError(str(exc)) from exc
         if _refused(published.error):
             self._disable(published.error)
