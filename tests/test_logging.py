@@ -33,8 +33,11 @@ async def test_a_failed_runs_log_holds_its_traceback_but_not_the_triggers_data(
             data = {"reportId": "f1", "mode": "fail", "card": card}
             run = await run_of(client, await client.send("report/generate.requested", data))
             await wait_until(lambda: status_is(client, run, "failed"), timeout=10)
-        await wait_until(lambda: _logged(worker, "ValueError: payment declined"), timeout=5)
-        assert any('raise ValueError(f"payment declined' in line for line in worker.lines)
+        # The whole traceback: its source line, then the exception's line after it (the
+        # log line before the traceback names the exception too, so it alone proves
+        # nothing: the lines are read as they come).
+        source, raised = 'raise ValueError(f"payment declined', "ValueError: payment declined"
+        await wait_until(lambda: _logged_after(worker, source, raised), timeout=5)
         assert not [line for line in worker.lines if card in line]
     finally:
         worker.terminate()
@@ -42,6 +45,12 @@ async def test_a_failed_runs_log_holds_its_traceback_but_not_the_triggers_data(
 
 async def _logged(worker: ProcessHandle, text: str) -> bool:
     return any(text in line for line in worker.lines)
+
+
+async def _logged_after(worker: ProcessHandle, first: str, then: str) -> bool:
+    lines = list(worker.lines)
+    at = next((i for i, line in enumerate(lines) if first in line), None)
+    return at is not None and any(then in line for line in lines[at + 1 :])
 
 
 def test_the_console_format_prints_tracebacks_without_locals(
