@@ -326,7 +326,7 @@ def _register_call(keys: Keys, retention_s: int, r: RegisterRequest) -> Call:
         keys.tombstone_event(""),
         r.parent_run_id or "",
         *(a for e in r.entries for a in ("m" if e.expression is None else "c", e.event_name)),
-        *_pairs(fields),
+        encode_json({key: value for key, value in fields.items() if value is not None}),
     ]
     return script_keys, args
 

@@ -26,8 +26,9 @@
 -- ARGV[7]  the parent run's id, or ''
 -- ARGV[8 + 2(i-1)], ARGV[9 + 2(i-1)]  entry i: 'm' or 'c' (an expression decides), and
 --          its cancel event's name
--- ARGV[8 + 2n ..]  run hash fields, as field/value pairs; 'trigger_ms' (when the run was
---          triggered, for a trigger that did not come through the stream) is not stored
+-- ARGV[8 + 2n]  run hash fields, one JSON object of strings (one argument, not a pair
+--          each: every argument costs the caller and Redis); 'trigger_ms' (when the run
+--          was triggered, for a trigger that did not come through the stream) is not stored
 -- Returns {'registered', hits, bulk, refused} or {'cancelled', reason, cancelled_by}, or
 -- {'taken', status} when the id is taken by another run (a trigger delivered twice never
 -- starts a second run).
@@ -106,13 +107,12 @@ if existing[1] then
 end
 
 local fields = {'status', 'running', 'started_at', ms(now)}
-local given = {}
-for i = 8 + 2 * n, #ARGV, 2 do
-  if ARGV[i] ~= 'trigger_ms' then
-    fields[#fields + 1] = ARGV[i]
-    fields[#fields + 1] = ARGV[i + 1]
+local given = cjson.decode(ARGV[8 + 2 * n])
+for field, value in pairs(given) do
+  if field ~= 'trigger_ms' then
+    fields[#fields + 1] = field
+    fields[#fields + 1] = value
   end
-  given[ARGV[i]] = ARGV[i + 1]
 end
 local event_id, trigger_ms = given.event_id, tonumber(given.trigger_ms)
 -- Where the run stands in the order of events: its trigger's stream id; for a run whose
