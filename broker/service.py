@@ -43,6 +43,7 @@ from sdk.connection import (
 )
 from sdk.epoch import Epoch
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
+from sdk.logs import held_lines
 from sdk.partitions import Partitions, check_partitions
 from sdk.redis_health import CHECK_EVERY_S as EVICTION_CHECK_S
 from sdk.redis_health import EvictionWatch, OnEvicting
@@ -197,6 +198,10 @@ class Broker:
             matcher = self.matcher(partitions, stores)
 
             async def handle_events(partition: int, entries: Sequence[Entry]) -> None:
+                with held_lines():  # an audit line per event: one write per batch
+                    await handle_batch(partition, entries)
+
+            async def handle_batch(partition: int, entries: Sequence[Entry]) -> None:
                 placed = await move_unplaced(partitions, entries, partition)
                 if moved := len(entries) - len(placed):
                     self.metrics.events.labels(result="moved").inc(moved)

@@ -9,8 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, Final, Literal, cast
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, BinaryIO, Final, Literal, cast
 
 import msgspec
 import structlog
@@ -33,6 +36,56 @@ def _json_line(event: object, **_: object) -> bytes:
     return _encoder.encode(event)
 
 
+class LineWriter:
+    """structlog's ``BytesLogger``, one JSON line per call, except inside
+    :func:`held_lines`: there the lines wait for the end of the block and go out in one
+    write. A line and a flush per cancel event was a tenth of the broker's time."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+
+    def msg(self, message: bytes) -> None:
+        held = _held.get()
+        if held is None:
+            self.write((message,))
+        else:
+            held.append((self, message))
+
+    log = debug = info = warn = warning = error = err = critical = exception = msg
+
+    def write(self, lines: Iterator[bytes] | tuple[bytes, ...]) -> None:
+        data = b"".join(line + b"\n" for line in lines)
+        with self._lock:
+            self._file.write(data)
+            self._file.flush()
+
+
+#: The lines logged in this context inside held_lines(), with the writer of each.
+_held: ContextVar[list[tuple[LineWriter, bytes]] | None] = ContextVar(
+    "cancel_broker_held_lines", default=None
+)
+
+
+@contextmanager
+def held_lines() -> Iterator[None]:
+    """Write the JSON lines this task logs in the block together, when it ends (the
+    broker's batch of events: its lines are as durable as its acknowledgement, which comes
+    after them; a batch handled again after a crash logs again). Other tasks' lines go
+    out as they are logged; console lines are never held."""
+    held: list[tuple[LineWriter, bytes]] = []
+    token = _held.set(held)
+    try:
+        yield
+    finally:
+        _held.reset(token)
+        writers: dict[LineWriter, list[bytes]] = {}
+        for writer, line in held:
+            writers.setdefault(writer, []).append(line)
+        for writer, lines in writers.items():
+            writer.write(tuple(lines))
+
+
 def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
@@ -53,7 +106,8 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(serializer=_json_line),
         ]
-        logger_factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        writer = LineWriter(sys.stderr.buffer)
+        logger_factory = lambda *_: writer  # noqa: E731  (one writer for every logger)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(

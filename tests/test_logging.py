@@ -3,15 +3,18 @@ the app's logging renders (structlog's default console prints every frame's loca
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
 
+import anyio
 import pytest
 import structlog
 
 from sdk import Client
-from sdk.logs import configure_logging
+from sdk.logs import configure_logging, held_lines
 from tests.helpers import run_of, status_is, wait_until
 from tests.processes import ROOT, ProcessHandle
 
@@ -67,6 +70,56 @@ def test_the_console_format_prints_tracebacks_without_locals(
         err = capsys.readouterr().err
         assert "ValueError: boom" in err
         assert secret not in err
+    finally:
+        structlog.configure(**saved)
+
+
+class Writes(io.BytesIO):
+    """A binary stderr that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: object) -> int:
+        chunk = bytes(data)  # type: ignore[call-overload]
+        self.writes.append(chunk)
+        return len(chunk)
+
+
+@pytest.mark.anyio
+async def test_lines_held_for_a_batch_go_out_together_and_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker holds the audit lines of a batch of events until the batch is handled:
+    one write, in the order logged, even when the batch fails; another task's line is
+    not held, and a line outside the block goes out at once."""
+    out = Writes()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(out))
+    saved = structlog.get_config()
+    try:
+        configure_logging("info", "json")
+        log = structlog.get_logger("t")
+        go, logged = anyio.Event(), anyio.Event()
+
+        async def another_task() -> None:
+            await go.wait()
+            log.info("other.task")
+            logged.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(another_task)
+            with pytest.raises(RuntimeError), held_lines():
+                log.info("cancel.decided", n=1)
+                go.set()
+                await logged.wait()
+                log.info("cancel.decided", n=2)
+                assert [json.loads(w)["event"] for w in out.writes] == ["other.task"]
+                raise RuntimeError("the batch failed")
+        assert len(out.writes) == 2
+        assert [json.loads(line)["n"] for line in out.writes[1].splitlines()] == [1, 2]
+        log.info("after")
+        assert json.loads(out.writes[2])["event"] == "after"
     finally:
         structlog.configure(**saved)
 
