@@ -79,6 +79,7 @@ async def serve(url: str, settings: Settings) -> None:
         wait_timeout_s=settings.wait_timeout,
         trigger_lookback_s=settings.trigger_lookback,
         on_evicting_redis=cast(OnEvicting, settings.on_evicting_redis),
+        eviction_check_s=settings.eviction_check,
     )
     access = CancelAccess(
         mode=cast(DashboardMode, settings.dashboard),

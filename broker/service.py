@@ -45,7 +45,6 @@ from sdk.epoch import Epoch
 from sdk.keys import BROKER_GROUP, PRESENCE, Keys, presence_field
 from sdk.logs import held_lines
 from sdk.partitions import Partitions, check_partitions
-from sdk.redis_health import CHECK_EVERY_S as EVICTION_CHECK_S
 from sdk.redis_health import EvictionWatch, OnEvicting
 from sdk.server_watch import CHECK_EVERY_S as SERVER_CHECK_S
 from sdk.server_watch import ServerWatch
@@ -99,6 +98,7 @@ class Broker:
         wait_timeout_s: float | None = None,
         trigger_lookback_s: float | None = None,
         on_evicting_redis: OnEvicting | None = None,
+        eviction_check_s: float | None = None,
     ) -> None:
         self.redis_url = redis_url
         self.keys = Keys(resolve_namespace(namespace))
@@ -132,6 +132,7 @@ class Broker:
             redis_url,
             cast(OnEvicting, ON_EVICTING_REDIS.resolve(on_evicting_redis)),
             self._log,
+            every_s=eviction_check_s,
         )
         self._backoff_hooks = BackoffHooks(
             on_failure=self.metrics.redis_errors.inc, on_recovery=self.metrics.redis_reconnects.inc
@@ -389,7 +390,7 @@ class Broker:
     async def _watch_eviction(self, redis: RedisClient) -> None:
         """Read the Redis's eviction policy now and then (it can change under us)."""
         while True:
-            await anyio.sleep(EVICTION_CHECK_S)
+            await anyio.sleep(self._eviction.every_s)
             problem = await self._eviction.check(redis)
             self.metrics.redis_evicting.set(problem is not None)
 

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 
 from sdk.config import (
     ENV_PREFIX,
+    EVICTION_CHECK,
     NAMESPACE,
     ON_EVICTING_REDIS,
     PENDING_CANCEL_LOOKBACK,
@@ -235,6 +236,7 @@ class Settings:
     )
     trigger_lookback: float = _shared(TRIGGER_LOOKBACK, group="broker")
     on_evicting_redis: str = _shared(ON_EVICTING_REDIS, group="broker")
+    eviction_check: float = _shared(EVICTION_CHECK, group="broker")
     dead_rule_window: float = _setting(
         "24h",
         group="detection",

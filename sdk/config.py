@@ -120,6 +120,23 @@ ON_EVICTING_REDIS: Final = SharedSetting(
 )
 
 
+def _positive_seconds(text: str) -> float:
+    value = parse_duration(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"must be a positive duration, not {text}")
+    return value
+
+
+EVICTION_CHECK: Final = SharedSetting(
+    "eviction_check",
+    "5s",
+    _positive_seconds,
+    help="how often a running worker or broker reads the Redis's maxmemory-policy again"
+    " (a CONFIG SET or a failover to a replica configured otherwise can change it)",
+    metavar="DURATION",
+)
+
+
 def _replicas(text: str) -> int:
     value = int(text)
     if value < 0:

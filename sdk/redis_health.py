@@ -5,7 +5,7 @@ Redis is cancel-broker's only state. A Redis with a ``maxmemory`` and any
 least recently used: the records of long runs, their index entries, tombstones, kept
 cancels. A cancel then finds nothing and the run goes on, with no error anywhere. So
 every worker and broker reads the policy (``INFO memory``, on every primary of a
-cluster) when it starts and every ``CHECK_EVERY_S`` while it runs:
+cluster) when it starts and every 5 s while it runs (``CANCEL_BROKER_EVICTION_CHECK``):
 
 - ``on_evicting_redis="refuse"`` (the default, ``CANCEL_BROKER_ON_EVICTING_REDIS``): a
   process that starts on an evicting Redis refuses to
@@ -24,14 +24,13 @@ from typing import Any, Final, Literal, cast
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
+from sdk.config import EVICTION_CHECK
 from sdk.connection import CONNECTION_ERRORS, REDIS_ERRORS, RedisClient
 from sdk.errors import ConfigurationError
 from sdk.urls import redact_url
 
 #: The one policy under which Redis never deletes a key to make room.
 SAFE_POLICY: Final = "noeviction"
-#: Seconds between two reads of the policy while a process runs.
-CHECK_EVERY_S: Final = 5.0
 #: Seconds between two error lines while the policy evicts.
 WARN_EVERY_S: Final = 60.0
 
@@ -94,13 +93,18 @@ def describe(evicting: list[MemoryPolicy], url: str) -> str:
 class EvictionWatch:
     """What one process knows of its Redis's eviction policy, and what it says of it."""
 
-    def __init__(self, url: str, on_evicting: OnEvicting, log: Any) -> None:
+    def __init__(
+        self, url: str, on_evicting: OnEvicting, log: Any, *, every_s: float | None = None
+    ) -> None:
         if on_evicting not in ON_EVICTING:
             raise ConfigurationError(
                 f"on_evicting_redis must be one of {', '.join(ON_EVICTING)}, not {on_evicting!r}"
             )
         self.url = url
         self.on_evicting = on_evicting
+        #: Seconds between two reads of the policy while the process runs
+        #: (``$CANCEL_BROKER_EVICTION_CHECK`` unless given, 5 s by default).
+        self.every_s = EVICTION_CHECK.resolve(every_s)
         self._log = log
         #: The latest problem found (None: the policy is safe, or not known yet).
         self.problem: str | None = None

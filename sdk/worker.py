@@ -62,7 +62,7 @@ from sdk.loop_watch import LoopWatch
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
 from sdk.reconcile import reconcile
-from sdk.redis_health import CHECK_EVERY_S, EvictionWatch, OnEvicting
+from sdk.redis_health import EvictionWatch, OnEvicting
 from sdk.registration import DEFAULT_HEARTBEAT_INTERVAL, WorkerRegistration
 from sdk.rules import CancelOn
 from sdk.runner import INTERRUPTED_REASON, LOST_REASON, SHUTDOWN_REASON, Run, Runner
@@ -539,7 +539,7 @@ class Worker:
         """Read the Redis's eviction policy now and then: it can change under a running
         worker (a CONFIG SET, a failover to a replica configured otherwise)."""
         while True:
-            await anyio.sleep(CHECK_EVERY_S)
+            await anyio.sleep(eviction.every_s)
             problem = await eviction.check(redis)
             self.metrics.redis_evicting.set(problem is not None)
 

@@ -40,6 +40,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "tombstone_lookback": ("0", 0.0),
     "trigger_lookback": ("1m", 60.0),
     "on_evicting_redis": ("warn", "warn"),
+    "eviction_check": ("500ms", 0.5),
     "wait_replicas": ("2", 2),
     "wait_timeout": ("500ms", 0.5),
     "pending_cancel_lookback": ("30s", 30.0),
