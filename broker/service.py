@@ -63,6 +63,11 @@ from sdk.wire import (
 
 BLOCK_MS: Final = 5_000
 BATCH: Final = 200
+#: Readers of each partition's events stream, each its own consumer of the group: while
+#: one waits for Redis to run its batch's script, another decodes the next batch, so the
+#: broker's Python and Redis's work overlap (events are idempotent and independent, as
+#: with several brokers). The first reader is named as the broker.
+READERS: Final = 2
 #: Entries a broker read and left unacknowledged this long are taken over by another.
 CLAIM_IDLE_MS: Final = 30_000
 #: How long a cancel event keeps cancelling runs that register after it was handled.
@@ -73,6 +78,12 @@ PRESENCE_MS: Final = 10_000
 
 def default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def reader_name(consumer: str, reader: int) -> str:
+    """The consumer name of a broker's ``reader``-th reader of a partition (the first:
+    the broker's own name, so a restart under that name reads what it left pending)."""
+    return consumer if reader == 0 else f"{consumer}#{reader}"
 
 
 class Broker:
@@ -167,24 +178,20 @@ class Broker:
         try:
             partitions = await self._wait_for_redis(redis)
             stores = partitions.stores()
-            syncs, *events = (
-                GroupConsumer(
-                    self.redis_url,
-                    redis,
-                    stream=stream,
-                    group=BROKER_GROUP,
-                    consumer=self.consumer,
-                    block_ms=BLOCK_MS,
-                    batch=BATCH,
-                    claim_idle_ms=self.claim_idle_ms,
-                    on_poison=self._poison_handler(redis, stream),
-                    log=self._log,
-                    backoff_hooks=self._backoff_hooks,
-                    lookback_ms=self.trigger_lookback_ms if stream != self.keys.syncs else 0,
-                )
-                for stream in (self.keys.syncs, *(keys.events for keys in partitions.keys))
-            )
-            self._events = events
+            syncs = self._consumer(redis, self.keys.syncs, self.consumer, lookback_ms=0)
+            readers = [
+                [
+                    self._consumer(
+                        redis,
+                        keys.events,
+                        reader_name(self.consumer, reader),
+                        lookback_ms=self.trigger_lookback_ms,
+                    )
+                    for reader in range(READERS)
+                ]
+                for keys in partitions.keys
+            ]
+            self._events = events = [consumer for group in readers for consumer in group]
             recorder = SyncRecorder(redis, self.keys, self._log, history_length=self.history_length)
             monitor = SyncMonitor(
                 redis,
@@ -209,11 +216,11 @@ class Broker:
                 recorded = await matcher.handle(placed, partition) if placed else []
                 # What the dashboard and the sync findings read, and the acknowledgement,
                 # in one round trip; only a failed acknowledgement fails the batch.
-                stream = events[partition]
+                stream = partitions.keys[partition].events
                 async with redis.pipeline(transaction=False) as pipe:
                     decisions.queue(pipe, self.keys, recorded)
                     self._watch.queue(pipe)
-                    pipe.xack(stream.stream, stream.group, *(entry_id for entry_id, _ in entries))
+                    pipe.xack(stream, BROKER_GROUP, *(entry_id for entry_id, _ in entries))
                     *notes, acked = await pipe.execute(raise_on_error=False)
                 if isinstance(acked, Exception):
                     raise acked
@@ -254,10 +261,11 @@ class Broker:
                 tg.start_soon(monitor.run)
                 tg.start_soon(syncs.run, handle_syncs)
                 async with anyio.create_task_group() as consuming:
-                    for partition, stream in enumerate(events):
-                        consuming.start_soon(
-                            stream.run, functools.partial(handle_events, partition)
-                        )
+                    for partition, group in enumerate(readers):
+                        for reader in group:
+                            consuming.start_soon(
+                                reader.run, functools.partial(handle_events, partition)
+                            )
                 tg.cancel_scope.cancel()  # stopped: the rest is housekeeping
         finally:
             self._redis = self._partitions = self._dashboard = None
@@ -267,6 +275,24 @@ class Broker:
                 await redis.aclose()
             self.stopped.set()
             self._log.info("broker.stopped")
+
+    def _consumer(
+        self, redis: RedisClient, stream: str, consumer: str, *, lookback_ms: int
+    ) -> GroupConsumer:
+        return GroupConsumer(
+            self.redis_url,
+            redis,
+            stream=stream,
+            group=BROKER_GROUP,
+            consumer=consumer,
+            block_ms=BLOCK_MS,
+            batch=BATCH,
+            claim_idle_ms=self.claim_idle_ms,
+            on_poison=self._poison_handler(redis, stream),
+            log=self._log,
+            backoff_hooks=self._backoff_hooks,
+            lookback_ms=lookback_ms,
+        )
 
     def _poison_handler(self, redis: RedisClient, stream: str) -> Any:
         async def park(entries: Sequence[Entry]) -> None:

@@ -202,7 +202,7 @@ class Settings:
         None,
         unset="host-pid",
         metavar="NAME",
-        help="this broker's name in the broker consumer group",
+        help="this broker's name in the broker consumer group (its second reader: NAME#1)",
     )
     log_level: str = _setting(
         "info", choices=("debug", "info", "warning", "error"), help="least severe log line kept"

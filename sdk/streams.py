@@ -247,7 +247,12 @@ class GroupConsumer:
         pending_from: str | None = "0"
         retry: list[Entry] = []
         backoff = Backoff(
-            self._log, "stream", cap=RECONNECT_CAP_S, hooks=self._backoff_hooks, stream=self.stream
+            self._log,
+            "stream",
+            cap=RECONNECT_CAP_S,
+            hooks=self._backoff_hooks,
+            stream=self.stream,
+            consumer=self.consumer,
         )
         while not self._stopping:
             try:

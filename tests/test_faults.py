@@ -132,6 +132,34 @@ async def test_a_broker_killed_mid_burst_loses_and_repeats_nothing(
         assert second.terminate() == 0
 
 
+async def test_a_broker_reads_with_two_readers_and_a_restart_under_its_name_resumes_both(
+    redis_url: str, namespace: str, redis: Redis
+) -> None:
+    """Two readers per partition (one decodes while the other waits for Redis), each a
+    consumer of the group; a broker restarted under its name (a pod's) reads what either
+    left pending at once, not after another broker's --claim-idle (30 s here)."""
+    stream = Keys(namespace).events
+    broker, _ = start_broker(redis_url, namespace, "--consumer", "pod-0")
+    try:
+        cancel_ids = await send_cancels(redis, namespace, 3_000)
+        await wait_until(lambda: past(redis, namespace, cancel_ids[600]), timeout=30)
+    finally:
+        broker.kill()
+    consumers = await redis.xinfo_consumers(stream, "broker")
+    assert sorted(c["name"] for c in consumers) == ["pod-0", "pod-0#1"]
+
+    restarted, _ = start_broker(redis_url, namespace, "--consumer", "pod-0")
+
+    async def all_handled() -> bool:
+        delivered, pending = await broker_delivered(redis, namespace)
+        return pending == 0 and delivered >= int(cancel_ids[-1].split("-")[0])
+
+    await wait_until(all_handled, timeout=15)
+    assert not restarted.logs("stream.claimed")
+    assert restarted.terminate() == 0
+    assert await redis.xinfo_consumers(stream, "broker") == []  # a clean stop: both left
+
+
 async def test_a_surviving_broker_finishes_the_work_of_a_killed_one(
     redis_url: str, namespace: str, redis: Redis, worker: ProcessHandle
 ) -> None:
@@ -150,7 +178,7 @@ async def test_a_surviving_broker_finishes_the_work_of_a_killed_one(
         async def claimed() -> bool:
             for keys in partition_keys(namespace):
                 consumers = await redis.xinfo_consumers(keys.events, "broker")
-                if {c["name"]: c["pending"] for c in consumers}.get("doomed", 0):
+                if any(c["pending"] for c in consumers if c["name"].startswith("doomed")):
                     return False
             return True
 
@@ -218,8 +246,8 @@ async def test_redis_outage_is_survived_and_runs_stay_cancellable(namespace: str
             retries = handle.logs("stream.retrying")
             assert retries, handle.output
             # Five seconds of outage at pauses that double from 50 ms to 1 s: about nine
-            # retries per stream read; a busy loop would make thousands.
-            per_stream = collections.Counter(line["stream"] for line in retries)
+            # retries per reader of a stream; a busy loop would make thousands.
+            per_stream = collections.Counter((line["stream"], line["consumer"]) for line in retries)
             assert max(per_stream.values()) <= 15, per_stream
     finally:
         for handle in (worker, broker):
