@@ -57,7 +57,7 @@ from sdk.errors import (
 )
 from sdk.function import Function
 from sdk.keys import BROKER_GROUP, Keys, check_id, check_name
-from sdk.logs import configure_from_environment
+from sdk.logs import configure_from_environment, held_lines
 from sdk.loop_watch import LoopWatch
 from sdk.metrics import WorkerMetrics
 from sdk.partitions import Partitions, check_partitions
@@ -591,13 +591,18 @@ class Worker:
                 continue
             backoff.succeeded()
             received: list[Signal] = []
-            for _stream, entries in cast(list[tuple[str, list[tuple[str, dict[str, str]]]]], reply):
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    if (sig := self._apply_signal(entry_id, fields)) is not None:
-                        received.append(sig)
+            # The cancelled runs go first: their bodies see the cancellation before this
+            # task writes its log lines and packs the acknowledgement.
+            with held_lines():
+                for _stream, entries in cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]], reply
+                ):
+                    for entry_id, fields in entries:
+                        last_id = entry_id
+                        if (sig := self._apply_signal(entry_id, fields)) is not None:
+                            received.append(sig)
+                await anyio.lowlevel.checkpoint()
             if received:
-                # After the scopes are cancelled: acknowledging costs the cancel no latency.
                 await self._acknowledge(received, last_id, partition)
 
     def _apply_signal(self, entry_id: str, fields: dict[str, str]) -> Signal | None:

@@ -89,6 +89,45 @@ async def test_cancel_by_id_interrupts_the_awaited_call(worker: Worker, client: 
     assert info.finished_at is not None
 
 
+async def test_a_cancelled_body_goes_before_the_acknowledgement_of_its_signal(
+    worker: Worker, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's bookkeeping of a signal (its log lines, the acknowledgement's script)
+    waits until the runs it cancelled have seen their cancellation: it costs them no
+    latency."""
+    order: list[str] = []
+    acknowledge = worker._acknowledge
+
+    async def acknowledged(*args: Any) -> None:
+        order.append("acknowledged")
+        await acknowledge(*args)
+
+    monkeypatch.setattr(worker, "_acknowledge", acknowledged)
+    run_ids: list[str] = []
+    started = anyio.Event()
+
+    async def run() -> None:
+        with pytest.raises(RunCancelled):
+            async with worker.run("generate-report", report_event("r1")) as ctx:
+                run_ids.append(ctx.run_id)
+                started.set()
+                try:
+                    await anyio.sleep(60)
+                finally:
+                    order.append("body")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await started.wait()
+        await client.cancel(run_ids[0])
+
+    async def both() -> bool:
+        return len(order) == 2
+
+    await wait_until(both, timeout=5)
+    assert order == ["body", "acknowledged"]
+
+
 async def test_a_body_that_swallows_the_cancel_is_cancelled_again(
     worker: Worker, client: Client
 ) -> None:
