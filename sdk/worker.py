@@ -14,6 +14,7 @@ Three loops, all owned by the worker's task group:
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -129,6 +130,7 @@ class Worker:
         partitions: int | None = None,
         trigger_lookback: float | timedelta | str | None = None,
         on_evicting_redis: OnEvicting | None = None,
+        freeze_gc: bool = True,
     ) -> None:
         try:
             self.app_id = check_name("app id", app_id)
@@ -152,6 +154,9 @@ class Worker:
         self.heartbeat_interval = heartbeat_interval
         #: Seconds a cancelled run's thread step gets to return before it is abandoned.
         self.thread_grace = thread_grace
+        #: Whether :meth:`serve` keeps what the process built before it out of the garbage
+        #: collector's full collections while it serves (``gc.freeze``).
+        self.freeze_gc = freeze_gc
         #: How far back a function's first worker (the one that creates its consumer
         #: group) reads triggers published before it started: ``$CANCEL_BROKER_TRIGGER_LOOKBACK``
         #: unless given, 10 minutes by default. Each is run once whoever reads it.
@@ -403,14 +408,35 @@ class Worker:
         with _os_signals() as signals:
             async with self:
                 consuming = anyio.CancelScope()
-                async with anyio.create_task_group() as tg:
-                    if signals is not None:
-                        tg.start_soon(self._handle_os_signals, signals, consuming)
-                    task_status.started()
-                    with consuming:
-                        await self._consume_triggers()
-                    await self._drain()
-                    tg.cancel_scope.cancel()
+                with self._startup_frozen():
+                    async with anyio.create_task_group() as tg:
+                        if signals is not None:
+                            tg.start_soon(self._handle_os_signals, signals, consuming)
+                        task_status.started()
+                        with consuming:
+                            await self._consume_triggers()
+                        await self._drain()
+                        tg.cancel_scope.cancel()
+
+    @contextmanager
+    def _startup_frozen(self) -> Iterator[None]:
+        """While serving, the objects that exist when the worker starts (the modules, the
+        app's own) are out of the garbage collector's full collections.
+
+        Those collections stop every run of a busy worker: at 1,000 runs started a second,
+        each scanned about 150,000 objects (some 50 ms, the p99 of a cancel) and freed none;
+        most were the process's startup objects, which live as long as it does.
+        """
+        if not self.freeze_gc:
+            yield
+            return
+        gc.collect()  # nothing that is garbage already is frozen
+        gc.freeze()
+        self._log.info("worker.gc_frozen", objects=gc.get_freeze_count())
+        try:
+            yield
+        finally:
+            gc.unfreeze()
 
     @asynccontextmanager
     async def run(
