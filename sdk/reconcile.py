@@ -24,6 +24,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, cast
 
+import msgspec
+
 from sdk.scripts import Outcome
 from sdk.wire import TERMINAL_STATUSES
 
@@ -39,9 +41,13 @@ GONE_REASON: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedOutcome:
-    """A run's end, as its worker records it (and records it again if Redis lost it)."""
+class RecordedOutcome(msgspec.Struct, frozen=True, gc=False):
+    """A run's end, as its worker records it (and records it again if Redis lost it).
+
+    Not tracked by the garbage collector (``gc=False``: it holds strings, numbers and a
+    tuple of strings, never a cycle): a busy worker remembers thousands, and every full
+    collection would scan each of them.
+    """
 
     run_id: str
     partition: int

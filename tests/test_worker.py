@@ -28,6 +28,7 @@ from sdk import (
     loop_watch,
 )
 from sdk.metrics import WorkerMetrics
+from sdk.reconcile import RecentOutcomes, RecordedOutcome
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -265,6 +266,16 @@ async def test_a_serving_worker_keeps_the_startup_objects_out_of_full_collection
         tg.cancel_scope.cancel()
     assert (frozen > 10_000) if freeze_gc else (frozen == 0)
     assert gc.get_freeze_count() == 0
+
+
+def test_the_outcomes_a_worker_remembers_are_not_scanned_by_the_garbage_collector() -> None:
+    """A busy worker remembers thousands of recent outcomes (RECENT_OUTCOMES_KEPT) for its
+    reconciliation; none can be part of a cycle, and a full collection need not visit them."""
+    recent = RecentOutcomes()
+    outcome = RecordedOutcome("r1", 0, "generate", "completed", ("{cancel}:idx:a",))
+    recent.remember(outcome)
+    assert not gc.is_tracked(outcome)
+    assert recent.get("r1") == outcome
 
 
 async def test_serve_runs_triggers_and_cancel_events_stop_them(
