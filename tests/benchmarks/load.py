@@ -42,7 +42,7 @@ from sdk.connection import command_client  # noqa: E402
 from sdk.keys import EVENT_FIELD, Keys  # noqa: E402
 from sdk.wire import encode_event  # noqa: E402
 from tests.benchmarks.latency import percentile  # noqa: E402
-from tests.processes import start_broker, start_worker  # noqa: E402
+from tests.processes import cpu_seconds, start_broker, start_worker  # noqa: E402
 
 NAMESPACE = "load"
 REPORT_STARTED = "report/generate.requested"
@@ -146,12 +146,6 @@ async def outcomes(redis: Redis, keys: Keys) -> dict[str, float]:
         if len(entries) < 10_000:
             return latencies
         start = "(" + entries[-1][0]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

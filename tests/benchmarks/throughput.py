@@ -18,7 +18,6 @@ and so the size of the index and of Redis's keyspace, changes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from sdk.partitions import partition_of_token  # noqa: E402
 from sdk.rules import value_token  # noqa: E402
 from sdk.wire import encode_event  # noqa: E402
 from tests.benchmarks.registered import register_runs, report_id  # noqa: E402
-from tests.processes import start_broker  # noqa: E402
+from tests.processes import cpu_seconds, start_broker  # noqa: E402
 
 BATCH = 1_000
 
@@ -91,13 +90,13 @@ async def measure(url: str, size: int, n_events: int, targets: int) -> dict[str,
         broker, _ = start_broker(url, namespace)
         try:
             cpu = await redis_cpu_s(redis)
-            broker_cpu = process_cpu_s(broker.process.pid)
+            broker_cpu = cpu_seconds(broker.process.pid)
             started = time.perf_counter()
             with anyio.fail_after(600):
                 while not await drained(redis, keys, last_id):
                     await anyio.sleep(0.002)
             elapsed = time.perf_counter() - started
-            broker_cpu = process_cpu_s(broker.process.pid) - broker_cpu
+            broker_cpu = cpu_seconds(broker.process.pid) - broker_cpu
             # Includes the polling above (one XINFO per 2 ms): a slight overestimate.
             handling_cpu = await redis_cpu_s(redis) - cpu
         finally:
@@ -131,12 +130,6 @@ async def redis_cpu_s(redis: Redis) -> float:
     """CPU seconds the Redis server has used (its main thread does the work)."""
     info = await redis.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def process_cpu_s(pid: int) -> float:
-    """CPU seconds a process has used (user and system, from ``/proc/PID/stat``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def table(rows: list[dict[str, float]]) -> str:
